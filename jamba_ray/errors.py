@@ -1,0 +1,29 @@
+"""One exception hierarchy; the fronts map it to HTTP and gRPC codes in one place each."""
+
+
+class JambaRayError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class InvalidRequestError(JambaRayError, ValueError):
+    """The caller sent something we cannot run (bad parameter, empty prompt, too long)."""
+
+
+class ModelNotFoundError(JambaRayError, ValueError):
+    """The model path or hub id does not resolve to a checkpoint."""
+
+
+class ConfigError(JambaRayError, ValueError):
+    """A model config, pipeline layout or engine setting is invalid."""
+
+
+class CapacityError(JambaRayError):
+    """The engine is full (queue limit reached); retry later."""
+
+
+class StageFailedError(JambaRayError):
+    """A pipeline stage died or cannot compute."""
+
+
+class RequestAbortedError(JambaRayError):
+    """The request was cancelled before it finished."""

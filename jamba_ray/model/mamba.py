@@ -1,0 +1,80 @@
+"""Jamba's Mamba mixer over a packed batch, with conv/SSM state read from and written to slots.
+
+Same arithmetic as transformers' `JambaMambaMixer` reference path (conv update, selective state
+update, sequential scan), but each segment starts from its slot's state, so prefill can be chunked.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .layout import Layout
+
+
+def conv_step(xs, conv, slots, weight, bias):
+    """One token per row: xs [D, DI]; conv state [S, DI, K] updated in place for `slots`."""
+    full = torch.cat([conv[slots], xs[:, :, None]], dim=-1)  # [D, DI, K+1]
+    conv[slots] = full[:, :, 1:]
+    return F.conv1d(full, weight, bias, groups=xs.shape[1])[:, :, -1]  # [D, DI]
+
+
+def conv_chunk(xs, conv, slot, weight, bias):
+    """A run of tokens of one sequence: xs [n, DI] continues from conv state [DI, K] of `slot`."""
+    k = conv.shape[-1]
+    full = torch.cat([conv[slot], xs.t()], dim=-1)  # [DI, K+n]
+    conv[slot] = full[:, -k:]
+    return F.conv1d(full[None], weight, bias, groups=xs.shape[1])[0, :, 1:].t()  # [n, DI]
+
+
+def ssm_step(u, dt, A, B, C, ssm, slots):
+    """Selective state update for one token per row; ssm [S, DI, N] updated in place."""
+    dA = torch.exp(dt[:, :, None] * A)  # [D, DI, N]
+    dBu = dt[:, :, None] * B[:, None, :] * u[:, :, None]
+    state = ssm[slots] * dA + dBu
+    ssm[slots] = state
+    return torch.matmul(state, C[:, :, None])[:, :, 0]  # [D, DI]
+
+
+def ssm_scan(u, dt, A, B, C, ssm, slot):
+    """Sequential selective scan over one sequence's tokens, from and back into ssm[slot]."""
+    dA = torch.exp(dt[:, :, None] * A)  # [n, DI, N]
+    dBu = dt[:, :, None] * B[:, None, :] * u[:, :, None]
+    state = ssm[slot]
+    states = []
+    for t in range(u.shape[0]):
+        state = dA[t] * state + dBu[t]
+        states.append(state)
+    ssm[slot] = state
+    return torch.matmul(torch.stack(states), C[:, :, None])[:, :, 0]  # [n, DI]
+
+
+def mamba_mix(mixer, x: torch.Tensor, lay: Layout, conv: torch.Tensor, ssm: torch.Tensor):
+    """x [T, H] -> [T, H] for one Mamba layer; conv [S, DI, K] and ssm [S, DI, N] are its slots."""
+    dtype = x.dtype
+    xs, gate = mixer.in_proj(x).chunk(2, dim=-1)  # [T, DI] each
+    weight, bias = mixer.conv1d.weight, mixer.conv1d.bias  # [DI, 1, K], [DI]
+    u = torch.empty_like(xs)
+    if lay.num_decode:
+        u[lay.decode_rows] = conv_step(xs[lay.decode_rows], conv, lay.decode_slots, weight, bias)
+    for c in lay.chunks:
+        u[c.row : c.row + c.n] = conv_chunk(xs[c.row : c.row + c.n], conv, c.slot, weight, bias)
+    u = mixer.act(u)
+
+    r, n = mixer.time_step_rank, mixer.ssm_state_size
+    dt, B, C = torch.split(mixer.x_proj(u), [r, n, n], dim=-1)
+    dt = mixer.dt_layernorm(dt) @ mixer.dt_proj.weight.t()  # [T, DI], bias added in fp32 below
+    dt = F.softplus(dt.float() + mixer.dt_proj.bias.float())
+    B, C = mixer.b_layernorm(B).float(), mixer.c_layernorm(C).float()
+    A = -torch.exp(mixer.A_log.float())  # [DI, N]
+    uf = u.float()
+
+    y = torch.empty_like(uf)
+    if lay.num_decode:
+        d = lay.decode_rows
+        y[d] = ssm_step(uf[d], dt[d], A, B[d], C[d], ssm, lay.decode_slots)
+    for c in lay.chunks:
+        s = slice(c.row, c.row + c.n)
+        y[s] = ssm_scan(uf[s], dt[s], A, B[s], C[s], ssm, c.slot)
+    y = (y + uf * mixer.D.float()) * F.silu(gate.float())
+    return mixer.out_proj(y.to(dtype))

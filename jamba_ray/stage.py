@@ -1,0 +1,127 @@
+"""One pipeline stage: its slice of Jamba and its state pool. `StageActor` is the Ray actor form."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .checkpoint import load_slice, resolve
+from .config import canonical_dtype
+from .errors import StageFailedError
+from .model.slice import SliceModel
+from .model.state_pool import StatePool
+from .sequence import StepMessage
+
+
+@dataclass(frozen=True, slots=True)
+class StageSpec:
+    """What a stage needs to build itself."""
+
+    model: str
+    index: int
+    start: int
+    end: int
+    num_stages: int
+    slots: int
+    max_len: int
+    dtype: str = "float32"
+    device: str = "cpu"
+    threads: int = 1
+
+    @property
+    def first(self) -> bool:
+        return self.index == 0
+
+    @property
+    def last(self) -> bool:
+        return self.index == self.num_stages - 1
+
+
+class Stage:
+    def __init__(self, spec: StageSpec):
+        from transformers import JambaConfig
+
+        torch.set_num_threads(max(1, spec.threads))
+        self.spec = spec
+        ckpt = resolve(spec.model)
+        self.config = JambaConfig.from_pretrained(ckpt.root)
+        dtype = getattr(torch, canonical_dtype(spec.dtype))
+        with torch.device("meta"):
+            model = SliceModel(self.config, spec.start, spec.end, spec.first, spec.last)
+        tensors, self.keys_read = load_slice(
+            ckpt, spec.start, spec.end, spec.first, spec.last, self.config.tie_word_embeddings
+        )
+        if spec.last and "lm_head.weight" not in tensors:  # tied head shares the embedding
+            tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
+        if spec.last and not spec.first:
+            tensors.pop("model.embed_tokens.weight", None)
+        tensors = {k: v.to(device=spec.device, dtype=_param_dtype(k, dtype)) for k, v in tensors.items()}
+        model.load_state_dict(tensors, strict=True, assign=True)
+        self.model = model.eval()
+        self.pool = StatePool(model.pool_shape(self.config, spec.slots, spec.max_len), dtype, spec.device)
+        self.counters = {"steps": 0, "tokens": 0, "prefill_segments": 0, "prefill_tokens": 0, "busy_s": 0.0}
+
+    def ready(self) -> dict:
+        return {"index": self.spec.index, "pid": os.getpid(), "node_id": _node_id()}
+
+    def forward(self, msg: StepMessage, x: torch.Tensor) -> torch.Tensor:
+        """Run this stage's layers on one micro-batch; state is read and written by slot."""
+        t0 = time.perf_counter()
+        self.pool.release(msg.free)
+        for s in msg.segments:
+            self.pool.check(s.slot, s.start + s.length)
+            if s.start == 0:
+                self.pool.start(s.slot)
+            if not s.is_decode:
+                self.counters["prefill_segments"] += s.start == 0
+                self.counters["prefill_tokens"] += s.length
+        with torch.inference_mode():
+            out = self.model(msg, x.to(self.spec.device), self.pool)
+        self.counters["steps"] += 1
+        self.counters["tokens"] += msg.num_tokens
+        self.counters["busy_s"] += time.perf_counter() - t0
+        return out if self.spec.device == "cpu" else out.cpu()
+
+    def release(self, slots: list[int]) -> None:
+        self.pool.release(slots)
+
+    def fork(self, src: int, dsts: list[int], length: int) -> None:
+        self.pool.fork(src, dsts, length)
+
+    def stats(self) -> dict:
+        return {
+            "stage": self.spec.index,
+            "layers": [self.spec.start, self.spec.end],
+            "slots_in_use": len(self.pool.in_use),
+            "slots_total": self.spec.slots,
+            "param_bytes": sum(p.numel() * p.element_size() for p in self.model.parameters()),
+            "pool_bytes": self.pool.nbytes(),
+            **self.counters,
+        }
+
+    def param_names(self) -> list[str]:
+        return [n for n, _ in self.model.named_parameters()]
+
+    def check_alive(self) -> bool:
+        if not self.model.training and self.pool is not None:
+            return True
+        raise StageFailedError(f"stage {self.spec.index} is not ready")
+
+
+def _param_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+    """Mamba's A_log and D stay fp32 below fp32, as in the reference checkpoints' use."""
+    if name.endswith(("mamba.A_log", "mamba.D")):
+        return torch.float32
+    return dtype
+
+
+def _node_id() -> str | None:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:
+        return None
