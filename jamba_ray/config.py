@@ -126,3 +126,35 @@ class ModelSpec:
     def layer_code(self, layer: int) -> str:
         """Short label like 'A/MoE' or 'M/MLP' for tables."""
         return ("A" if self.is_attention(layer) else "M") + ("/MoE" if self.is_moe(layer) else "/MLP")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """How to build and run one pipeline: model, stage layout, state capacity, batching."""
+
+    model: str
+    num_stages: int = 1
+    stage_slices: tuple[tuple[int, int], ...] | None = None
+    balance: str = "params"
+    dtype: str = "float32"
+    max_num_seqs: int = 64
+    max_model_len: int | None = None  # default: min(model's max positions, 4096)
+    max_batched_tokens: int = 512
+    state_memory_gib: float = 4.0  # per stage, for Mamba state + KV of all slots
+    num_cpus_per_stage: float = 1.0
+    num_gpus_per_stage: float = 0.0
+    placement_strategy: str = "PACK"
+    stage_resources: tuple[tuple[str, float], ...] = ()
+    threads_per_stage: int = 1
+    max_waiting: int = 1024
+
+    def __post_init__(self) -> None:
+        canonical_dtype(self.dtype)
+        if self.num_stages < 1:
+            raise ConfigError(f"num_stages must be at least 1, got {self.num_stages}")
+        if self.max_num_seqs < 1:
+            raise ConfigError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}")
+        if self.max_batched_tokens < 1:
+            raise ConfigError(f"max_batched_tokens must be at least 1, got {self.max_batched_tokens}")
+        if self.state_memory_gib <= 0:
+            raise ConfigError(f"state_memory_gib must be positive, got {self.state_memory_gib}")

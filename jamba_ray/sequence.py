@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 LogitsMode = Literal["none", "last", "all"]
@@ -49,3 +49,49 @@ class StepMessage:
                 rows.append(offset + s.length - 1)
             offset += s.length
         return rows
+
+
+class SequenceStatus:
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(slots=True, eq=False)
+class Sequence:
+    """One sample of a request: its tokens, how many of them its slots have seen, and its status.
+
+    `params` is the request's SamplingParams (kept untyped here so this module stays import-light).
+    """
+
+    seq_id: int
+    request_id: str
+    index: int  # which of the request's n samples
+    prompt_ids: list[int]
+    params: object
+    seed: int
+    output_ids: list[int] = field(default_factory=list)
+    slot: int | None = None
+    num_computed: int = 0  # tokens whose state the slot holds
+    status: str = SequenceStatus.WAITING
+    in_flight: bool = False
+    aborted: bool = False
+    finish_reason: str | None = None
+    cumulative_logprob: float = 0.0
+    forks: list[Sequence] = field(default_factory=list)  # samples 1..n-1, waiting for this prefill
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.num_computed < len(self.prompt_ids)
+
+    def token(self, position: int) -> int:
+        p = len(self.prompt_ids)
+        return self.prompt_ids[position] if position < p else self.output_ids[position - p]
+
+    def pending(self) -> int:
+        """Tokens not yet run through the pipeline (the prompt rest, or the last sampled token)."""
+        return self.length - self.num_computed

@@ -1,0 +1,100 @@
+"""S stage actors in one placement group; each stage's output ref goes straight to the next stage."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import ray
+import torch
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from .errors import StageFailedError
+from .planner import StagePlan
+from .sequence import StepMessage
+from .stage import Stage, StageSpec
+
+log = logging.getLogger(__name__)
+
+StageActor = ray.remote(Stage)
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    strategy: str = "PACK"
+    resources: tuple[tuple[str, float], ...] = ()
+    ready_timeout_s: float = 600.0
+
+    def bundle(self) -> dict[str, float]:
+        b = {"CPU": self.num_cpus, **dict(self.resources)}
+        if self.num_gpus:
+            b["GPU"] = self.num_gpus
+        return b
+
+
+class Pipeline:
+    def __init__(
+        self,
+        model: str,
+        plans: list[StagePlan],
+        slots: int,
+        max_len: int,
+        dtype: str = "float32",
+        placement: Placement = Placement(),
+        threads: int = 1,
+    ):
+        self.num_stages = len(plans)
+        self.placement = placement
+        self.pg = placement_group([placement.bundle()] * self.num_stages, strategy=placement.strategy)
+        self._wait(self.pg.ready(), "placement group for the stages")
+        device = "cuda" if placement.num_gpus else "cpu"
+        self.specs = [
+            StageSpec(model, p.index, p.start, p.end, self.num_stages, slots, max_len, dtype, device, threads)
+            for p in plans
+        ]
+        self.stages = [self._start(spec) for spec in self.specs]
+        self.info = self._wait([s.ready.remote() for s in self.stages], "stage start-up")
+
+    def _start(self, spec: StageSpec):
+        strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=spec.index)
+        return StageActor.options(
+            num_cpus=self.placement.num_cpus,
+            num_gpus=self.placement.num_gpus,
+            resources=dict(self.placement.resources),
+            scheduling_strategy=strategy,
+        ).remote(spec)
+
+    def _wait(self, refs, what: str):
+        try:
+            return ray.get(refs, timeout=self.placement.ready_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise StageFailedError(f"timed out waiting for {what}") from None
+        except ray.exceptions.RayError as e:
+            raise StageFailedError(f"{what} failed: {e}") from None
+
+    def submit(self, msg: StepMessage, token_ids: list[int]):
+        """Queue one micro-batch through every stage; returns the last stage's logits ref."""
+        x = torch.tensor(token_ids, dtype=torch.long)
+        for stage in self.stages:
+            x = stage.forward.remote(msg, x)
+        return x
+
+    def release(self, slots: list[int]) -> None:
+        if slots:
+            for stage in self.stages:
+                stage.release.remote(slots)
+
+    def fork(self, src: int, dsts: list[int], length: int) -> None:
+        for stage in self.stages:
+            stage.fork.remote(src, dsts, length)
+
+    def stats(self) -> list[dict]:
+        return self._wait([s.stats.remote() for s in self.stages], "stage stats")
+
+    def shutdown(self) -> None:
+        for stage in self.stages:
+            ray.kill(stage)
+        remove_placement_group(self.pg)

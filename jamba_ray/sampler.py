@@ -1,0 +1,102 @@
+"""Logits -> next tokens (+ logprobs), one row per sequence, each row with its own parameters.
+
+Seeded rows draw from a generator keyed by (seed, sample index, step), so a row's tokens depend only
+on its own request, never on what else shares the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .sampling import SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class RowInput:
+    params: SamplingParams
+    seed: int  # the request's seed (drawn at random when the caller gave none)
+    index: int  # which of the n samples this row is
+    prompt_ids: list[int]
+    output_ids: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class RowOutput:
+    token: int
+    logprob: float
+    top: dict[int, float] | None  # top-k logprobs when requested
+
+
+def sample(logits: torch.Tensor, rows: list[RowInput], eos_id: int | None) -> list[RowOutput]:
+    """logits [R, V] fp32 -> one sampled token per row."""
+    raw_logprobs = torch.log_softmax(logits, dim=-1)  # [R, V] reported logprobs are the model's
+    logits = _apply_penalties(logits.clone(), rows)
+    _mask_eos(logits, rows, eos_id)
+    tokens = logits.argmax(dim=-1)  # [R]
+    for i, row in enumerate(rows):
+        if not row.params.greedy:
+            tokens[i] = _draw(logits[i], row)
+    out = []
+    for i, row in enumerate(rows):
+        tok = int(tokens[i])
+        k = row.params.logprobs
+        out.append(RowOutput(tok, float(raw_logprobs[i, tok]), top_logprobs(raw_logprobs[i], k)))
+    return out
+
+
+def top_logprobs(logprobs: torch.Tensor, k: int | None) -> dict[int, float] | None:
+    if not k:
+        return None if k is None else {}
+    values, ids = logprobs.topk(k)
+    return dict(zip(ids.tolist(), values.tolist()))
+
+
+def _apply_penalties(logits: torch.Tensor, rows: list[RowInput]) -> torch.Tensor:
+    vocab = logits.shape[-1]
+    for i, row in enumerate(rows):
+        p = row.params
+        if not p.has_penalties:
+            continue
+        out_counts = torch.bincount(torch.tensor(row.output_ids, dtype=torch.long), minlength=vocab)[:vocab]
+        if p.repetition_penalty != 1.0:
+            seen = out_counts > 0
+            if row.prompt_ids:
+                seen[torch.tensor(row.prompt_ids, dtype=torch.long)] = True
+            l = logits[i]
+            penalised = torch.where(l > 0, l / p.repetition_penalty, l * p.repetition_penalty)
+            logits[i] = torch.where(seen, penalised, l)
+        logits[i] -= p.frequency_penalty * out_counts + p.presence_penalty * (out_counts > 0)
+    return logits
+
+
+def _mask_eos(logits: torch.Tensor, rows: list[RowInput], eos_id: int | None) -> None:
+    """Below min_tokens, EOS and stop tokens cannot be sampled."""
+    for i, row in enumerate(rows):
+        if len(row.output_ids) < row.params.min_tokens:
+            banned = list(row.params.stop_token_ids) + ([eos_id] if eos_id is not None else [])
+            logits[i, banned] = float("-inf")
+
+
+def _draw(logits: torch.Tensor, row: RowInput) -> int:
+    """Temperature, top-k, top-p and min-p filtering, then one multinomial draw."""
+    p = row.params
+    probs = torch.softmax(logits / p.temperature, dim=-1)  # [V]
+    if p.top_k > 0 and p.top_k < probs.shape[0]:
+        kth = probs.topk(p.top_k).values[-1]
+        probs = torch.where(probs < kth, 0.0, probs)
+    if p.min_p > 0:
+        probs = torch.where(probs < p.min_p * probs.max(), 0.0, probs)
+    if p.top_p < 1:
+        sorted_p, order = probs.sort(descending=True)
+        cum = sorted_p.cumsum(0)
+        drop = cum - sorted_p >= p.top_p * cum[-1]  # keep the smallest prefix reaching top_p
+        probs = probs.scatter(0, order, torch.where(drop, 0.0, sorted_p))
+    g = torch.Generator().manual_seed(_row_seed(row))
+    return int(torch.multinomial(probs, 1, generator=g))
+
+
+def _row_seed(row: RowInput) -> int:
+    step = len(row.output_ids)
+    return (row.seed * 1_000_003 + row.index * 10_007 + step) % (2**63 - 1)
