@@ -208,7 +208,7 @@ class EngineCore:
         delta.text += text
         reason = self._stop_reason(seq, out.token, hit_stop)
         if reason:
-            delta.text += state.trackers[seq.index].flush()
+            delta.text += state.trackers[seq.index].flush(stopped=hit_stop)
             self._finish_seq(state, seq, reason)
 
     def _stop_reason(self, seq: Sequence, token: int, hit_stop: bool) -> str | None:

@@ -58,7 +58,10 @@ class TextTracker:
                 return self._emit(len(self.text)), True
         return self._emit(max(self.emitted, len(self.text) - self.hold)), False
 
-    def flush(self) -> str:
+    def flush(self, stopped: bool = False) -> str:
+        """Everything left at the end; after a stop string nothing beyond it is added."""
+        if not stopped:
+            self.text += self.detok.flush()
         return self._emit(len(self.text))
 
     def _emit(self, upto: int) -> str:

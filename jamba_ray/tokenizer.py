@@ -57,3 +57,12 @@ class IncrementalDetokenizer:
         self.prefix, self.read = self.read, len(self.ids)
         self.text += delta
         return delta
+
+    def flush(self) -> str:
+        """At the end of a sequence, emit what was held back (an incomplete character decodes as U+FFFD)."""
+        before = self._decode(self.ids[self.prefix : self.read])
+        after = self._decode(self.ids[self.prefix :])
+        delta = after[len(before) :] if len(after) > len(before) else ""
+        self.prefix = self.read = len(self.ids)
+        self.text += delta
+        return delta

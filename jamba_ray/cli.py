@@ -1,0 +1,91 @@
+"""`jamba-ray` (same as `python -m jamba_ray`): init-tiny, plan, generate, serve, score."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import JambaRayError
+
+
+def _init_tiny(a) -> int:
+    from .tiny import TinySpec, init_tiny
+
+    out = init_tiny(a.dir, TinySpec(a.preset, a.seed, a.max_shard_size, a.classifier))
+    print(f"wrote a {a.preset} Jamba checkpoint to {out}")
+    return 0
+
+
+def _plan(a) -> int:
+    from .config import ModelSpec
+    from .planner import format_plan, plan
+
+    spec = ModelSpec.from_path(a.model)
+    slices = json.loads(a.slices) if a.slices else None
+    stages = plan(spec, a.stages, slices, a.dtype, a.balance)
+    print(format_plan(spec, stages))
+    return 0
+
+
+def _generate(a) -> int:
+    from .llm import LLM
+    from .sampling import SamplingParams
+
+    llm = LLM(a.model, num_stages=a.stages, num_cpus_per_stage=a.cpus_per_stage, dtype=a.dtype)
+    try:
+        params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, seed=a.seed)
+        for out in llm.generate(a.prompt, params):
+            c = out.outputs[0]
+            print(json.dumps({"prompt": out.prompt, "text": c.text, "token_ids": c.token_ids,
+                              "finish_reason": c.finish_reason}))
+    finally:
+        llm.shutdown()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jamba-ray", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("init-tiny", help="write a tiny random Jamba checkpoint + tokenizer")
+    t.add_argument("dir")
+    t.add_argument("--preset", default="tiny", choices=["tiny", "small"])
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--max-shard-size", default="200KB")
+    t.add_argument("--classifier", type=int, default=0, metavar="K",
+                   help="also write a K-label sequence-classification head (score.weight)")
+    t.set_defaults(fn=_init_tiny)
+
+    pl = sub.add_parser("plan", help="print the per-stage partition table (no weights needed)")
+    pl.add_argument("--model", required=True, help="checkpoint dir or config.json")
+    pl.add_argument("--stages", type=int, default=1)
+    pl.add_argument("--slices", help='explicit slices as JSON, e.g. "[[0,3],[3,8]]"')
+    pl.add_argument("--dtype", default="bf16")
+    pl.add_argument("--balance", default="params", choices=["params", "flops"])
+    pl.set_defaults(fn=_plan)
+
+    g = sub.add_parser("generate", help="generate text for one or more prompts")
+    g.add_argument("--model", default=None, help="checkpoint dir or hub id (default: the tiny model)")
+    g.add_argument("--stages", type=int, default=2)
+    g.add_argument("--prompt", action="append", required=True)
+    g.add_argument("--max-tokens", type=int, default=32)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--dtype", default="float32")
+    g.add_argument("--cpus-per-stage", type=float, default=0.5)
+    g.set_defaults(fn=_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except JambaRayError as e:
+        print(f"jamba-ray: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Session-wide fixtures: one local Ray instance, tiny checkpoints built once, HF references."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+import pytest
+
+from jamba_ray.tiny import TinySpec, init_tiny
+
+# A second layout: attention on even layers, MoE every third layer, odd layer count.
+LAYOUT_B = (
+    ("num_hidden_layers", 5), ("attn_layer_period", 2), ("attn_layer_offset", 0),
+    ("expert_layer_period", 3), ("expert_layer_offset", 2),
+)
+
+STAGE_CPUS = 0.25  # fractional CPUs so many stage actors fit the 2-core machine
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> str:
+    return str(init_tiny(tmp_path_factory.mktemp("tiny-a"), TinySpec(seed=0)))
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt_b(tmp_path_factory) -> str:
+    return str(init_tiny(tmp_path_factory.mktemp("tiny-b"), TinySpec(seed=1, overrides=LAYOUT_B)))
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    except Exception:
+        pass
+    ray.shutdown()
+
+
+_HF_CACHE: dict[str, object] = {}
+
+
+def hf_model(path: str):
+    """transformers' JambaForCausalLM on the same checkpoint: the numerical reference."""
+    from transformers import JambaForCausalLM
+
+    if path not in _HF_CACHE:
+        _HF_CACHE[path] = JambaForCausalLM.from_pretrained(path).eval()
+    return _HF_CACHE[path]
+
+
+def hf_greedy(path: str, prompt: list[int], steps: int):
+    """(generated token ids, per-step logits [steps, V]) from HF generate, greedy, no EOS stop."""
+    import torch
+
+    model = hf_model(path)
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt]), max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+            output_logits=True, return_dict_in_generate=True, pad_token_id=0,
+        )
+    return out.sequences[0, len(prompt):].tolist(), torch.cat(out.logits).float()
+
+
+PROMPTS = [
+    [1, 5, 9, 200, 3, 77, 12],
+    [1, 44, 8],
+    [1, 300, 301, 302, 303, 304, 305, 306, 307, 308, 309, 310, 311, 312, 313, 314, 315, 316, 317],
+    [1, 250],
+]

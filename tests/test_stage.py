@@ -1,0 +1,62 @@
+"""A stage in-process: it holds exactly its slice and matches transformers layer for layer."""
+
+import pytest
+import torch
+
+from jamba_ray.config import ModelSpec
+from jamba_ray.planner import plan
+from jamba_ray.sequence import Segment, StepMessage
+from jamba_ray.stage import Stage, StageSpec
+from tests.conftest import PROMPTS, hf_model
+from tests.test_checkpoint import write_merged_copy
+
+
+def build(path, bounds, slots=4, max_len=128):
+    n = len(bounds)
+    return [Stage(StageSpec(path, i, a, b, n, slots, max_len)) for i, (a, b) in enumerate(bounds)]
+
+
+def run(stages, msg, tokens):
+    x = torch.tensor(tokens)
+    for s in stages:
+        x = s.forward(msg, x)
+    return x
+
+
+def test_resident_parameters_are_exactly_the_slice(tiny_ckpt):
+    spec = ModelSpec.from_path(tiny_ckpt)
+    plans = plan(spec, slices=[(0, 2), (2, 4), (4, 6)])
+    for stage, p in zip(build(tiny_ckpt, [(0, 2), (2, 4), (4, 6)]), plans):
+        assert stage.stats()["param_bytes"] == p.param_bytes
+        layers = {int(n.split(".")[2]) for n in stage.param_names() if n.startswith("model.layers.")}
+        assert layers == set(range(p.start, p.end))
+        assert ("model.embed_tokens.weight" in stage.param_names()) == (p.index == 0)
+        assert ("lm_head.weight" in stage.param_names()) == (p.index == 2)
+
+
+def test_prefill_logits_match_transformers(tiny_ckpt):
+    stages = build(tiny_ckpt, [(0, 3), (3, 6)])
+    prompt = PROMPTS[2]
+    msg = StepMessage(1, (Segment(1, 0, 0, len(prompt), logits="all"),))
+    ours = run(stages, msg, prompt)
+    with torch.no_grad():
+        ref = hf_model(tiny_ckpt)(torch.tensor([prompt])).logits[0]
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+
+
+def test_merged_expert_format_loads_to_the_same_model(tiny_ckpt, tmp_path):
+    merged = tmp_path / "merged"
+    write_merged_copy(tiny_ckpt, merged)
+    prompt = PROMPTS[0]
+    msg = StepMessage(1, (Segment(1, 0, 0, len(prompt)),))
+    a = run(build(tiny_ckpt, [(0, 6)]), msg, prompt)
+    b = run(build(str(merged), [(0, 6)]), msg, prompt)
+    assert torch.equal(a, b)
+
+
+def test_slot_and_length_bounds_are_checked(tiny_ckpt):
+    (stage,) = build(tiny_ckpt, [(0, 6)], slots=2, max_len=16)
+    with pytest.raises(ValueError, match="outside the pool"):
+        stage.forward(StepMessage(1, (Segment(1, 5, 0, 2),)), torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="max length"):
+        stage.forward(StepMessage(1, (Segment(1, 0, 0, 20),)), torch.tensor([1] * 20))
