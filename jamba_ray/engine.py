@@ -260,16 +260,19 @@ class EngineCore:
         state.sink(out)
 
     # ---- introspection --------------------------------------------------------------------
-    def stats(self) -> dict:
+    def stats_local(self) -> dict:
+        """Engine-side numbers only (no stage round trip)."""
         return {
-            "requests_running": len(self.scheduler.running),
+            "requests_running": len({s.request_id for s in self.scheduler.running}),
             "requests_waiting": self.scheduler.num_waiting,
             "slots_in_use": self.scheduler.slots.num_used,
             "slots_total": self.scheduler.slots.num_slots,
             "in_flight_micro_batches": len(self.in_flight),
-            "stages": self.pipeline.stats(),
             **self.counters,
         }
+
+    def stats(self) -> dict:
+        return {**self.stats_local(), "stages": self.pipeline.stats()}
 
     def shutdown(self) -> None:
         self.pipeline.shutdown()

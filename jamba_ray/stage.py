@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import torch
 
 from .checkpoint import load_slice, resolve
 from .config import canonical_dtype
-from .errors import StageFailedError
 from .model.slice import SliceModel
 from .model.state_pool import StatePool
 from .sequence import StepMessage
@@ -62,6 +62,7 @@ class Stage:
         model.load_state_dict(tensors, strict=True, assign=True)
         self.model = model.eval()
         self.pool = StatePool(model.pool_shape(self.config, spec.slots, spec.max_len), dtype, spec.device)
+        self.trace: deque[tuple[int, float, float]] = deque(maxlen=4096)  # (step, start, end) wall
         self.counters = {"steps": 0, "tokens": 0, "prefill_segments": 0, "prefill_tokens": 0, "busy_s": 0.0}
 
     def ready(self) -> dict:
@@ -69,7 +70,7 @@ class Stage:
 
     def forward(self, msg: StepMessage, x: torch.Tensor) -> torch.Tensor:
         """Run this stage's layers on one micro-batch; state is read and written by slot."""
-        t0 = time.perf_counter()
+        t0, wall0 = time.perf_counter(), time.time()
         self.pool.release(msg.free)
         for s in msg.segments:
             self.pool.check(s.slot, s.start + s.length)
@@ -83,6 +84,7 @@ class Stage:
         self.counters["steps"] += 1
         self.counters["tokens"] += msg.num_tokens
         self.counters["busy_s"] += time.perf_counter() - t0
+        self.trace.append((msg.step_id, wall0, time.time()))
         return out if self.spec.device == "cpu" else out.cpu()
 
     def release(self, slots: list[int]) -> None:
@@ -102,13 +104,11 @@ class Stage:
             **self.counters,
         }
 
+    def get_trace(self) -> list[tuple[int, float, float]]:
+        return list(self.trace)
+
     def param_names(self) -> list[str]:
         return [n for n, _ in self.model.named_parameters()]
-
-    def check_alive(self) -> bool:
-        if not self.model.training and self.pool is not None:
-            return True
-        raise StageFailedError(f"stage {self.spec.index} is not ready")
 
 
 def _param_dtype(name: str, dtype: torch.dtype) -> torch.dtype:

@@ -1,0 +1,137 @@
+"""`AsyncEngine`: the engine core driven from an asyncio loop, with per-request output streams."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import AsyncIterator
+
+import ray
+
+from .config import EngineConfig
+from .engine import EngineCore
+from .errors import StageFailedError
+from .outputs import RequestOutput
+from .sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class RequestStream:
+    """Async iterator of one request's delta outputs; `aclose()` before the end aborts it."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, queue: asyncio.Queue):
+        self.engine, self.request_id, self.queue = engine, request_id, queue
+        self.finished = False
+        self.closed = False
+
+    def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished or self.closed:
+            raise StopAsyncIteration
+        try:
+            item = await self.queue.get()
+        except BaseException:  # cancelled while waiting: the consumer is gone
+            await self.aclose()
+            raise
+        if isinstance(item, BaseException):
+            self.finished = True
+            self.engine._streams.pop(self.request_id, None)
+            raise item
+        if item.finished:
+            self.finished = True
+            self.engine._streams.pop(self.request_id, None)
+        return item
+
+    async def aclose(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.engine._streams.pop(self.request_id, None)
+            if not self.finished:
+                self.engine.abort(self.request_id)
+
+    def __del__(self) -> None:
+        if not self.closed and not self.finished:
+            try:
+                self.engine.abort(self.request_id)
+            except Exception:
+                pass
+
+
+class AsyncEngine:
+    """Requests join and leave between steps; each gets an async stream of delta outputs."""
+
+    def __init__(self, config: EngineConfig):
+        self.core = EngineCore(config)
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._ids = itertools.count()
+
+    @property
+    def tokenizer(self):
+        return self.core.tokenizer
+
+    async def generate(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
+    ) -> RequestStream:
+        """Validate and queue now (errors raise here), then stream deltas until finished.
+
+        Closing the stream early (client gone, task cancelled) aborts the request.
+        """
+        rid = request_id or f"req-{next(self._ids)}"
+        queue: asyncio.Queue = asyncio.Queue()
+        self.core.add_request(rid, prompt, params, queue.put_nowait)
+        self._streams[rid] = queue
+        self._kick()
+        return RequestStream(self, rid, queue)
+
+    def abort(self, request_id: str) -> None:
+        self.core.abort(request_id)
+        self._kick()
+
+    def _kick(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        self._wake.set()
+
+    async def _run(self) -> None:
+        core = self.core
+        while True:
+            if not core.has_work():
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            core.fill()
+            if not core.in_flight:
+                await asyncio.sleep(0.001)
+                continue
+            mb = core.in_flight[0]
+            try:
+                logits = await mb.ref
+            except ray.exceptions.RayError as e:
+                self._fail_all(StageFailedError(f"a pipeline stage failed: {type(e).__name__}"))
+                continue
+            core.in_flight.popleft()
+            core.complete(mb, logits)
+
+    def _fail_all(self, error: Exception) -> None:
+        log.error("failing %d requests: %s", len(self._streams), error)
+        self.core.in_flight.clear()
+        for seq in self.core.scheduler.running:
+            seq.in_flight = False  # nothing will land for them: abort frees their slots now
+        for rid, queue in list(self._streams.items()):
+            queue.put_nowait(error)
+            self.core.abort(rid)
+
+    async def stats(self) -> dict:
+        stages = await asyncio.gather(*[s.stats.remote() for s in self.core.pipeline.stages])
+        return {**self.core.stats_local(), "stages": list(stages)}
+
+    def shutdown(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self.core.shutdown()
