@@ -144,7 +144,7 @@ class EngineCore:
         """Submit micro-batches until one per stage is in flight; returns how many were added."""
         added = 0
         while len(self.in_flight) < self.pipeline.num_stages:
-            mb = self.scheduler.schedule()
+            mb = self.scheduler.schedule(in_flight=len(self.in_flight) + 1)
             if mb is None:
                 break
             mb.ref = self.pipeline.submit(mb.message, mb.token_ids)

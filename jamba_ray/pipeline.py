@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import ray
@@ -18,6 +19,12 @@ from .stage import Stage, StageSpec
 log = logging.getLogger(__name__)
 
 StageActor = ray.remote(Stage)
+
+
+def stage_env() -> dict[str, str]:
+    """OpenMP threads of an idle stage spin only briefly, then sleep: on shared cores the stages
+    take turns, and a spinning idle stage would steal the busy one's core."""
+    return {"GOMP_SPINCOUNT": os.environ.get("JAMBA_RAY_GOMP_SPINCOUNT", "20000")}
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +68,7 @@ class Pipeline:
     def _start(self, spec: StageSpec):
         strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=spec.index)
         return StageActor.options(
+            runtime_env={"env_vars": stage_env()},
             num_cpus=self.placement.num_cpus,
             num_gpus=self.placement.num_gpus,
             resources=dict(self.placement.resources),

@@ -62,7 +62,7 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
 
-    def schedule(self) -> MicroBatch | None:
+    def schedule(self, in_flight: int = 1) -> MicroBatch | None:
         """The next micro-batch from sequences not already in flight, or None."""
         self.admit()
         ready = [s for s in self.running if not s.in_flight and not s.aborted]
@@ -79,16 +79,16 @@ class Scheduler:
                 n = min(s.pending(), budget)
                 chosen.append((s, n))
                 budget -= n
-        return self._build(chosen) if chosen else None
+        return self._build(chosen, in_flight) if chosen else None
 
-    def _build(self, chosen: list[tuple[Sequence, int]]) -> MicroBatch:
+    def _build(self, chosen: list[tuple[Sequence, int]], in_flight: int) -> MicroBatch:
         segments, tokens = [], []
         for s, n in chosen:
             segments.append(Segment(s.seq_id, s.slot, s.num_computed, n, _logits_mode(s, n)))
             tokens.extend(s.token(p) for p in range(s.num_computed, s.num_computed + n))
             s.in_flight = True
         self._step += 1
-        msg = StepMessage(self._step, tuple(segments))
+        msg = StepMessage(self._step, tuple(segments), in_flight=in_flight)
         return MicroBatch(msg, [s for s, _ in chosen], tokens)
 
     def start_forks(self, seq: Sequence) -> list[Sequence]:

@@ -34,6 +34,7 @@ class StepMessage:
     step_id: int
     segments: tuple[Segment, ...]
     free: tuple[int, ...] = ()
+    in_flight: int = 1  # micro-batches in flight with this one: stages share cores between them
 
     @property
     def num_tokens(self) -> int:

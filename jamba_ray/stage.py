@@ -71,6 +71,9 @@ class Stage:
     def forward(self, msg: StepMessage, x: torch.Tensor) -> torch.Tensor:
         """Run this stage's layers on one micro-batch; state is read and written by slot."""
         t0, wall0 = time.perf_counter(), time.time()
+        # Alone in the pipeline, a stage may use all its threads; with k micro-batches in flight
+        # the k busy stages share the cores.
+        torch.set_num_threads(max(1, self.spec.threads // max(1, msg.in_flight)))
         self.pool.release(msg.free)
         for s in msg.segments:
             self.pool.check(s.slot, s.start + s.length)

@@ -42,6 +42,7 @@ class IncrementalDetokenizer:
         self.ids: list[int] = []
         self.prefix = 0  # window start
         self.read = 0  # ids up to here have been emitted
+        self.window_text = ""  # decoded ids[prefix:read]
         self.text = ""
 
     def _decode(self, ids: list[int]) -> str:
@@ -49,20 +50,21 @@ class IncrementalDetokenizer:
 
     def push(self, token_ids: list[int]) -> str:
         self.ids.extend(token_ids)
-        before = self._decode(self.ids[self.prefix : self.read])
         after = self._decode(self.ids[self.prefix :])
-        if after.endswith("\ufffd") or len(after) <= len(before):
+        if after.endswith("\ufffd") or len(after) <= len(self.window_text):
             return ""  # an incomplete UTF-8 sequence: wait for the next token
-        delta = after[len(before) :]
+        delta = after[len(self.window_text) :]
+        # The next window starts at the ids just emitted; its text so far is theirs alone.
+        self.window_text = self._decode(self.ids[self.read :]) if self.read else after
         self.prefix, self.read = self.read, len(self.ids)
         self.text += delta
         return delta
 
     def flush(self) -> str:
         """At the end of a sequence, emit what was held back (an incomplete character decodes as U+FFFD)."""
-        before = self._decode(self.ids[self.prefix : self.read])
         after = self._decode(self.ids[self.prefix :])
-        delta = after[len(before) :] if len(after) > len(before) else ""
+        delta = after[len(self.window_text) :] if len(after) > len(self.window_text) else ""
         self.prefix = self.read = len(self.ids)
+        self.window_text = ""
         self.text += delta
         return delta
