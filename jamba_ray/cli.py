@@ -44,6 +44,59 @@ def _generate(a) -> int:
     return 0
 
 
+def _pipeline(a):
+    from .pipeline_config import PipelineFile
+
+    base = PipelineFile.load(a.config) if a.config else PipelineFile.default()
+    return base.with_overrides(**{
+        "stages": a.stages, "serve.host": a.host, "serve.port": a.port,
+        "serve.grpc_port": 0 if a.no_grpc else a.grpc_port,
+        "autoscaling.min_replicas": a.min_replicas, "autoscaling.max_replicas": a.max_replicas,
+        "autoscaling.target_ongoing_requests": a.target_ongoing_requests,
+        "serve.served_model_name": a.served_model_name,
+        "serve.api_key_env": "JAMBA_RAY_API_KEY" if a.api_key else None,
+    })
+
+
+def _serve(a) -> int:
+    import os
+
+    from .llm import ensure_ray
+    from .serve.launch import start
+
+    if a.api_key:
+        os.environ["JAMBA_RAY_API_KEY"] = a.api_key
+    pipeline = _pipeline(a)
+    if pipeline.serve.grpc_port == 0:
+        pipeline = pipeline.model_copy(update={"serve": pipeline.serve.model_copy(update={"grpc_port": None})})
+    ensure_ray(a.address)
+    start(pipeline, a.model)
+    opts = pipeline.serve
+    print(f"jamba-ray: serving on http://{opts.host}:{opts.port}/v1"
+          + (f" and gRPC {opts.host}:{opts.grpc_port}" if opts.grpc_port else "") + " (Ctrl-C stops)",
+          flush=True)
+    import time
+
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        from ray import serve
+
+        serve.shutdown()
+    return 0
+
+
+def _serve_config(a) -> int:
+    import yaml
+
+    from .pipeline_config import PipelineFile
+    from .serve.launch import serve_config
+
+    print(yaml.safe_dump(serve_config(a.config, PipelineFile.load(a.config)), sort_keys=False))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jamba-ray", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -75,6 +128,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="float32")
     g.add_argument("--cpus-per-stage", type=float, default=0.5)
     g.set_defaults(fn=_generate)
+
+    s = sub.add_parser("serve", help="serve over HTTP (OpenAI API) and gRPC with Ray Serve")
+    s.add_argument("--model", default=None, help="checkpoint dir or hub id (default: the pipeline's, "
+                   "else the auto-created tiny model)")
+    s.add_argument("--config", default=None, help="pipelines/*.yaml (default: the built-in tiny-cpu)")
+    s.add_argument("--stages", type=int, default=None)
+    s.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=None)
+    s.add_argument("--grpc-port", type=int, default=None, help="gRPC proxy port (default 9000)")
+    s.add_argument("--no-grpc", action="store_true", help="do not start the gRPC proxy")
+    s.add_argument("--min-replicas", type=int, default=None)
+    s.add_argument("--max-replicas", type=int, default=None)
+    s.add_argument("--target-ongoing-requests", type=float, default=None)
+    s.add_argument("--served-model-name", default=None)
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (HTTP and gRPC)")
+    s.add_argument("--address", default=None, help="Ray cluster address (default: local)")
+    s.set_defaults(fn=_serve)
+
+    sc = sub.add_parser("serve-config", help="print a Serve config (serve run/deploy, KubeRay) for a pipeline")
+    sc.add_argument("--config", required=True)
+    sc.set_defaults(fn=_serve_config)
     return p
 
 

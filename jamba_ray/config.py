@@ -147,6 +147,8 @@ class EngineConfig:
     stage_resources: tuple[tuple[str, float], ...] = ()
     threads_per_stage: int = 1
     max_waiting: int = 1024
+    in_current_placement_group: bool = False  # stages join the caller's group (Serve replicas)
+    quantization: str | None = None  # "int8": weight-only, Mamba excluded
 
     def __post_init__(self) -> None:
         canonical_dtype(self.dtype)

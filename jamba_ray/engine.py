@@ -20,6 +20,7 @@ from .capacity import derive_capacity
 from .checkpoint import resolve
 from .config import EngineConfig, ModelSpec
 from .errors import CapacityError, InvalidRequestError
+from .metrics import EngineMetrics
 from .outputs import CompletionOutput, RequestOutput, TextTracker
 from .pipeline import Pipeline, Placement
 from .planner import plan
@@ -64,7 +65,7 @@ class EngineCore:
         self.tokenizer = load_tokenizer(ckpt.root)
         placement = Placement(
             config.num_cpus_per_stage, config.num_gpus_per_stage, config.placement_strategy,
-            config.stage_resources,
+            config.stage_resources, in_current_group=config.in_current_placement_group,
         )
         model_ref = ckpt.repo_id or str(ckpt.root)
         self.pipeline = Pipeline(
@@ -78,6 +79,7 @@ class EngineCore:
         self.requests: dict[str, RequestState] = {}
         self._next_seq = 0
         self.counters = {"generated_tokens": 0, "forks": 0, "finished_requests": 0}
+        self.metrics = EngineMetrics()
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams, sink: Sink):
@@ -257,7 +259,17 @@ class EngineCore:
         if finished:
             del self.requests[state.request_id]
             self.counters["finished_requests"] += 1
+            self._observe(state)
         state.sink(out)
+
+    def _observe(self, state: RequestState) -> None:
+        if state.first_token_at is None:
+            return
+        now = time.monotonic()
+        self.metrics.ttft.observe(state.first_token_at - state.arrival)
+        n = max(len(s.output_ids) for s in state.seqs)
+        if n > 1:
+            self.metrics.tpot.observe((now - state.first_token_at) / (n - 1))
 
     # ---- introspection --------------------------------------------------------------------
     def stats_local(self) -> dict:

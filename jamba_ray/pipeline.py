@@ -8,7 +8,11 @@ from dataclasses import dataclass
 
 import ray
 import torch
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import (
+    get_current_placement_group,
+    placement_group,
+    remove_placement_group,
+)
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .errors import StageFailedError
@@ -34,6 +38,9 @@ class Placement:
     strategy: str = "PACK"
     resources: tuple[tuple[str, float], ...] = ()
     ready_timeout_s: float = 600.0
+    # Inside a Serve replica: stages go into the replica's own placement group, bundles 1..S
+    # (bundle 0 holds the replica), so replica and stages are scheduled and torn down together.
+    in_current_group: bool = False
 
     def bundle(self) -> dict[str, float]:
         b = {"CPU": self.num_cpus, **dict(self.resources)}
@@ -55,18 +62,28 @@ class Pipeline:
     ):
         self.num_stages = len(plans)
         self.placement = placement
-        self.pg = placement_group([placement.bundle()] * self.num_stages, strategy=placement.strategy)
-        self._wait(self.pg.ready(), "placement group for the stages")
+        if placement.in_current_group:
+            self.pg, self.bundle_offset = get_current_placement_group(), 1
+            if self.pg is None:
+                raise StageFailedError("in_current_group is set but this process has no placement group")
+        else:
+            self.pg, self.bundle_offset = placement_group(
+                [placement.bundle()] * self.num_stages, strategy=placement.strategy
+            ), 0
+            self._wait(self.pg.ready(), "placement group for the stages")
+        self.probe_slot = slots  # one extra slot, never scheduled, for health probes
         device = "cuda" if placement.num_gpus else "cpu"
         self.specs = [
-            StageSpec(model, p.index, p.start, p.end, self.num_stages, slots, max_len, dtype, device, threads)
+            StageSpec(model, p.index, p.start, p.end, self.num_stages, slots + 1, max_len, dtype, device, threads)
             for p in plans
         ]
         self.stages = [self._start(spec) for spec in self.specs]
         self.info = self._wait([s.ready.remote() for s in self.stages], "stage start-up")
 
     def _start(self, spec: StageSpec):
-        strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=spec.index)
+        strategy = PlacementGroupSchedulingStrategy(
+            self.pg, placement_group_bundle_index=spec.index + self.bundle_offset
+        )
         return StageActor.options(
             runtime_env={"env_vars": stage_env()},
             num_cpus=self.placement.num_cpus,
@@ -99,10 +116,22 @@ class Pipeline:
         for stage in self.stages:
             stage.fork.remote(src, dsts, length)
 
+    def probe(self, token_id: int):
+        """A one-token forward through every stage on the reserved probe slot; returns its ref."""
+        from .sequence import Segment
+
+        ref = self.submit(StepMessage(-1, (Segment(-1, self.probe_slot, 0, 1),)), [token_id])
+        self.release([self.probe_slot])
+        return ref
+
+    def ping(self) -> list:
+        return [s.ready.remote() for s in self.stages]
+
     def stats(self) -> list[dict]:
         return self._wait([s.stats.remote() for s in self.stages], "stage stats")
 
     def shutdown(self) -> None:
         for stage in self.stages:
             ray.kill(stage)
-        remove_placement_group(self.pg)
+        if not self.placement.in_current_group:
+            remove_placement_group(self.pg)

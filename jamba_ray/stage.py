@@ -48,6 +48,7 @@ class Stage:
         self.spec = spec
         ckpt = resolve(spec.model)
         self.config = JambaConfig.from_pretrained(ckpt.root)
+        self.config._experts_implementation = "eager"  # what from_pretrained picks on CPU
         dtype = getattr(torch, canonical_dtype(spec.dtype))
         with torch.device("meta"):
             model = SliceModel(self.config, spec.start, spec.end, spec.first, spec.last)
@@ -100,8 +101,8 @@ class Stage:
         return {
             "stage": self.spec.index,
             "layers": [self.spec.start, self.spec.end],
-            "slots_in_use": len(self.pool.in_use),
-            "slots_total": self.spec.slots,
+            "slots_in_use": len(self.pool.in_use - {self.spec.slots - 1}),
+            "slots_total": self.spec.slots - 1,  # the last slot is the pipeline's probe slot
             "param_bytes": sum(p.numel() * p.element_size() for p in self.model.parameters()),
             "pool_bytes": self.pool.nbytes(),
             **self.counters,

@@ -1,0 +1,150 @@
+"""gRPC methods of the Serve deployment (`JambaService` in jamba.proto), via Serve's gRPC proxy."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+
+import grpc
+
+from ..errors import InvalidRequestError, StageFailedError
+from ..proto import jamba_pb2 as pb
+from ..sampling import SamplingParams
+from .errors import HTTPError, classify
+
+log = logging.getLogger("jamba_ray.serve.grpc")
+
+_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "min_tokens", "presence_penalty",
+           "frequency_penalty", "repetition_penalty", "logprobs", "ignore_eos", "n")
+
+
+def sampling_from_proto(opts: pb.SamplingOptions) -> SamplingParams:
+    kwargs = {f: getattr(opts, f) for f in _FIELDS if opts.HasField(f)}
+    return SamplingParams(stop=list(opts.stop), stop_token_ids=list(opts.stop_token_ids), **kwargs)
+
+
+def prompt_from_proto(req: pb.GenerateRequest) -> str | list[int]:
+    which = req.WhichOneof("prompt")
+    if which is None:
+        raise InvalidRequestError("a prompt is required: set text or token_ids")
+    return req.text if which == "text" else list(req.token_ids.ids)
+
+
+def completion_proto(index: int, text: str, token_ids, finish_reason, logprobs) -> pb.Completion:
+    lps = [pb.TokenLogprob(token_id=t, logprob=e[t], top={k: v for k, v in e.items()})
+           for t, e in zip(token_ids, logprobs or [])]
+    return pb.Completion(index=index, text=text, token_ids=token_ids, finish_reason=finish_reason or "",
+                         logprobs=lps)
+
+
+class GrpcMethods:
+    """Mixed into the Serve deployment; expects `self.engine`, `self.api_key` and `self.timeout_s`."""
+
+    def _grpc_fail(self, ctx, exc: BaseException):
+        _, _, code, message = classify(exc)
+        if code == "INTERNAL":
+            log.exception("unexpected gRPC error", exc_info=exc)
+        if ctx is not None:
+            ctx.set_code(getattr(grpc.StatusCode, code))
+            ctx.set_details(message)
+
+    def _grpc_auth(self, ctx) -> None:
+        if not self.api_key:
+            return
+        meta = dict(ctx.invocation_metadata()) if ctx is not None else {}
+        if meta.get("authorization") != f"Bearer {self.api_key}":
+            raise HTTPError(401, "invalid or missing API key", "authentication_error")
+
+    async def Generate(self, request: pb.GenerateRequest, grpc_context=None) -> pb.GenerateResponse:
+        try:
+            self._grpc_auth(grpc_context)
+            rid = request.request_id or f"grpc-{uuid.uuid4().hex}"
+            stream = await self.engine.generate(prompt_from_proto(request), sampling_from_proto(request.sampling), rid)
+            acc: dict[int, list] = {}
+            last = None
+            async with _closing(stream):
+                async for out in stream:
+                    last = out
+                    for o in out.outputs:
+                        a = acc.setdefault(o.index, ["", [], None, []])
+                        a[0] += o.text
+                        a[1] += o.token_ids
+                        a[2] = o.finish_reason or a[2]
+                        a[3] += o.logprobs or []
+            comps = [completion_proto(i, *acc[i]) for i in sorted(acc)]
+            return pb.GenerateResponse(request_id=rid, completions=comps, prompt_token_ids=last.prompt_token_ids,
+                                       usage=_usage(last.prompt_token_ids, comps))
+        except Exception as e:
+            self._grpc_fail(grpc_context, e)
+            return pb.GenerateResponse()
+
+    async def GenerateStream(self, request: pb.GenerateRequest, grpc_context=None):
+        try:
+            self._grpc_auth(grpc_context)
+            rid = request.request_id or f"grpc-{uuid.uuid4().hex}"
+            stream = await self.engine.generate(prompt_from_proto(request), sampling_from_proto(request.sampling), rid)
+            total = 0
+            async with _closing(stream):
+                async for out in stream:
+                    deltas = [completion_proto(o.index, o.text, o.token_ids, o.finish_reason, o.logprobs)
+                              for o in out.outputs]
+                    total += sum(len(d.token_ids) for d in deltas)
+                    msg = pb.GenerateStreamResponse(request_id=rid, deltas=deltas, finished=out.finished)
+                    if out.finished:
+                        p = len(out.prompt_token_ids)
+                        msg.usage.CopyFrom(pb.Usage(prompt_tokens=p, completion_tokens=total, total_tokens=p + total))
+                    yield msg
+        except Exception as e:
+            self._grpc_fail(grpc_context, e)
+
+    async def Score(self, request: pb.ScoreRequest, grpc_context=None) -> pb.ScoreResponse:
+        try:
+            self._grpc_auth(grpc_context)
+            items = list(request.texts) + [list(t.ids) for t in request.token_ids]
+            if not items:
+                raise InvalidRequestError("give texts or token_ids to score")
+            results = await asyncio.gather(*[self._score_one(x, request.return_token_logprobs) for x in items])
+            return pb.ScoreResponse(results=results)
+        except Exception as e:
+            self._grpc_fail(grpc_context, e)
+            return pb.ScoreResponse()
+
+    async def _score_one(self, item, per_token: bool) -> pb.ScoreResult:
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        stream = await self.engine.generate(item, params)
+        last = None
+        async with _closing(stream):
+            async for out in stream:
+                last = out
+        ids = last.prompt_token_ids
+        lps = [e[t] for t, e in zip(ids[1:], last.prompt_logprobs[1:])]
+        return pb.ScoreResult(token_ids=ids, token_logprobs=lps if per_token else [], logprob=sum(lps),
+                              num_tokens=len(ids))
+
+    async def Health(self, request: pb.HealthRequest, grpc_context=None) -> pb.HealthResponse:
+        try:
+            core = self.engine.core
+            await asyncio.wait_for(core.pipeline.probe(core.spec.bos_token_id or 0), 60)
+            return pb.HealthResponse(status="ok", stages=core.pipeline.num_stages)
+        except Exception as e:
+            self._grpc_fail(grpc_context, StageFailedError(f"health probe failed: {type(e).__name__}"))
+            return pb.HealthResponse(status="unavailable")
+
+
+class _closing:
+    """Close (and so abort, if unfinished) a request stream however the call ends."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    async def __aenter__(self):
+        return self.stream
+
+    async def __aexit__(self, *exc):
+        await self.stream.aclose()
+
+
+def _usage(prompt_ids, comps) -> pb.Usage:
+    c = sum(len(x.token_ids) for x in comps)
+    return pb.Usage(prompt_tokens=len(prompt_ids), completion_tokens=c, total_tokens=len(prompt_ids) + c)

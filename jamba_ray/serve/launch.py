@@ -1,0 +1,51 @@
+"""Start Serve (HTTP on loopback by default, optional gRPC proxy) and run the app on it."""
+
+from __future__ import annotations
+
+import logging
+
+from ray import serve
+from ray.serve.config import gRPCOptions
+
+from ..pipeline_config import PipelineFile
+from .app import deployment
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "jamba"
+GRPC_SERVICER = "jamba_ray.proto.jamba_pb2_grpc.add_JambaServiceServicer_to_server"
+
+
+def start(pipeline: PipelineFile, model: str | None = None, blocking: bool = False):
+    """Deploy the pipeline app on the running Ray cluster; returns the ingress handle."""
+    opts = pipeline.serve
+    grpc = None
+    if opts.grpc_port:
+        grpc = gRPCOptions(port=opts.grpc_port, grpc_servicer_functions=[GRPC_SERVICER])
+    serve.start(http_options={"host": opts.host, "port": opts.port}, grpc_options=grpc)
+    app = deployment(pipeline, model)
+    handle = serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+    log.info("serving on http://%s:%d%s", opts.host, opts.port,
+             f" and grpc {opts.host}:{opts.grpc_port}" if grpc else "")
+    if blocking:
+        import time
+
+        while True:
+            time.sleep(3600)
+    return handle
+
+
+def serve_config(pipeline_path: str, pipeline: PipelineFile) -> dict:
+    """A Serve config (for `serve run` / `serve deploy` / KubeRay) that runs this pipeline file."""
+    opts = pipeline.serve
+    cfg = {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": opts.host, "port": opts.port},
+        "applications": [{
+            "name": APP_NAME, "route_prefix": "/", "import_path": "jamba_ray.serve.app:build_app",
+            "args": {"config": pipeline_path},
+        }],
+    }
+    if opts.grpc_port:
+        cfg["grpc_options"] = {"port": opts.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]}
+    return cfg
