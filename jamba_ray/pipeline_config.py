@@ -31,6 +31,7 @@ class Autoscaling(_Strict):
     target_ongoing_requests: float = Field(8.0, gt=0, description="per replica (= per pipeline)")
     upscale_delay_s: float = Field(5.0, ge=0)
     downscale_delay_s: float = Field(30.0, ge=0)
+    look_back_period_s: float | None = Field(None, gt=0, description="window for averaging load")
 
     def serve_dict(self) -> dict:
         d = self.model_dump(exclude_none=True)

@@ -96,7 +96,9 @@ class GrpcMethods:
                         msg.usage.CopyFrom(pb.Usage(prompt_tokens=p, completion_tokens=total, total_tokens=p + total))
                     yield msg
         except Exception as e:
+            # A stream carries its status only with a raise: Serve keeps the code set on the context.
             self._grpc_fail(grpc_context, e)
+            raise _StatusSet(classify(e)[3]) from None
 
     async def Score(self, request: pb.ScoreRequest, grpc_context=None) -> pb.ScoreResponse:
         try:
@@ -130,6 +132,10 @@ class GrpcMethods:
         except Exception as e:
             self._grpc_fail(grpc_context, StageFailedError(f"health probe failed: {type(e).__name__}"))
             return pb.HealthResponse(status="unavailable")
+
+
+class _StatusSet(Exception):
+    """Raised after the status code and details are set on the gRPC context."""
 
 
 class _closing:
