@@ -16,6 +16,12 @@ from tests.conftest import STAGE_CPUS, hf_model
 from tests.serve.conftest import MODEL
 
 META = (("application", "jamba"),)
+
+
+def hf_tokenizer(path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
 PROMPT = "The quick brown fox"
 
 
@@ -68,8 +74,10 @@ def test_token_id_prompts_n_and_logprobs(stub):
 def test_score_equals_hf_log_likelihood(stub, tiny_ckpt):
     texts = ["hello world, the quick brown fox", "Ray starts the stage actors inside a placement group."]
     res = stub.Score(pb.ScoreRequest(texts=texts, return_token_logprobs=True), metadata=META, timeout=120)
+    tok = hf_tokenizer(tiny_ckpt)
     for text, r in zip(texts, res.results):
         ids = list(r.token_ids)
+        assert ids == tok(text).input_ids
         with torch.no_grad():
             logp = torch.log_softmax(hf_model(tiny_ckpt)(torch.tensor([ids])).logits[0].double(), -1)
         expected = sum(float(logp[i - 1, ids[i]]) for i in range(1, len(ids)))
