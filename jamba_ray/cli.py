@@ -97,6 +97,23 @@ def _serve_config(a) -> int:
     return 0
 
 
+def _score(a) -> int:
+    from .batch import ScoreConfig, run_job
+    from .llm import ensure_ray
+
+    sampling = {"max_tokens": a.max_tokens, "temperature": a.temperature}
+    if a.seed is not None:
+        sampling["seed"] = a.seed
+    cfg = ScoreConfig(model=a.model, task=a.task, text_column=a.text_column, id_column=a.id_column,
+                      num_stages=a.stages, num_cpus_per_stage=a.cpus_per_stage, too_long=a.too_long,
+                      token_logprobs=a.token_logprobs, max_model_len=a.max_model_len,
+                      max_batched_tokens=a.max_batched_tokens, sampling=sampling)
+    ensure_ray(a.address)
+    summary = run_job(a.input, a.output, cfg, pipelines=a.pipelines, batch_size=a.batch_size)
+    print(f"jamba-ray score: {summary.line()}; output in {a.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jamba-ray", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -145,6 +162,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (HTTP and gRPC)")
     s.add_argument("--address", default=None, help="Ray cluster address (default: local)")
     s.set_defaults(fn=_serve)
+
+    b = sub.add_parser("score", help="offline batch job on Ray Data: loglik / classify / generate")
+    b.add_argument("--model", required=True)
+    b.add_argument("--input", required=True, help="JSONL or Parquet (any filesystem Ray Data reads)")
+    b.add_argument("--output", required=True, help="directory of Parquet parts (rerun resumes)")
+    b.add_argument("--task", default="loglik", choices=["loglik", "classify", "generate"])
+    b.add_argument("--text-column", default="text")
+    b.add_argument("--id-column", default="id", help="row key for resuming")
+    b.add_argument("--pipelines", type=int, default=1, help="actor pool size (one pipeline each)")
+    b.add_argument("--batch-size", type=int, default=16)
+    b.add_argument("--stages", type=int, default=1)
+    b.add_argument("--cpus-per-stage", type=float, default=0.5)
+    b.add_argument("--max-model-len", type=int, default=None)
+    b.add_argument("--max-batched-tokens", type=int, default=256, help="prefill chunk size")
+    b.add_argument("--too-long", default="error", choices=["error", "truncate"])
+    b.add_argument("--token-logprobs", action="store_true")
+    b.add_argument("--max-tokens", type=int, default=16, help="generate: tokens per row")
+    b.add_argument("--temperature", type=float, default=0.0)
+    b.add_argument("--seed", type=int, default=None)
+    b.add_argument("--address", default=None)
+    b.set_defaults(fn=_score)
 
     sc = sub.add_parser("serve-config", help="print a Serve config (serve run/deploy, KubeRay) for a pipeline")
     sc.add_argument("--config", required=True)

@@ -47,6 +47,7 @@ class RequestState:
     arrival: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     prompt_logprobs: list | None = None
+    scores: list[float] | None = None
     pending: dict[int, CompletionOutput] = field(default_factory=dict)
 
     @property
@@ -82,7 +83,9 @@ class EngineCore:
         self.metrics = EngineMetrics()
 
     # ---- requests -------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams, sink: Sink):
+    def add_request(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams, sink: Sink, task: str = "generate"
+    ):
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError("params must be a SamplingParams")
         if request_id in self.requests:
@@ -96,6 +99,7 @@ class EngineCore:
         seed = params.seed if params.seed is not None else random.getrandbits(62)
         seqs = [self._new_seq(request_id, i, ids, params, seed) for i in range(params.n)]
         seqs[0].forks = seqs[1:]
+        seqs[0].pooling = task == "classify"
         trackers = [TextTracker(self.tokenizer, params.stop, params.skip_special_tokens) for _ in seqs]
         state = RequestState(request_id, prompt if isinstance(prompt, str) else None, ids, params, seqs, trackers, sink)
         if params.prompt_logprobs is not None:
@@ -155,12 +159,13 @@ class EngineCore:
             added += 1
         return added
 
-    def complete(self, mb: MicroBatch, logits: torch.Tensor) -> None:
+    def complete(self, mb: MicroBatch, result) -> None:
         """Postprocess a landed micro-batch: prompt logprobs, forks, sampling, stops, outputs."""
+        logits, scores = (result["logits"], result["scores"]) if isinstance(result, dict) else (result, None)
         to_sample: list[tuple[int, Sequence]] = []
-        row = 0
+        row = score_row = 0
         for seg, seq in zip(mb.message.segments, mb.seqs):
-            nrows = {"all": seg.length, "last": 1, "none": 0}[seg.logits]
+            nrows = {"all": seg.length, "last": 1, "none": 0, "score": 0}[seg.logits]
             rows, row = range(row, row + nrows), row + nrows
             seq.in_flight = False
             state = self.requests[seq.request_id]
@@ -170,6 +175,10 @@ class EngineCore:
             seq.num_computed += seg.length
             if seg.logits == "all" and state.prompt_logprobs is not None:
                 self._prompt_logprobs(state, seg.start, logits[rows.start : rows.stop])
+            if seg.logits == "score":
+                state.scores, score_row = scores[score_row].tolist(), score_row + 1
+                self._finish_seq(state, seq, "stop")
+                continue
             if seq.in_prefill or nrows == 0:
                 continue
             for fork in self._start_forks(seq):
@@ -254,7 +263,7 @@ class EngineCore:
         finished = state.finished
         out = RequestOutput(
             state.request_id, state.prompt, state.prompt_ids, outputs, finished,
-            state.prompt_logprobs if finished else None,
+            state.prompt_logprobs if finished else None, scores=state.scores,
         )
         if finished:
             del self.requests[state.request_id]

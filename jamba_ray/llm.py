@@ -41,6 +41,7 @@ class LLM:
         self,
         prompts: str | list[str] | list[list[int]],
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        task: str = "generate",
     ) -> list[RequestOutput]:
         """One finished output per prompt, in prompt order; all prompts run concurrently."""
         prompts = [prompts] if isinstance(prompts, str) else prompts
@@ -56,7 +57,7 @@ class LLM:
             for prompt, p in zip(prompts, per):
                 rid = f"llm-{next(self._ids)}"
                 order.append(rid)
-                self.engine.add_request(rid, prompt, p, lambda o: _collect(results, o))
+                self.engine.add_request(rid, prompt, p, lambda o: _collect(results, o), task)
             self._run()
         except BaseException:
             for rid in order:
@@ -94,6 +95,11 @@ class LLM:
             res.append({"token_ids": o.prompt_token_ids, "token_logprobs": lps, "logprob": sum(lps)})
         return res
 
+    def classify(self, texts: list[str] | list[list[int]]) -> list[list[float]]:
+        """Classification-head logits per text (last-token pooling, as JambaForSequenceClassification)."""
+        outs = self.generate(texts, SamplingParams(max_tokens=1), task="classify")
+        return [o.scores for o in outs]
+
     def stats(self) -> list[dict]:
         """Per-stage `slots_in_use` / `slots_total` (and counters), read from the stage actors."""
         return self.engine.pipeline.stats()
@@ -115,4 +121,5 @@ def _collect(results: dict[str, RequestOutput], out: RequestOutput) -> None:
             cur.outputs.append(o)
     cur.outputs.sort(key=lambda o: o.index)
     cur.finished = out.finished
+    cur.scores = out.scores if out.scores is not None else cur.scores
     cur.prompt_logprobs = out.prompt_logprobs if out.finished else cur.prompt_logprobs

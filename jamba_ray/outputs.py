@@ -36,6 +36,7 @@ class RequestOutput:
     finished: bool = False
     prompt_logprobs: list[dict[int, float] | None] | None = None
     delta: bool = True
+    scores: list[float] | None = None  # classification head logits (classify requests)
 
 
 class TextTracker:

@@ -129,6 +129,8 @@ class Scheduler:
 
 
 def _logits_mode(seq: Sequence, n: int) -> str:
+    if seq.pooling:
+        return "score" if seq.num_computed + n >= len(seq.prompt_ids) else "none"
     wants_prompt = seq.in_prefill and getattr(seq.params, "prompt_logprobs", None) is not None
     if wants_prompt:
         return "all"

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-LogitsMode = Literal["none", "last", "all"]
+# "score": the last row through the sequence-classification head instead of lm_head.
+LogitsMode = Literal["none", "last", "all", "score"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +52,15 @@ class StepMessage:
             offset += s.length
         return rows
 
+    def score_rows(self) -> list[int]:
+        """Packed rows pooled through the classification head (last token of the segment)."""
+        rows, offset = [], 0
+        for s in self.segments:
+            offset += s.length
+            if s.logits == "score":
+                rows.append(offset - 1)
+        return rows
+
 
 class SequenceStatus:
     WAITING = "waiting"
@@ -79,6 +89,7 @@ class Sequence:
     aborted: bool = False
     finish_reason: str | None = None
     cumulative_logprob: float = 0.0
+    pooling: bool = False  # classify: run the prompt, return the classification head's logits
     forks: list[Sequence] = field(default_factory=list)  # samples 1..n-1, waiting for this prefill
 
     @property

@@ -50,11 +50,12 @@ class Stage:
         self.config = JambaConfig.from_pretrained(ckpt.root)
         self.config._experts_implementation = "eager"  # what from_pretrained picks on CPU
         dtype = getattr(torch, canonical_dtype(spec.dtype))
-        with torch.device("meta"):
-            model = SliceModel(self.config, spec.start, spec.end, spec.first, spec.last)
         tensors, self.keys_read = load_slice(
             ckpt, spec.start, spec.end, spec.first, spec.last, self.config.tie_word_embeddings
         )
+        labels = tensors["score.weight"].shape[0] if "score.weight" in tensors else 0
+        with torch.device("meta"):
+            model = SliceModel(self.config, spec.start, spec.end, spec.first, spec.last, labels)
         if spec.last and "lm_head.weight" not in tensors:  # tied head shares the embedding
             tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
         if spec.last and not spec.first:
@@ -89,7 +90,9 @@ class Stage:
         self.counters["tokens"] += msg.num_tokens
         self.counters["busy_s"] += time.perf_counter() - t0
         self.trace.append((msg.step_id, wall0, time.time()))
-        return out if self.spec.device == "cpu" else out.cpu()
+        if self.spec.device == "cpu":
+            return out
+        return {k: v.cpu() for k, v in out.items()} if isinstance(out, dict) else out.cpu()
 
     def release(self, slots: list[int]) -> None:
         self.pool.release(slots)

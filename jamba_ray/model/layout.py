@@ -26,6 +26,7 @@ class Layout:
     decode_pos: torch.Tensor  # [D] position of each decode token
     chunks: tuple[Chunk, ...]
     logit_rows: torch.Tensor  # [R]
+    score_rows: torch.Tensor  # [C] rows for the classification head
     num_tokens: int
 
     @property
@@ -47,4 +48,4 @@ class Layout:
         def t(x):
             return torch.tensor(x, dtype=torch.long, device=device)
 
-        return cls(t(rows), t(slots), t(pos), tuple(chunks), t(msg.logit_rows()), offset)
+        return cls(t(rows), t(slots), t(pos), tuple(chunks), t(msg.logit_rows()), t(msg.score_rows()), offset)

@@ -23,7 +23,7 @@ from .state_pool import PoolShape, StatePool
 
 
 class SliceModel(nn.Module):
-    def __init__(self, config: JambaConfig, start: int, end: int, first: bool, last: bool):
+    def __init__(self, config: JambaConfig, start: int, end: int, first: bool, last: bool, num_labels: int = 0):
         super().__init__()
         self.start, self.end, self.first, self.last = start, end, first, last
         self.model = nn.Module()
@@ -38,6 +38,8 @@ class SliceModel(nn.Module):
         if last:
             self.model.final_layernorm = JambaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            if num_labels:  # as JambaForSequenceClassification: score(final_norm(h)) at the last token
+                self.score = nn.Linear(config.hidden_size, num_labels, bias=False)
         # Each layer's index into the pool's Mamba or attention stacks.
         self.pool_index: dict[str, int] = {}
         counts = {"attention": 0, "mamba": 0}
@@ -55,8 +57,9 @@ class SliceModel(nn.Module):
             d_state=config.mamba_d_state, kv_heads=config.num_key_value_heads, head_dim=head_dim,
         )
 
-    def forward(self, msg: StepMessage, x: torch.Tensor, pool: StatePool) -> torch.Tensor:
-        """Token ids [T] (first stage) or hidden [T, H] -> hidden [T, H], or logits [R, V] (last)."""
+    def forward(self, msg: StepMessage, x: torch.Tensor, pool: StatePool):
+        """Token ids [T] (first stage) or hidden [T, H] -> hidden [T, H]; the last stage returns
+        logits [R, V], or {"logits", "scores" [C, K]} when rows ask for the classification head."""
         lay = Layout.build(msg, device=x.device)
         h = self.model.embed_tokens(x) if self.first else x  # [T, H]
         for name, layer in self.model.layers.items():
@@ -70,4 +73,10 @@ class SliceModel(nn.Module):
             h = h + layer.feed_forward(layer.pre_ff_layernorm(h)[None])[0]
         if not self.last:
             return h
-        return self.lm_head(self.model.final_layernorm(h[lay.logit_rows])).float()  # [R, V]
+        logits = self.lm_head(self.model.final_layernorm(h[lay.logit_rows])).float()  # [R, V]
+        if not len(lay.score_rows):
+            return logits
+        if not hasattr(self, "score"):
+            raise ValueError("this checkpoint has no classification head (score.weight)")
+        scores = self.score(self.model.final_layernorm(h[lay.score_rows])).float()  # [C, K]
+        return {"logits": logits, "scores": scores}
