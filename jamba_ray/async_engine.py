@@ -64,10 +64,12 @@ class RequestStream:
 class AsyncEngine:
     """Requests join and leave between steps; each gets an async stream of delta outputs."""
 
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, reap_every_s: float = 30.0):
         self.core = EngineCore(config)
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._reaper_task: asyncio.Task | None = None
+        self.reap_every_s = reap_every_s
         self._streams: dict[str, asyncio.Queue] = {}
         self._ids = itertools.count()
 
@@ -94,8 +96,11 @@ class AsyncEngine:
         self._kick()
 
     def _kick(self) -> None:
+        loop = asyncio.get_running_loop()
         if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run())
+            self._task = loop.create_task(self._run())
+        if self._reaper_task is None or self._reaper_task.done():
+            self._reaper_task = loop.create_task(self._reaper(self.reap_every_s))
         self._wake.set()
 
     async def _run(self) -> None:
@@ -111,27 +116,41 @@ class AsyncEngine:
                 continue
             mb = core.in_flight[0]
             try:
-                logits = await mb.ref
-            except ray.exceptions.RayError as e:
-                self._fail_all(StageFailedError(f"a pipeline stage failed: {type(e).__name__}"))
+                result = await mb.ref
+            except ray.exceptions.RayError:
+                await self._recover()
                 continue
             core.in_flight.popleft()
-            core.complete(mb, logits)
+            core.complete(mb, result)
 
-    def _fail_all(self, error: Exception) -> None:
-        log.error("failing %d requests: %s", len(self._streams), error)
-        self.core.in_flight.clear()
-        for seq in self.core.scheduler.running:
-            seq.in_flight = False  # nothing will land for them: abort frees their slots now
-        for rid, queue in list(self._streams.items()):
-            queue.put_nowait(error)
-            self.core.abort(rid)
+    async def _recover(self) -> None:
+        """Replace dead stages (in a thread: it waits on actor start-up), then replay here."""
+        try:
+            await asyncio.to_thread(self.core.replace_dead_stages)
+            self.core.replay()
+        except StageFailedError as e:
+            log.error("failing all requests: %s", e)
+            self.core.fail_all(e)
+
+    async def reap(self) -> int:
+        """Release slots no live sequence owns; run periodically by the reaper loop."""
+        stages = await asyncio.gather(*[s.stats.remote() for s in self.core.pipeline.stages])
+        return self.core.reap(list(stages))
+
+    async def _reaper(self, every_s: float) -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                await self.reap()
+            except Exception as e:  # a dead stage: recovery happens on the step path
+                log.warning("reaper skipped a round: %s", type(e).__name__)
 
     async def stats(self) -> dict:
         stages = await asyncio.gather(*[s.stats.remote() for s in self.core.pipeline.stages])
         return {**self.core.stats_local(), "stages": list(stages)}
 
     def shutdown(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in (self._task, self._reaper_task):
+            if task is not None:
+                task.cancel()
         self.core.shutdown()

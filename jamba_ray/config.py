@@ -149,6 +149,7 @@ class EngineConfig:
     max_waiting: int = 1024
     in_current_placement_group: bool = False  # stages join the caller's group (Serve replicas)
     quantization: str | None = None  # "int8": weight-only, Mamba excluded
+    max_stage_restarts: int = 3  # replacements per failure episode before requests fail (503)
 
     def __post_init__(self) -> None:
         canonical_dtype(self.dtype)

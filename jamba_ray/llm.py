@@ -9,7 +9,7 @@ import ray
 
 from .config import EngineConfig
 from .engine import EngineCore
-from .errors import InvalidRequestError, StageFailedError
+from .errors import InvalidRequestError
 from .outputs import RequestOutput
 from .sampling import SamplingParams
 
@@ -75,8 +75,9 @@ class LLM:
             mb = eng.in_flight.popleft()
             try:
                 logits = ray.get(mb.ref)
-            except ray.exceptions.RayError as e:
-                raise StageFailedError(f"a pipeline stage failed: {e}") from None
+            except ray.exceptions.RayError:
+                eng.recover()  # replaces dead stages and replays, or raises StageFailedError
+                continue
             eng.complete(mb, logits)
 
     def _drain(self) -> None:

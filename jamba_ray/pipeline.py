@@ -107,6 +107,26 @@ class Pipeline:
             x = stage.forward.remote(msg, x)
         return x
 
+    def dead_stages(self, timeout_s: float = 10.0) -> list[int]:
+        """Indices of stages that no longer answer."""
+        dead = []
+        for i, ref in enumerate(self.ping()):
+            try:
+                ray.get(ref, timeout=timeout_s)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                dead.append(i)
+        return dead
+
+    def replace(self, indices: list[int]) -> None:
+        """Start fresh actors for dead stages in their bundles (they load their slice again)."""
+        for i in indices:
+            try:
+                ray.kill(self.stages[i])
+            except Exception:
+                pass
+            self.stages[i] = self._start(self.specs[i])
+        self._wait([self.stages[i].ready.remote() for i in indices], "replacement stage start-up")
+
     def release(self, slots: list[int]) -> None:
         if slots:
             for stage in self.stages:

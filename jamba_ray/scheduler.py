@@ -91,6 +91,13 @@ class Scheduler:
         msg = StepMessage(self._step, tuple(segments), in_flight=in_flight)
         return MicroBatch(msg, [s for s, _ in chosen], tokens)
 
+    def replay_all(self) -> list[Sequence]:
+        """After a stage was replaced: every running sequence re-runs all its tokens from a fresh
+        slot state on every stage (state on the healthy stages must match the new one's)."""
+        for s in self.running:
+            s.in_flight, s.num_computed = False, 0
+        return list(self.running)
+
     def start_forks(self, seq: Sequence) -> list[Sequence]:
         """After `seq`'s prefill, its forks (state already copied) join the running set."""
         forks, seq.forks = seq.forks, []
@@ -134,4 +141,5 @@ def _logits_mode(seq: Sequence, n: int) -> str:
     wants_prompt = seq.in_prefill and getattr(seq.params, "prompt_logprobs", None) is not None
     if wants_prompt:
         return "all"
-    return "last" if seq.num_computed + n >= len(seq.prompt_ids) else "none"
+    # Logits only where the sequence's known tokens end (a replay also re-runs its outputs).
+    return "last" if seq.num_computed + n >= seq.length else "none"

@@ -18,6 +18,9 @@ class SlotAllocator:
     def num_used(self) -> int:
         return self.num_slots - len(self._free)
 
+    def allocated(self) -> set[int]:
+        return set(range(self.num_slots)) - set(self._free)
+
     def can_allocate(self, n: int = 1) -> bool:
         return len(self._free) >= n
 

@@ -106,6 +106,7 @@ class Stage:
             "layers": [self.spec.start, self.spec.end],
             "slots_in_use": len(self.pool.in_use - {self.spec.slots - 1}),
             "slots_total": self.spec.slots - 1,  # the last slot is the pipeline's probe slot
+            "slots": sorted(self.pool.in_use - {self.spec.slots - 1}),
             "param_bytes": sum(p.numel() * p.element_size() for p in self.model.parameters()),
             "pool_bytes": self.pool.nbytes(),
             **self.counters,
