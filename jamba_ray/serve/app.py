@@ -32,13 +32,16 @@ def error_response(exc: BaseException) -> JSONResponse:
     return JSONResponse(error_body(status, err_type, message), status, headers=retry_headers(status))
 
 
-async def _guard(events):
-    """An error after the stream started becomes an SSE error event, then [DONE]."""
+async def _guard(events, timeout_s: float):
+    """An error (or the request timeout) after the stream started becomes an SSE error event."""
     import json
 
+    deadline = time.monotonic() + timeout_s
     try:
         async for e in events:
             yield e
+            if time.monotonic() > deadline:
+                raise HTTPError(504, f"request exceeded its {timeout_s:.0f}s timeout", "timeout")
     except asyncio.CancelledError:
         raise
     except Exception as e:
@@ -91,7 +94,7 @@ class JambaServer(GrpcMethods):
             req = await self._body(request, model_cls)
             if req.stream:
                 events = await streaming(req)
-                return StreamingResponse(_guard(events), media_type="text/event-stream",
+                return StreamingResponse(_guard(events, self.timeout_s), media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache"})
             return JSONResponse(await asyncio.wait_for(unary(req), self.timeout_s))
         except asyncio.TimeoutError:
