@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from .errors import JambaRayError
+from .errors import ConfigError, JambaRayError
 
 
 def _init_tiny(a) -> int:
@@ -21,10 +21,35 @@ def _plan(a) -> int:
     from .config import ModelSpec
     from .planner import format_plan, plan
 
+    if a.config:
+        return _plan_config(a.config)
+    if not a.model:
+        raise ConfigError("give --model DIR_OR_CONFIG or --config pipelines/X.yaml")
     spec = ModelSpec.from_path(a.model)
     slices = json.loads(a.slices) if a.slices else None
     stages = plan(spec, a.stages, slices, a.dtype, a.balance)
     print(format_plan(spec, stages))
+    return 0
+
+
+def _plan_config(path: str) -> int:
+    """Partition + memory fit of a pipeline file; non-zero exit when a stage does not fit."""
+    from .config import ModelSpec
+    from .fit import fit_check, format_fit, require_fit
+    from .pipeline_config import PipelineFile
+    from .planner import format_plan, plan
+
+    pf = PipelineFile.load(path)
+    spec = ModelSpec.from_path(pf.model_spec_source())
+    cfg = pf.engine_config(pf.model or "tiny")
+    slices = [tuple(s) for s in cfg.stage_slices] if cfg.stage_slices else None
+    plans = plan(spec, cfg.num_stages, slices, cfg.dtype, cfg.balance)
+    print(f"pipeline {pf.name}: {pf.model or 'tiny default'}, {cfg.dtype}"
+          f"{', int8 weights (Mamba in ' + cfg.dtype + ')' if cfg.quantization else ''}, {len(plans)} stages\n")
+    print(format_plan(spec, plans), end="\n\n")
+    fits = fit_check(spec, cfg, plans, pf.resources.device_memory_gib, pf.activation_memory_gib)
+    print(format_fit(fits))
+    require_fit(fits)
     return 0
 
 
@@ -128,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=_init_tiny)
 
     pl = sub.add_parser("plan", help="print the per-stage partition table (no weights needed)")
-    pl.add_argument("--model", required=True, help="checkpoint dir or config.json")
+    pl.add_argument("--model", help="checkpoint dir or config.json")
+    pl.add_argument("--config", help="pipelines/*.yaml: also checks each stage's memory fit")
     pl.add_argument("--stages", type=int, default=1)
     pl.add_argument("--slices", help='explicit slices as JSON, e.g. "[[0,3],[3,8]]"')
     pl.add_argument("--dtype", default="bf16")

@@ -150,6 +150,8 @@ class EngineConfig:
     in_current_placement_group: bool = False  # stages join the caller's group (Serve replicas)
     quantization: str | None = None  # "int8": weight-only, Mamba excluded
     max_stage_restarts: int = 3  # replacements per failure episode before requests fail (503)
+    device_memory_gib: float | None = None  # per stage; set: refuse layouts that do not fit
+    activation_memory_gib: float = 0.0
 
     def __post_init__(self) -> None:
         canonical_dtype(self.dtype)

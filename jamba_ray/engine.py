@@ -20,6 +20,7 @@ from .capacity import derive_capacity
 from .checkpoint import resolve
 from .config import EngineConfig, ModelSpec
 from .errors import CapacityError, InvalidRequestError, StageFailedError
+from .fit import fit_check, require_fit
 from .metrics import EngineMetrics
 from .outputs import CompletionOutput, RequestOutput, TextTracker
 from .pipeline import Pipeline, Placement
@@ -63,6 +64,9 @@ class EngineCore:
         slices = [tuple(s) for s in config.stage_slices] if config.stage_slices else None
         self.plans = plan(self.spec, config.num_stages, slices, config.dtype, config.balance)
         self.capacity = derive_capacity(self.spec, config, self.plans)
+        if config.device_memory_gib:
+            require_fit(fit_check(self.spec, config, self.plans, config.device_memory_gib,
+                                  config.activation_memory_gib))
         self.tokenizer = load_tokenizer(ckpt.root)
         placement = Placement(
             config.num_cpus_per_stage, config.num_gpus_per_stage, config.placement_strategy,

@@ -57,6 +57,8 @@ class ServeOptions(_Strict):
 class PipelineFile(_Strict):
     name: str
     model: str | None = Field(None, description="checkpoint dir or hub id; null: the tiny default")
+    config_json: str | None = Field(None, description="config.json for planning when the model is not local "
+                                    "(relative to this file)")
     dtype: str = "float32"
     stages: int | list[tuple[int, int]] = Field(1, description="count, or explicit [start, end) slices")
     balance: Literal["params", "flops"] = "params"
@@ -108,11 +110,28 @@ class PipelineFile(_Strict):
         if not p.is_file():
             raise ConfigError(f"no pipeline file at {p}")
         try:
-            return cls.model_validate(yaml.safe_load(p.read_text()) or {})
+            loaded = cls.model_validate(yaml.safe_load(p.read_text()) or {})
         except ValidationError as e:
             raise ConfigError(f"{p}: {_explain(e)}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{p} is not valid YAML: {e}") from None
+        if loaded.config_json:
+            loaded = loaded.model_copy(update={"config_json": str((p.parent / loaded.config_json).resolve())})
+        return loaded
+
+    def model_spec_source(self) -> str:
+        """Where `plan` reads config.json: a local model dir, else `config_json`."""
+        from pathlib import Path as _P
+
+        if self.model and _P(self.model).expanduser().is_dir():
+            return self.model
+        if self.config_json:
+            return self.config_json
+        if self.model is None:
+            from .tiny import ensure_default_tiny
+
+            return str(ensure_default_tiny())
+        raise ConfigError(f"model {self.model!r} is not a local directory; set config_json to plan it offline")
 
     def engine_config(self, model: str) -> EngineConfig:
         slices = None if isinstance(self.stages, int) else tuple(tuple(s) for s in self.stages)
@@ -128,6 +147,7 @@ class PipelineFile(_Strict):
             num_gpus_per_stage=r.num_gpus, placement_strategy=self.placement,
             stage_resources=tuple(sorted(custom.items())), threads_per_stage=self.threads_per_stage,
             max_waiting=self.serve.max_waiting, quantization=self.quantization,
+            device_memory_gib=r.device_memory_gib, activation_memory_gib=self.activation_memory_gib,
         )
 
 
