@@ -163,3 +163,5 @@ class EngineConfig:
             raise ConfigError(f"max_batched_tokens must be at least 1, got {self.max_batched_tokens}")
         if self.state_memory_gib <= 0:
             raise ConfigError(f"state_memory_gib must be positive, got {self.state_memory_gib}")
+        if self.quantization not in (None, "int8"):
+            raise ConfigError(f"quantization must be null or 'int8', got {self.quantization!r}")

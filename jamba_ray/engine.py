@@ -22,6 +22,7 @@ from .config import EngineConfig, ModelSpec
 from .errors import CapacityError, InvalidRequestError, StageFailedError
 from .fit import fit_check, require_fit
 from .metrics import EngineMetrics
+from .model.device import select_device
 from .outputs import CompletionOutput, RequestOutput, TextTracker
 from .pipeline import Pipeline, Placement
 from .planner import plan
@@ -64,6 +65,7 @@ class EngineCore:
         slices = [tuple(s) for s in config.stage_slices] if config.stage_slices else None
         self.plans = plan(self.spec, config.num_stages, slices, config.dtype, config.balance)
         self.capacity = derive_capacity(self.spec, config, self.plans)
+        select_device(config.num_gpus_per_stage, _cuda_visible(config), config.dtype)
         if config.device_memory_gib:
             require_fit(fit_check(self.spec, config, self.plans, config.device_memory_gib,
                                   config.activation_memory_gib))
@@ -75,7 +77,7 @@ class EngineCore:
         model_ref = ckpt.repo_id or str(ckpt.root)
         self.pipeline = Pipeline(
             model_ref, self.plans, self.capacity.max_num_seqs, self.capacity.max_model_len,
-            config.dtype, placement, config.threads_per_stage,
+            config.dtype, placement, config.threads_per_stage, config.quantization,
         )
         self.scheduler = Scheduler(
             SchedulerConfig(self.capacity.max_num_seqs, len(self.plans), config.max_batched_tokens)
@@ -367,3 +369,12 @@ class EngineCore:
 
     def shutdown(self) -> None:
         self.pipeline.shutdown()
+
+
+def _cuda_visible(config: EngineConfig) -> bool:
+    """GPU stages may sit on other nodes: trust the cluster's GPU count, not this process."""
+    if not config.num_gpus_per_stage:
+        return False
+    import ray
+
+    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= config.num_gpus_per_stage

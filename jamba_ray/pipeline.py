@@ -59,6 +59,7 @@ class Pipeline:
         dtype: str = "float32",
         placement: Placement = Placement(),
         threads: int = 1,
+        quantization: str | None = None,
     ):
         self.num_stages = len(plans)
         self.placement = placement
@@ -74,7 +75,8 @@ class Pipeline:
         self.probe_slot = slots  # one extra slot, never scheduled, for health probes
         device = "cuda" if placement.num_gpus else "cpu"
         self.specs = [
-            StageSpec(model, p.index, p.start, p.end, self.num_stages, slots + 1, max_len, dtype, device, threads)
+            StageSpec(model, p.index, p.start, p.end, self.num_stages, slots + 1, max_len, dtype, device,
+                      threads, quantization)
             for p in plans
         ]
         self.stages = [self._start(spec) for spec in self.specs]

@@ -11,6 +11,8 @@ import torch
 
 from .checkpoint import load_slice, resolve
 from .config import canonical_dtype
+from .errors import StageFailedError
+from .model.quant import quantize_slice
 from .model.slice import SliceModel
 from .model.state_pool import StatePool
 from .sequence import StepMessage
@@ -30,6 +32,7 @@ class StageSpec:
     dtype: str = "float32"
     device: str = "cpu"
     threads: int = 1
+    quantization: str | None = None  # "int8": weight-only, Mamba excluded
 
     @property
     def first(self) -> bool:
@@ -45,6 +48,8 @@ class Stage:
         from transformers import JambaConfig
 
         torch.set_num_threads(max(1, spec.threads))
+        if spec.device == "cuda" and not torch.cuda.is_available():
+            raise StageFailedError(f"stage {spec.index} was placed for CUDA but sees no GPU")
         self.spec = spec
         ckpt = resolve(spec.model)
         self.config = JambaConfig.from_pretrained(ckpt.root)
@@ -62,6 +67,8 @@ class Stage:
             tensors.pop("model.embed_tokens.weight", None)
         tensors = {k: v.to(device=spec.device, dtype=_param_dtype(k, dtype)) for k, v in tensors.items()}
         model.load_state_dict(tensors, strict=True, assign=True)
+        if spec.quantization == "int8":
+            quantize_slice(model)
         self.model = model.eval()
         self.pool = StatePool(model.pool_shape(self.config, spec.slots, spec.max_len), dtype, spec.device)
         self.trace: deque[tuple[int, float, float]] = deque(maxlen=4096)  # (step, start, end) wall
@@ -107,7 +114,8 @@ class Stage:
             "slots_in_use": len(self.pool.in_use - {self.spec.slots - 1}),
             "slots_total": self.spec.slots - 1,  # the last slot is the pipeline's probe slot
             "slots": sorted(self.pool.in_use - {self.spec.slots - 1}),
-            "param_bytes": sum(p.numel() * p.element_size() for p in self.model.parameters()),
+            "param_bytes": sum(t.numel() * t.element_size()
+                               for t in (*self.model.parameters(), *self.model.buffers())),
             "pool_bytes": self.pool.nbytes(),
             **self.counters,
         }

@@ -9,11 +9,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .device import decode_kernels
 from .layout import Layout
 
 
 def conv_step(xs, conv, slots, weight, bias):
     """One token per row: xs [D, DI]; conv state [S, DI, K] updated in place for `slots`."""
+    kernels = decode_kernels() if xs.is_cuda else None
+    if kernels is not None:  # causal-conv1d's CUDA kernel: same [B, DI, K] state layout
+        state = conv[slots]
+        out = kernels[0](xs, state, weight[:, 0, :], bias, None)
+        conv[slots] = state
+        return out
     window = torch.cat([conv[slots][:, :, 1:], xs[:, :, None]], dim=-1)  # [D, DI, K]
     conv[slots] = window
     # A depthwise dot product: cheaper than a conv1d call for one position per row.
@@ -31,6 +38,12 @@ def conv_chunk(xs, conv, slot, weight, bias):
 
 def ssm_step(u, dt, A, B, C, ssm, slots):
     """Selective state update for one token per row; ssm [S, DI, N] updated in place."""
+    kernels = decode_kernels() if u.is_cuda else None
+    if kernels is not None:  # mamba-ssm's Triton kernel; D and the gate are applied by the caller
+        state = ssm[slots]
+        out = kernels[1](state, u, dt, A, B, C)
+        ssm[slots] = state
+        return out
     dA = torch.exp(dt[:, :, None] * A)  # [D, DI, N]
     dBu = dt[:, :, None] * B[:, None, :] * u[:, :, None]
     state = ssm[slots] * dA + dBu
