@@ -1,0 +1,252 @@
+"""One-shot GPU check (NVIDIA): CUDA parity with HF, a Jamba-v0.1-sized stage's decode step,
+achieved memory bandwidth, int8 on GPU, and the stage-to-stage hop cost. Prints one table.
+
+    python benchmarks/gpu_check.py [--out DIR]
+
+Needs torch with CUDA and transformers; not Ray. Finishes in a few minutes on an H100.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from jamba_ray.model.device import decode_kernels  # noqa: E402
+from jamba_ray.model.quant import quantize_slice  # noqa: E402
+from jamba_ray.model.slice import SliceModel  # noqa: E402
+from jamba_ray.model.state_pool import StatePool  # noqa: E402
+from jamba_ray.sequence import Segment, StepMessage  # noqa: E402
+from jamba_ray.stage import Stage, StageSpec  # noqa: E402
+
+PROMPTS = [[1, 5, 9, 200, 3, 77, 12], [1, 44, 8], [1] + list(range(300, 330))]
+DEV = "cuda"  # --cpu-smoke runs every step on the CPU with a small stage, to test this script
+
+
+def cuda_time(fn, iters: int = 20, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    if DEV == "cpu":
+        t = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        return (time.perf_counter() - t) / iters
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters / 1e3
+
+
+def parity(dtype: str) -> dict:
+    """Greedy tokens and logits of 2 CUDA stages vs HF JambaForCausalLM on CUDA (tiny preset)."""
+    from transformers import JambaForCausalLM
+
+    from jamba_ray.tiny import TinySpec, init_tiny
+
+    path = Path(tempfile.gettempdir()) / "jr-gpu-tiny"
+    if not (path / "config.json").exists():
+        init_tiny(path, TinySpec())
+    tdtype = getattr(torch, dtype)
+    ref = JambaForCausalLM.from_pretrained(path, dtype=tdtype).to(DEV).eval()
+    stages = [Stage(StageSpec(str(path), i, a, b, 2, 4, 128, dtype, DEV)) for i, (a, b) in enumerate([(0, 3), (3, 6)])]
+    same, worst = 0, 0.0
+    for i, prompt in enumerate(PROMPTS):
+        seq = list(prompt)
+        x = torch.tensor(seq)
+        msg = StepMessage(0, (Segment(i, i, 0, len(seq)),))
+        ours = []
+        for step in range(12):
+            h = x
+            for s in stages:
+                h = s.forward(msg, h)
+            with torch.no_grad():
+                want = ref(torch.tensor([seq], device=DEV)).logits[0, -1].float()
+            worst = max(worst, float((h[0].to(DEV) - want).abs().max()))
+            tok = int(h[0].argmax())
+            ours.append(tok == int(want.argmax()))
+            seq.append(tok)
+            x, msg = torch.tensor([tok]), StepMessage(step + 1, (Segment(i, i, len(seq) - 1, 1),))
+        same += all(ours)
+    return {"prompts_token_exact": f"{same}/{len(PROMPTS)}", "max_logit_diff": worst}
+
+
+def jamba_stage_config():
+    """One stage of a 4-stage Jamba-v0.1: layers 0-7 = 1 attention, 3 Mamba/MLP, 4 Mamba/MoE."""
+    from transformers import JambaConfig
+
+    small = dict(hidden_size=256, intermediate_size=512, num_experts=4, num_attention_heads=8,
+                 num_key_value_heads=2, vocab_size=1024, mamba_dt_rank=16) if DEV == "cpu" else {}
+    cfg = JambaConfig(num_hidden_layers=8, **small)  # Jamba-v0.1 sizes are the defaults
+    cfg._experts_implementation = "eager"
+    return cfg
+
+
+def build_stage(cfg, dtype=torch.bfloat16) -> SliceModel:
+    with torch.device("meta"):
+        model = SliceModel(cfg, 0, 8, first=False, last=False)
+    model = model.to_empty(device=DEV).to(dtype)
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    for name, p in model.named_parameters():
+        if name.endswith("A_log"):
+            p.data.copy_(torch.log(torch.arange(1, p.shape[1] + 1, device=DEV, dtype=torch.float32)).expand_as(p))
+        elif name.endswith(("norm.weight", ".D", "layernorm.weight")):
+            p.data.fill_(1.0)
+        else:
+            p.data.normal_(0, 0.02, generator=gen)
+    for name, p in model.named_parameters():
+        if name.endswith(("A_log", ".D")):
+            p.data = p.data.float()
+    return model.eval()
+
+
+def stage_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
+def decode_timing(model, cfg, batches=(1, 8, 64), max_len=2048) -> dict:
+    shape = model.pool_shape(cfg, max(batches), max_len)
+    pool = StatePool(shape, torch.bfloat16, DEV)
+    h = cfg.hidden_size
+    with torch.inference_mode():
+        prefill = StepMessage(0, tuple(Segment(i, i, 0, 16) for i in range(max(batches))))
+        model(prefill, torch.randn(16 * max(batches), h, device=DEV, dtype=torch.bfloat16), pool)
+    experts = [m for n, m in model.named_modules() if n.endswith("feed_forward.experts")]
+    all_experts = sum(stage_bytes(m) for m in experts)  # bf16 or int8 (+ scales), as resident
+    moe_layers = len(experts)
+    expert = all_experts / (moe_layers * cfg.num_experts)
+    out = {}
+    for b in batches:
+        msg = StepMessage(1, tuple(Segment(i, i, 16, 1) for i in range(b)))
+        x = torch.randn(b, h, device=DEV, dtype=torch.bfloat16)
+
+        def step(msg=msg, x=x):
+            with torch.inference_mode():
+                model(msg, x, pool)
+
+        t = cuda_time(step)
+        hit = cfg.num_experts * (1 - (1 - cfg.num_experts_per_tok / cfg.num_experts) ** b)
+        weights = stage_bytes(model) - all_experts + moe_layers * hit * expert
+        state = b * 2 * (pool.conv[:, 0].numel() * 2 + pool.ssm[:, 0].numel() * 4)
+        kv = b * 2 * pool.k[:, 0, :, :17].numel() * 2
+        out[b] = {"step_ms": t * 1e3, "tok_s": b / t, "gbps": (weights + state + kv) / t / 1e9}
+    return out
+
+
+def copy_bandwidth() -> float:
+    a = torch.empty(2**30 if DEV == "cuda" else 2**26, dtype=torch.uint8, device=DEV)
+    t = cuda_time(lambda: a.clone(), iters=10)
+    return 2 * a.numel() / t / 1e9
+
+
+def hop_cost(hidden: int = 4096) -> dict:
+    """Hidden states between stages: through the host (what the object store does) vs on device."""
+    res = {}
+    for rows in (1, 64, 2048):
+        x = torch.randn(rows, hidden, device=DEV, dtype=torch.bfloat16)
+
+        def host(x=x):
+            y = pickle.loads(pickle.dumps(x.cpu()))
+            return y.to(DEV)
+
+        host_t = cuda_time(host, iters=10)
+        dev_t = cuda_time(x.clone, iters=10)
+        res[rows] = {"host_ms": host_t * 1e3, "device_ms": dev_t * 1e3}
+    return res
+
+
+def int8_check(cfg) -> dict:
+    """int8 vs bf16 on the tiny model (logit / loglik deltas) and on the Jamba-sized stage (memory, speed)."""
+    from jamba_ray.tiny import TinySpec, init_tiny
+
+    path = Path(tempfile.gettempdir()) / "jr-gpu-tiny"
+    if not (path / "config.json").exists():
+        init_tiny(path, TinySpec())
+    prompt = PROMPTS[2]
+    msg = StepMessage(0, (Segment(0, 0, 0, len(prompt), logits="all"),))
+    outs = {}
+    for q in (None, "int8"):
+        st = Stage(StageSpec(str(path), 0, 0, 6, 1, 2, 64, "bfloat16", DEV, quantization=q))
+        outs[q] = st.forward(msg, torch.tensor(prompt)).float()
+    lp = {q: torch.log_softmax(v, -1) for q, v in outs.items()}
+    ll = {q: sum(float(v[i - 1, prompt[i]]) for i in range(1, len(prompt))) for q, v in lp.items()}
+    return {"tiny_max_logit_delta": float((outs[None] - outs["int8"]).abs().max()),
+            "tiny_loglik_bf16": ll[None], "tiny_loglik_int8": ll["int8"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--cpu-smoke", action="store_true", help="run on the CPU with a small stage (tests the script)")
+    a = ap.parse_args()
+    global DEV
+    DEV = "cpu" if a.cpu_smoke else "cuda"
+    if DEV == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("gpu_check needs an NVIDIA GPU (torch.cuda.is_available() is False)")
+    t0 = time.time()
+    r = {"device": torch.cuda.get_device_name() if DEV == "cuda" else "CPU (smoke run)", "torch": torch.__version__,
+         "mamba_kernels": decode_kernels() is not None}
+    r["parity_fp32"] = parity("float32")
+    r["parity_bf16"] = parity("bfloat16")
+    r["copy_gbps"] = copy_bandwidth()
+    cfg = jamba_stage_config()
+    model = build_stage(cfg)
+    r["stage_gib_bf16"] = stage_bytes(model) / 2**30
+    r["decode_bf16"] = decode_timing(model, cfg)
+    quantize_slice(model)
+    _empty_cache()
+    r["stage_gib_int8"] = stage_bytes(model) / 2**30
+    r["decode_int8"] = decode_timing(model, cfg, batches=(1, 8))
+    del model
+    _empty_cache()
+    r["int8_quality"] = int8_check(cfg)
+    r["hop"] = hop_cost()
+    r["wall_s"] = time.time() - t0
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    (Path(a.out) / "gpu_check.json").write_text(json.dumps(r, indent=1))
+    table = render(r)
+    (Path(a.out) / "gpu_check.md").write_text(table + "\n")
+    print(table)
+
+
+def _empty_cache() -> None:
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+
+
+def render(r: dict) -> str:
+    lines = [f"GPU check on {r['device']} (torch {r['torch']}; mamba-ssm/causal-conv1d kernels: "
+             f"{'yes' if r['mamba_kernels'] else 'no, PyTorch path'}), {r['wall_s']:.0f} s", "",
+             "| check | result |", "|---|---|",
+             f"| parity vs HF on CUDA, fp32 (tiny, 2 stages, 12 greedy steps) | tokens exact {r['parity_fp32']['prompts_token_exact']}, max logit diff {r['parity_fp32']['max_logit_diff']:.2e} |",
+             f"| parity vs HF on CUDA, bf16 | tokens exact {r['parity_bf16']['prompts_token_exact']}, max logit diff {r['parity_bf16']['max_logit_diff']:.2e} |",
+             f"| device copy bandwidth (read+write) | {r['copy_gbps']:.0f} GB/s |",
+             f"| Jamba-v0.1 stage (layers 0-7: 1 attn, 3 Mamba/MLP, 4 Mamba/MoE) weights | bf16 {r['stage_gib_bf16']:.2f} GiB, int8 {r['stage_gib_int8']:.2f} GiB |"]
+    for kind in ("bf16", "int8"):
+        for b, x in r[f"decode_{kind}"].items():
+            lines.append(f"| decode step, {kind}, batch {b} | {x['step_ms']:.2f} ms, {x['tok_s']:.0f} tok/s, "
+                         f"{x['gbps']:.0f} GB/s achieved ({x['gbps'] / r['copy_gbps']:.0%} of copy bandwidth) |")
+    q = r["int8_quality"]
+    lines.append(f"| int8 vs bf16 (tiny, 31-token prompt) | max logit delta {q['tiny_max_logit_delta']:.3f}, "
+                 f"loglik {q['tiny_loglik_bf16']:.3f} vs {q['tiny_loglik_int8']:.3f} |")
+    for rows, x in r["hop"].items():
+        lines.append(f"| hop of [{rows}, 4096] bf16 hidden states | via host (object-store path) {x['host_ms']:.3f} ms, "
+                     f"on device {x['device_ms']:.3f} ms |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
