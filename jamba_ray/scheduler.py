@@ -66,16 +66,17 @@ class Scheduler:
         """The next micro-batch from sequences not already in flight, or None."""
         self.admit()
         ready = [s for s in self.running if not s.in_flight and not s.aborted]
-        decoding = sum(not s.in_prefill for s in self.running)
+        decoding = sum(_decoding(s) for s in self.running)
         cap = math.ceil(decoding / self.config.num_micro_batches)
         budget = self.config.max_batched_tokens
         chosen: list[tuple[Sequence, int]] = []
-        for s in ready:
-            if not s.in_prefill and cap > 0 and budget > 0:
+        # Decodes in slot order: consecutive slots let stages update state in place, without gathers.
+        for s in sorted((s for s in ready if _decoding(s)), key=lambda s: s.slot):
+            if cap > 0 and budget > 0:
                 chosen.append((s, 1))
                 cap, budget = cap - 1, budget - 1
         for s in ready:
-            if s.in_prefill and budget > 0:
+            if not _decoding(s) and budget > 0:
                 n = min(s.pending(), budget)
                 chosen.append((s, n))
                 budget -= n
@@ -133,6 +134,11 @@ class Scheduler:
                 freed += self.finish(s, "abort")
             gone.append(s)
         return gone, freed
+
+
+def _decoding(seq: Sequence) -> bool:
+    """One token to run (a prefill, or a replay after a stage failure, runs as chunks)."""
+    return seq.pending() == 1 and not seq.in_prefill
 
 
 def _logits_mode(seq: Sequence, n: int) -> str:

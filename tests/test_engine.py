@@ -212,7 +212,7 @@ def test_stages_overlap_on_consecutive_micro_batches(engine):
     assert overlaps > 0, "stage 0 never worked while stage 1 did"
 
 
-def test_capacity_is_clamped_to_the_state_budget_with_a_reason(tiny_ckpt, caplog):
+def test_capacity_is_clamped_to_the_state_budget_with_a_reason(tiny_ckpt):
     spec = ModelSpec.from_path(tiny_ckpt)
     cfg = config(tiny_ckpt, max_num_seqs=1000, state_memory_gib=0.01, max_model_len=4096)
     cap = derive_capacity(spec, cfg, plan(spec, 2))

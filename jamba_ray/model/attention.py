@@ -27,8 +27,8 @@ def _decode(attn, q, k, v, lay, k_pool, v_pool):
     k_pool[slots, :, pos] = k[rows]
     v_pool[slots, :, pos] = v[rows]
     length = int(pos.max()) + 1
-    keys = k_pool[slots, :, :length]  # [D, kvh, L, hd]
-    values = v_pool[slots, :, :length]
+    keys = lay.decode_state(k_pool)[:, :, :length]  # [D, kvh, L, hd]
+    values = lay.decode_state(v_pool)[:, :, :length]
     mask = torch.arange(length, device=pos.device)[None, :] <= pos[:, None]  # [D, L]
     o = F.scaled_dot_product_attention(
         q[rows][:, :, None], keys, values, attn_mask=mask[:, None, None, :],

@@ -25,6 +25,7 @@ class Layout:
     decode_slots: torch.Tensor  # [D]
     decode_pos: torch.Tensor  # [D] position of each decode token
     chunks: tuple[Chunk, ...]
+    decode_span: tuple[int, int] | None  # (first slot, count) when decode rows 0..D-1 hold consecutive slots
     logit_rows: torch.Tensor  # [R]
     score_rows: torch.Tensor  # [C] rows for the classification head
     num_tokens: int
@@ -48,4 +49,23 @@ class Layout:
         def t(x):
             return torch.tensor(x, dtype=torch.long, device=device)
 
-        return cls(t(rows), t(slots), t(pos), tuple(chunks), t(msg.logit_rows()), t(msg.score_rows()), offset)
+        span = None
+        if slots and rows == list(range(len(rows))) and slots == list(range(slots[0], slots[0] + len(slots))):
+            span = (slots[0], len(slots))
+        return cls(t(rows), t(slots), t(pos), tuple(chunks), span, t(msg.logit_rows()), t(msg.score_rows()),
+                   offset)
+
+    def decode_state(self, pool: torch.Tensor) -> torch.Tensor:
+        """The decode rows' slots of a per-layer state [S, ...]: a view when consecutive, else a copy."""
+        if self.decode_span is not None:
+            first, n = self.decode_span
+            return pool[first : first + n]
+        return pool[self.decode_slots]
+
+    def store_decode_state(self, pool: torch.Tensor, value: torch.Tensor) -> None:
+        if self.decode_span is not None:
+            first, n = self.decode_span
+            if pool[first : first + n].data_ptr() != value.data_ptr():
+                pool[first : first + n] = value
+            return
+        pool[self.decode_slots] = value

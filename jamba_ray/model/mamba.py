@@ -13,16 +13,16 @@ from .device import decode_kernels
 from .layout import Layout
 
 
-def conv_step(xs, conv, slots, weight, bias):
-    """One token per row: xs [D, DI]; conv state [S, DI, K] updated in place for `slots`."""
+def conv_step(xs, conv, lay: Layout, weight, bias):
+    """One token per row: xs [D, DI]; conv state [S, DI, K] updated in place for the decode slots."""
     kernels = decode_kernels() if xs.is_cuda else None
     if kernels is not None:  # causal-conv1d's CUDA kernel: same [B, DI, K] state layout
-        state = conv[slots]
+        state = lay.decode_state(conv)
         out = kernels[0](xs, state, weight[:, 0, :], bias, None)
-        conv[slots] = state
+        lay.store_decode_state(conv, state)
         return out
-    window = torch.cat([conv[slots][:, :, 1:], xs[:, :, None]], dim=-1)  # [D, DI, K]
-    conv[slots] = window
+    window = torch.cat([lay.decode_state(conv)[:, :, 1:], xs[:, :, None]], dim=-1)  # [D, DI, K]
+    lay.store_decode_state(conv, window)
     # A depthwise dot product: cheaper than a conv1d call for one position per row.
     out = (window * weight[:, 0, :]).sum(-1)  # [D, DI]
     return out + bias if bias is not None else out
@@ -36,18 +36,18 @@ def conv_chunk(xs, conv, slot, weight, bias):
     return F.conv1d(full[None], weight, bias, groups=xs.shape[1])[0, :, 1:].t()  # [n, DI]
 
 
-def ssm_step(u, dt, A, B, C, ssm, slots):
+def ssm_step(u, dt, A, B, C, ssm, lay: Layout):
     """Selective state update for one token per row; ssm [S, DI, N] updated in place."""
     kernels = decode_kernels() if u.is_cuda else None
     if kernels is not None:  # mamba-ssm's Triton kernel; D and the gate are applied by the caller
-        state = ssm[slots]
+        state = lay.decode_state(ssm)
         out = kernels[1](state, u, dt, A, B, C)
-        ssm[slots] = state
+        lay.store_decode_state(ssm, state)
         return out
     dA = torch.exp(dt[:, :, None] * A)  # [D, DI, N]
     dBu = dt[:, :, None] * B[:, None, :] * u[:, :, None]
-    state = ssm[slots] * dA + dBu
-    ssm[slots] = state
+    state = lay.decode_state(ssm) * dA + dBu
+    lay.store_decode_state(ssm, state)
     return torch.matmul(state, C[:, :, None])[:, :, 0]  # [D, DI]
 
 
@@ -71,7 +71,7 @@ def mamba_mix(mixer, x: torch.Tensor, lay: Layout, conv: torch.Tensor, ssm: torc
     weight, bias = mixer.conv1d.weight, mixer.conv1d.bias  # [DI, 1, K], [DI]
     u = torch.empty_like(xs)
     if lay.num_decode:
-        u[lay.decode_rows] = conv_step(xs[lay.decode_rows], conv, lay.decode_slots, weight, bias)
+        u[lay.decode_rows] = conv_step(xs[lay.decode_rows], conv, lay, weight, bias)
     for c in lay.chunks:
         u[c.row : c.row + c.n] = conv_chunk(xs[c.row : c.row + c.n], conv, c.slot, weight, bias)
     u = mixer.act(u)
@@ -87,7 +87,7 @@ def mamba_mix(mixer, x: torch.Tensor, lay: Layout, conv: torch.Tensor, ssm: torc
     y = torch.empty_like(uf)
     if lay.num_decode:
         d = lay.decode_rows
-        y[d] = ssm_step(uf[d], dt[d], A, B[d], C[d], ssm, lay.decode_slots)
+        y[d] = ssm_step(uf[d], dt[d], A, B[d], C[d], ssm, lay)
     for c in lay.chunks:
         s = slice(c.row, c.row + c.n)
         y[s] = ssm_scan(uf[s], dt[s], A, B[s], C[s], ssm, c.slot)
