@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import logging
 from collections.abc import AsyncIterator
@@ -97,10 +98,12 @@ class AsyncEngine:
 
     def _kick(self) -> None:
         loop = asyncio.get_running_loop()
+        # Fresh contexts: the step loop serves every request, and must not be cancelled (nor its
+        # Ray tasks) with the request that happened to start it.
         if self._task is None or self._task.done():
-            self._task = loop.create_task(self._run())
+            self._task = loop.create_task(self._run(), context=contextvars.Context())
         if self._reaper_task is None or self._reaper_task.done():
-            self._reaper_task = loop.create_task(self._reaper(self.reap_every_s))
+            self._reaper_task = loop.create_task(self._reaper(self.reap_every_s), context=contextvars.Context())
         self._wake.set()
 
     async def _run(self) -> None:
@@ -134,7 +137,7 @@ class AsyncEngine:
 
     async def reap(self) -> int:
         """Release slots no live sequence owns; run periodically by the reaper loop."""
-        stages = await asyncio.gather(*[s.stats.remote() for s in self.core.pipeline.stages])
+        stages = await asyncio.gather(*self.core.pipeline.stats_refs())
         return self.core.reap(list(stages))
 
     async def _reaper(self, every_s: float) -> None:
@@ -146,7 +149,7 @@ class AsyncEngine:
                 log.warning("reaper skipped a round: %s", type(e).__name__)
 
     async def stats(self) -> dict:
-        stages = await asyncio.gather(*[s.stats.remote() for s in self.core.pipeline.stages])
+        stages = await asyncio.gather(*self.core.pipeline.stats_refs())
         return {**self.core.stats_local(), "stages": list(stages)}
 
     def shutdown(self) -> None:

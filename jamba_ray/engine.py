@@ -24,7 +24,7 @@ from .fit import fit_check, require_fit
 from .metrics import EngineMetrics
 from .model.device import select_device
 from .outputs import CompletionOutput, RequestOutput, TextTracker
-from .pipeline import Pipeline, Placement
+from .pipeline import Pipeline, Placement, call
 from .planner import plan
 from .sampler import RowInput, sample, top_logprobs
 from .sampling import SamplingParams
@@ -333,7 +333,7 @@ class EngineCore:
             extra = sorted(set(st["slots"]) - owned)
             if extra:
                 log.warning("reaper: stage %d held orphaned slots %s; releasing", st["stage"], extra)
-                stage.release.remote(extra)
+                call(stage.release, extra)
                 orphans += len(extra)
         leaked = self.scheduler.slots.allocated() - owned
         if leaked:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 from dataclasses import dataclass
@@ -23,6 +24,17 @@ from .stage import Stage, StageSpec
 log = logging.getLogger(__name__)
 
 StageActor = ray.remote(Stage)
+
+
+def call(method, *args):
+    """Submit an actor task outside the caller's context.
+
+    Inside a Serve replica, a task submitted while handling a request becomes that request's child
+    and is cancelled with it when the client goes away. A cancelled stage task leaves a gap in the
+    stage's ordered task queue, which then stalls; stage work belongs to the pipeline, not to one
+    request, so it is always submitted from an empty context.
+    """
+    return contextvars.Context().run(method.remote, *args)
 
 
 def stage_env() -> dict[str, str]:
@@ -106,7 +118,7 @@ class Pipeline:
         """Queue one micro-batch through every stage; returns the last stage's logits ref."""
         x = torch.tensor(token_ids, dtype=torch.long)
         for stage in self.stages:
-            x = stage.forward.remote(msg, x)
+            x = call(stage.forward, msg, x)
         return x
 
     def dead_stages(self, timeout_s: float = 10.0) -> list[int]:
@@ -127,16 +139,16 @@ class Pipeline:
             except Exception:
                 pass
             self.stages[i] = self._start(self.specs[i])
-        self._wait([self.stages[i].ready.remote() for i in indices], "replacement stage start-up")
+        self._wait([call(self.stages[i].ready) for i in indices], "replacement stage start-up")
 
     def release(self, slots: list[int]) -> None:
         if slots:
             for stage in self.stages:
-                stage.release.remote(slots)
+                call(stage.release, slots)
 
     def fork(self, src: int, dsts: list[int], length: int) -> None:
         for stage in self.stages:
-            stage.fork.remote(src, dsts, length)
+            call(stage.fork, src, dsts, length)
 
     def probe(self, token_id: int):
         """A one-token forward through every stage on the reserved probe slot; returns its ref."""
@@ -147,10 +159,13 @@ class Pipeline:
         return ref
 
     def ping(self) -> list:
-        return [s.ready.remote() for s in self.stages]
+        return [call(s.ready) for s in self.stages]
+
+    def stats_refs(self) -> list:
+        return [call(s.stats) for s in self.stages]
 
     def stats(self) -> list[dict]:
-        return self._wait([s.stats.remote() for s in self.stages], "stage stats")
+        return self._wait(self.stats_refs(), "stage stats")
 
     def shutdown(self) -> None:
         for stage in self.stages:

@@ -112,3 +112,27 @@ def test_api_key_is_enforced_on_grpc_too(secured, served):
         ok = stub.Generate(req, metadata=(("application", "secured"), ("authorization", "Bearer s3cret")),
                            timeout=60)
         assert ok.completions
+
+
+def test_the_request_that_starts_the_engine_can_disconnect_without_stalling_it(served, tiny_ckpt):
+    """The step loop serves every request: the client whose request started it may leave at once.
+    (The soak once caught stage tasks being cancelled with such a request; this test shows the
+    behaviour, the soak is what reproduced the bug.)"""
+    pipeline = pipeline_for_tests(**{"stages": 2})
+    serve.run(deployment(pipeline, tiny_ckpt), name="fresh", route_prefix="/fresh", blocking=False)
+    base = f"{served.base}/fresh"
+    wait_for(lambda: requests.get(f"{base}/v1/models", timeout=60).ok, 180, what="fresh app")
+    body = {"model": MODEL, "prompt": "first", "max_tokens": 200, "stream": True, "ignore_eos": True}
+    try:
+        for _ in range(3):  # the first of these starts the engine loop, then each client leaves
+            with requests.post(f"{base}/v1/completions", json=body, stream=True, timeout=60) as r:
+                next(line for line in r.iter_lines() if line)
+        for _ in range(5):
+            r = requests.post(f"{base}/v1/completions", timeout=60,
+                              json={"model": MODEL, "prompt": "after", "max_tokens": 8})
+            assert r.status_code == 200, r.text
+        stats = wait_for(lambda: (s := requests.get(f"{base}/v1/stats", timeout=30).json())["slots_in_use"] == 0
+                         and s, 60, what="slots freed")
+        assert stats["stage_restarts"] == 0
+    finally:
+        serve.delete("fresh")
