@@ -75,7 +75,7 @@ def _pipeline(a):
     base = PipelineFile.load(a.config) if a.config else PipelineFile.default()
     return base.with_overrides(**{
         "stages": a.stages, "serve.host": a.host, "serve.port": a.port,
-        "serve.grpc_port": 0 if a.no_grpc else a.grpc_port,
+        "serve.grpc_port": a.grpc_port,
         "autoscaling.min_replicas": a.min_replicas, "autoscaling.max_replicas": a.max_replicas,
         "autoscaling.target_ongoing_requests": a.target_ongoing_requests,
         "serve.served_model_name": a.served_model_name,
@@ -92,7 +92,7 @@ def _serve(a) -> int:
     if a.api_key:
         os.environ["JAMBA_RAY_API_KEY"] = a.api_key
     pipeline = _pipeline(a)
-    if pipeline.serve.grpc_port == 0:
+    if a.no_grpc:
         pipeline = pipeline.model_copy(update={"serve": pipeline.serve.model_copy(update={"grpc_port": None})})
     ensure_ray(a.address)
     start(pipeline, a.model)
