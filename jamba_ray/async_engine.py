@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 
 import ray
 
+from . import recovery
 from .config import EngineConfig
 from .engine import EngineCore
 from .errors import StageFailedError
@@ -129,16 +130,16 @@ class AsyncEngine:
     async def _recover(self) -> None:
         """Replace dead stages (in a thread: it waits on actor start-up), then replay here."""
         try:
-            await asyncio.to_thread(self.core.replace_dead_stages)
-            self.core.replay()
+            await asyncio.to_thread(recovery.replace_dead_stages, self.core)
+            recovery.replay(self.core)
         except StageFailedError as e:
             log.error("failing all requests: %s", e)
-            self.core.fail_all(e)
+            recovery.fail_all(self.core, e)
 
     async def reap(self) -> int:
         """Release slots no live sequence owns; run periodically by the reaper loop."""
         stages = await asyncio.gather(*self.core.pipeline.stats_refs())
-        return self.core.reap(list(stages))
+        return recovery.reap(self.core, list(stages))
 
     async def _reaper(self, every_s: float) -> None:
         while True:

@@ -12,19 +12,19 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from .capacity import derive_capacity
 from .checkpoint import resolve
 from .config import EngineConfig, ModelSpec
-from .errors import CapacityError, InvalidRequestError, StageFailedError
+from .errors import CapacityError, InvalidRequestError
 from .fit import fit_check, require_fit
 from .metrics import EngineMetrics
 from .model.device import select_device
 from .outputs import CompletionOutput, RequestOutput, TextTracker
-from .pipeline import Pipeline, Placement, call
+from .pipeline import Pipeline, Placement
 from .planner import plan
 from .sampler import RowInput, sample, top_logprobs
 from .sampling import SamplingParams
@@ -123,8 +123,6 @@ class EngineCore:
                 f"prompt has {prompt_len} tokens; this model's maximum context length is {limit}"
             )
         if params.max_tokens is None:
-            from dataclasses import replace
-
             return replace(params, max_tokens=room)
         if params.max_tokens > room:
             raise InvalidRequestError(
@@ -288,71 +286,6 @@ class EngineCore:
             self.metrics.tpot.observe((now - state.first_token_at) / (n - 1))
 
     # ---- introspection --------------------------------------------------------------------
-    def recover(self) -> list[int]:
-        """A micro-batch failed: replace dead stages, then replay every running sequence."""
-        dead = self.replace_dead_stages()
-        self.replay()
-        return dead
-
-    def replace_dead_stages(self) -> list[int]:
-        """Blocking (actor start-up). Raises StageFailedError when no stage is dead (a compute
-        error, not a crash) or replacements keep failing; the caller then fails the requests."""
-        self.in_flight.clear()
-        for attempt in range(self.config.max_stage_restarts):
-            dead = self.pipeline.dead_stages()
-            if not dead:
-                if attempt:
-                    break
-                raise StageFailedError("a pipeline stage failed to compute")
-            log.warning("stages %s died; starting replacements (attempt %d)", dead, attempt + 1)
-            try:
-                self.pipeline.replace(dead)
-            except StageFailedError as e:
-                log.error("replacement failed: %s", e)
-                continue
-            self.counters["stage_restarts"] += len(dead)
-            return dead
-        raise StageFailedError("pipeline stages died and could not be replaced")
-
-    def replay(self) -> None:
-        """Every running sequence re-runs its tokens on fresh slot state; streams just continue."""
-        self.in_flight.clear()
-        replayed = self.scheduler.replay_all()
-        for seq in replayed:
-            state = self.requests.get(seq.request_id)
-            if state is not None and state.prompt_logprobs is not None:
-                state.prompt_logprobs = [None]  # recomputed by the replay
-        log.warning("replaying %d sequences", len(replayed))
-
-    def reap(self, stage_stats: list[dict]) -> int:
-        """Free slots a stage holds that no live sequence owns (and allocations nobody holds)."""
-        owned = {s.slot for seq in self.scheduler.running for s in (seq, *seq.forks) if s.slot is not None}
-        owned |= {s.slot for mb in self.in_flight for s in mb.seqs if s.slot is not None}
-        orphans = 0
-        for st, stage in zip(stage_stats, self.pipeline.stages):
-            extra = sorted(set(st["slots"]) - owned)
-            if extra:
-                log.warning("reaper: stage %d held orphaned slots %s; releasing", st["stage"], extra)
-                call(stage.release, extra)
-                orphans += len(extra)
-        leaked = self.scheduler.slots.allocated() - owned
-        if leaked:
-            log.warning("reaper: slots %s allocated to no sequence; freeing", sorted(leaked))
-            self.scheduler.slots.free(sorted(leaked))
-            self.pipeline.release(sorted(leaked))
-            orphans += len(leaked)
-        self.counters["reaped_slots"] += orphans
-        return orphans
-
-    def fail_all(self, error: Exception) -> None:
-        """Give up: every request ends (its sink gets `error`), every slot is released."""
-        self.in_flight.clear()
-        for seq in self.scheduler.running:
-            seq.in_flight = False
-        for rid, state in list(self.requests.items()):
-            state.sink(error)
-            self.abort(rid)
-
     def stats_local(self) -> dict:
         """Engine-side numbers only (no stage round trip)."""
         return {

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import ray
 
+from . import recovery
 from .config import EngineConfig
 from .engine import EngineCore
 from .errors import InvalidRequestError
@@ -76,7 +77,7 @@ class LLM:
             try:
                 logits = ray.get(mb.ref)
             except ray.exceptions.RayError:
-                eng.recover()  # replaces dead stages and replays, or raises StageFailedError
+                recovery.recover(eng)  # replaces dead stages and replays, or raises StageFailedError
                 continue
             eng.complete(mb, logits)
 
