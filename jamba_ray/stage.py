@@ -110,6 +110,7 @@ class Stage:
     def stats(self) -> dict:
         return {
             "stage": self.spec.index,
+            "pid": os.getpid(),
             "layers": [self.spec.start, self.spec.end],
             "slots_in_use": len(self.pool.in_use - {self.spec.slots - 1}),
             "slots_total": self.spec.slots - 1,  # the last slot is the pipeline's probe slot

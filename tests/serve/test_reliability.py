@@ -136,3 +136,31 @@ def test_the_request_that_starts_the_engine_can_disconnect_without_stalling_it(s
         assert stats["stage_restarts"] == 0
     finally:
         serve.delete("fresh")
+
+
+def test_when_a_stage_dies_and_cannot_be_replaced_clients_get_503_not_a_hang(served, tiny_ckpt):
+    import signal
+
+    import grpc
+
+    from jamba_ray.proto import jamba_pb2 as pb
+    from jamba_ray.proto import jamba_pb2_grpc as pb_grpc
+
+    pipeline = pipeline_for_tests(**{"stages": 2, "max_stage_restarts": 0})
+    serve.run(deployment(pipeline, tiny_ckpt), name="fragile", route_prefix="/fragile", blocking=False)
+    base = f"{served.base}/fragile"
+    wait_for(lambda: requests.get(f"{base}/health", timeout=60).ok, 180, what="fragile app")
+    try:
+        os.kill(requests.get(f"{base}/v1/stats", timeout=30).json()["stages"][1]["pid"], signal.SIGKILL)
+        r = requests.post(f"{base}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 4},
+                          timeout=120)
+        assert r.status_code == 503 and r.headers["Retry-After"] and "replaced" in r.json()["error"]["message"]
+        assert requests.get(f"{base}/health", timeout=120).status_code == 503
+        with grpc.insecure_channel(f"127.0.0.1:{served.grpc_port}") as ch:
+            with pytest.raises(grpc.RpcError) as e:
+                pb_grpc.JambaServiceStub(ch).Generate(
+                    pb.GenerateRequest(text="x", sampling=pb.SamplingOptions(max_tokens=2)),
+                    metadata=(("application", "fragile"),), timeout=120)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        serve.delete("fragile")
