@@ -28,6 +28,7 @@ from jamba_ray.model.slice import SliceModel  # noqa: E402
 from jamba_ray.model.state_pool import StatePool  # noqa: E402
 from jamba_ray.sequence import Segment, StepMessage  # noqa: E402
 from jamba_ray.stage import Stage, StageSpec  # noqa: E402
+from jamba_ray.wire import unpack  # noqa: E402
 
 PROMPTS = [[1, 5, 9, 200, 3, 77, 12], [1, 44, 8], [1] + list(range(300, 330))]
 DEV = "cuda"  # --cpu-smoke runs every step on the CPU with a small stage, to test this script
@@ -73,6 +74,7 @@ def parity(dtype: str) -> dict:
             h = x
             for s in stages:
                 h = s.forward(msg, h)
+            h = unpack(h)
             with torch.no_grad():
                 want = ref(torch.tensor([seq], device=DEV)).logits[0, -1].float()
             worst = max(worst, float((h[0].to(DEV) - want).abs().max()))
@@ -180,7 +182,7 @@ def int8_check(cfg) -> dict:
     outs = {}
     for q in (None, "int8"):
         st = Stage(StageSpec(str(path), 0, 0, 6, 1, 2, 64, "bfloat16", DEV, quantization=q))
-        outs[q] = st.forward(msg, torch.tensor(prompt)).float()
+        outs[q] = unpack(st.forward(msg, torch.tensor(prompt))).float()
     lp = {q: torch.log_softmax(v, -1) for q, v in outs.items()}
     ll = {q: sum(float(v[i - 1, prompt[i]]) for i in range(1, len(prompt))) for q, v in lp.items()}
     return {"tiny_max_logit_delta": float((outs[None] - outs["int8"]).abs().max()),

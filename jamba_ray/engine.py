@@ -31,6 +31,7 @@ from .sampling import SamplingParams
 from .scheduler import MicroBatch, Scheduler, SchedulerConfig
 from .sequence import Sequence
 from .tokenizer import encode_prompt, load_tokenizer
+from .wire import unpack
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +167,7 @@ class EngineCore:
 
     def complete(self, mb: MicroBatch, result) -> None:
         """Postprocess a landed micro-batch: prompt logprobs, forks, sampling, stops, outputs."""
+        result = unpack(result)
         logits, scores = (result["logits"], result["scores"]) if isinstance(result, dict) else (result, None)
         to_sample: list[tuple[int, Sequence]] = []
         row = score_row = 0

@@ -7,8 +7,8 @@ import logging
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import ray
-import torch
 from ray.util.placement_group import (
     get_current_placement_group,
     placement_group,
@@ -116,7 +116,7 @@ class Pipeline:
 
     def submit(self, msg: StepMessage, token_ids: list[int]):
         """Queue one micro-batch through every stage; returns the last stage's logits ref."""
-        x = torch.tensor(token_ids, dtype=torch.long)
+        x = np.asarray(token_ids, dtype=np.int64)
         for stage in self.stages:
             x = call(stage.forward, msg, x)
         return x

@@ -16,6 +16,7 @@ from .model.quant import quantize_slice
 from .model.slice import SliceModel
 from .model.state_pool import StatePool
 from .sequence import StepMessage
+from .wire import pack, unpack
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +78,7 @@ class Stage:
     def ready(self) -> dict:
         return {"index": self.spec.index, "pid": os.getpid(), "node_id": _node_id()}
 
-    def forward(self, msg: StepMessage, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, msg: StepMessage, x):
         """Run this stage's layers on one micro-batch; state is read and written by slot."""
         t0, wall0 = time.perf_counter(), time.time()
         # Alone in the pipeline, a stage may use all its threads; with k micro-batches in flight
@@ -92,14 +93,14 @@ class Stage:
                 self.counters["prefill_segments"] += s.start == 0
                 self.counters["prefill_tokens"] += s.length
         with torch.inference_mode():
-            out = self.model(msg, x.to(self.spec.device), self.pool)
+            out = self.model(msg, unpack(x).to(self.spec.device), self.pool)
         self.counters["steps"] += 1
         self.counters["tokens"] += msg.num_tokens
         self.counters["busy_s"] += time.perf_counter() - t0
         self.trace.append((msg.step_id, wall0, time.time()))
-        if self.spec.device == "cpu":
-            return out
-        return {k: v.cpu() for k, v in out.items()} if isinstance(out, dict) else out.cpu()
+        if self.spec.device != "cpu":
+            out = {k: v.cpu() for k, v in out.items()} if isinstance(out, dict) else out.cpu()
+        return pack(out)
 
     def release(self, slots: list[int]) -> None:
         self.pool.release(slots)

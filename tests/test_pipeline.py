@@ -8,6 +8,7 @@ from jamba_ray.config import ModelSpec
 from jamba_ray.pipeline import Pipeline, Placement
 from jamba_ray.planner import plan
 from jamba_ray.sequence import Segment, StepMessage
+from jamba_ray.wire import unpack
 from tests.conftest import PROMPTS, STAGE_CPUS, hf_greedy
 
 STEPS = 12
@@ -17,7 +18,7 @@ def greedy(pipe: Pipeline, prompts, steps):
     """Prefill all prompts in one micro-batch, then decode them together; returns tokens, logits."""
     seqs = [list(p) for p in prompts]
     segs = tuple(Segment(i, i, 0, len(p)) for i, p in enumerate(prompts))
-    logits = ray.get(pipe.submit(StepMessage(0, segs), [t for p in prompts for t in p]))
+    logits = unpack(ray.get(pipe.submit(StepMessage(0, segs), [t for p in prompts for t in p])))
     tokens, all_logits = [[] for _ in prompts], [[] for _ in prompts]
     for step in range(steps):
         for i, row in enumerate(logits):
@@ -26,7 +27,7 @@ def greedy(pipe: Pipeline, prompts, steps):
             seqs[i].append(tokens[i][-1])
         segs = tuple(Segment(i, i, len(s) - 1, 1) for i, s in enumerate(seqs))
         if step < steps - 1:
-            logits = ray.get(pipe.submit(StepMessage(step + 1, segs), [s[-1] for s in seqs]))
+            logits = unpack(ray.get(pipe.submit(StepMessage(step + 1, segs), [s[-1] for s in seqs])))
     return tokens, [torch.stack(rows) for rows in all_logits]
 
 

@@ -7,6 +7,7 @@ from jamba_ray.config import ModelSpec
 from jamba_ray.planner import plan
 from jamba_ray.sequence import Segment, StepMessage
 from jamba_ray.stage import Stage, StageSpec
+from jamba_ray.wire import unpack
 from tests.conftest import PROMPTS, hf_model
 from tests.test_checkpoint import write_merged_copy
 
@@ -20,7 +21,7 @@ def run(stages, msg, tokens):
     x = torch.tensor(tokens)
     for s in stages:
         x = s.forward(msg, x)
-    return x
+    return unpack(x)
 
 
 def test_resident_parameters_are_exactly_the_slice(tiny_ckpt):

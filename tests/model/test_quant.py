@@ -5,6 +5,7 @@ import torch
 from jamba_ray.model.quant import Int8Linear, quantize_rows
 from jamba_ray.sequence import Segment, StepMessage
 from jamba_ray.stage import Stage, StageSpec
+from jamba_ray.wire import unpack
 from tests.conftest import PROMPTS
 
 
@@ -13,7 +14,7 @@ def stage(path, quantization=None, dtype="float32"):
 
 
 def logits(st, prompt):
-    return st.forward(StepMessage(1, (Segment(1, 0, 0, len(prompt), logits="all"),)), torch.tensor(prompt))
+    return unpack(st.forward(StepMessage(1, (Segment(1, 0, 0, len(prompt), logits="all"),)), torch.tensor(prompt)))
 
 
 def test_row_quantization_round_trips_within_half_a_step():
