@@ -149,6 +149,11 @@ class AsyncEngine:
             except Exception as e:  # a dead stage: recovery happens on the step path
                 log.warning("reaper skipped a round: %s", type(e).__name__)
 
+    async def probe(self, timeout_s: float = 60.0) -> None:
+        """A one-token forward through every stage on the reserved probe slot; raises if any fails."""
+        core = self.core
+        await asyncio.wait_for(core.pipeline.probe(core.spec.bos_token_id or 0), timeout_s)
+
     async def stats(self) -> dict:
         stages = await asyncio.gather(*self.core.pipeline.stats_refs())
         return {**self.core.stats_local(), "stages": list(stages)}

@@ -246,7 +246,6 @@ class EngineCore:
     def _finish_seq(self, state: RequestState, seq: Sequence, reason: str, release: bool = True) -> None:
         forks = list(seq.forks)
         freed = self.scheduler.finish(seq, reason) if seq.slot is not None or forks else []
-        seq.finish_reason = seq.finish_reason or reason
         if release:
             self.pipeline.release(freed)
         for s in [seq, *forks]:

@@ -19,10 +19,17 @@ class CompletionOutput:
     def merge(self, delta: CompletionOutput) -> None:
         self.text += delta.text
         self.token_ids += delta.token_ids
-        self.finish_reason = delta.finish_reason
+        self.finish_reason = delta.finish_reason or self.finish_reason
         self.cumulative_logprob = delta.cumulative_logprob
         if delta.logprobs is not None:
             self.logprobs = (self.logprobs or []) + delta.logprobs
+
+
+def accumulate(acc: dict, key: int, delta: CompletionOutput) -> CompletionOutput:
+    """Fold a streamed delta into `acc[key]` (a fresh CompletionOutput on first sight)."""
+    cur = acc.setdefault(key, CompletionOutput(key))
+    cur.merge(delta)
+    return cur
 
 
 @dataclass(slots=True)

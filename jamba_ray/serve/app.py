@@ -127,9 +127,9 @@ class JambaServer(GrpcMethods):
         """A real one-token forward through every stage, on the pipeline's reserved probe slot."""
         try:
             t0 = time.perf_counter()
-            core = self.engine.core
-            await asyncio.wait_for(core.pipeline.probe(core.spec.bos_token_id or 0), 60)
-            return {"status": "ok", "stages": core.pipeline.num_stages, "probe_s": time.perf_counter() - t0}
+            await self.engine.probe()
+            return {"status": "ok", "stages": self.engine.core.pipeline.num_stages,
+                    "probe_s": time.perf_counter() - t0}
         except Exception as e:
             return error_response(StageFailedError(f"health probe failed: {type(e).__name__}"))
 

@@ -9,6 +9,7 @@ import uuid
 import grpc
 
 from ..errors import InvalidRequestError, StageFailedError
+from ..outputs import CompletionOutput, accumulate
 from ..proto import jamba_pb2 as pb
 from ..sampling import SamplingParams
 from .errors import HTTPError, classify
@@ -61,18 +62,15 @@ class GrpcMethods:
             self._grpc_auth(grpc_context)
             rid = request.request_id or f"grpc-{uuid.uuid4().hex}"
             stream = await self.engine.generate(prompt_from_proto(request), sampling_from_proto(request.sampling), rid)
-            acc: dict[int, list] = {}
+            acc: dict[int, CompletionOutput] = {}
             last = None
             async with _closing(stream):
                 async for out in stream:
                     last = out
                     for o in out.outputs:
-                        a = acc.setdefault(o.index, ["", [], None, []])
-                        a[0] += o.text
-                        a[1] += o.token_ids
-                        a[2] = o.finish_reason or a[2]
-                        a[3] += o.logprobs or []
-            comps = [completion_proto(i, *acc[i]) for i in sorted(acc)]
+                        accumulate(acc, o.index, o)
+            comps = [completion_proto(i, c.text, c.token_ids, c.finish_reason, c.logprobs)
+                     for i, c in sorted(acc.items())]
             return pb.GenerateResponse(request_id=rid, completions=comps, prompt_token_ids=last.prompt_token_ids,
                                        usage=_usage(last.prompt_token_ids, comps))
         except Exception as e:
@@ -126,9 +124,8 @@ class GrpcMethods:
 
     async def Health(self, request: pb.HealthRequest, grpc_context=None) -> pb.HealthResponse:
         try:
-            core = self.engine.core
-            await asyncio.wait_for(core.pipeline.probe(core.spec.bos_token_id or 0), 60)
-            return pb.HealthResponse(status="ok", stages=core.pipeline.num_stages)
+            await self.engine.probe()
+            return pb.HealthResponse(status="ok", stages=self.engine.core.pipeline.num_stages)
         except Exception as e:
             self._grpc_fail(grpc_context, StageFailedError(f"health probe failed: {type(e).__name__}"))
             return pb.HealthResponse(status="unavailable")

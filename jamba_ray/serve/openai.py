@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from ..errors import InvalidRequestError
+from ..outputs import CompletionOutput, accumulate
 from ..sampling import SamplingParams
 from .protocol import ChatCompletionRequest, CompletionRequest, Usage
 
@@ -53,13 +54,6 @@ def check_limits(limits: Limits, prompt_len: int, max_tokens: int | None) -> Non
         raise InvalidRequestError(
             f"max_tokens={max_tokens} exceeds this server's limit of {limits.max_tokens_limit}"
         )
-
-
-class Choice:
-    """Accumulates one choice's deltas."""
-
-    def __init__(self, index: int):
-        self.index, self.text, self.token_ids, self.logprobs, self.finish_reason = index, "", [], [], None
 
 
 async def _merge(streams: list) -> AsyncIterator[tuple[int, object]]:
@@ -135,16 +129,12 @@ class OpenAIServing:
     async def completion(self, req: CompletionRequest) -> dict:
         params = self.completion_params(req)
         rid, streams = await self._start(completion_prompts(req), params, "cmpl")
-        choices: dict[int, Choice] = {}
+        choices: dict[int, CompletionOutput] = {}
         prompts_out: dict[int, object] = {}
         async for i, out in _merge(streams):
             prompts_out[i] = out
             for o in out.outputs:
-                c = choices.setdefault(i * req.n + o.index, Choice(i * req.n + o.index))
-                c.text += o.text
-                c.token_ids += o.token_ids
-                c.logprobs += o.logprobs or []
-                c.finish_reason = o.finish_reason or c.finish_reason
+                accumulate(choices, i * req.n + o.index, o)
         usage = self._usage(prompts_out, choices)
         body = []
         for idx in sorted(choices):
@@ -153,13 +143,13 @@ class OpenAIServing:
             if req.echo:
                 text = self.tok.decode(out.prompt_token_ids, skip_special_tokens=True) + text
             if req.logprobs is not None:
-                lp = self._completion_logprobs(c, out if req.echo else None)
+                lp = self._completion_logprobs(c.token_ids, c.logprobs, out if req.echo else None)
             body.append({"index": idx, "text": text, "logprobs": lp, "finish_reason": c.finish_reason})
         return {"id": rid, "object": "text_completion", "created": int(time.time()),
                 "model": self.model_name, "choices": body, "usage": usage.model_dump()}
 
-    def _completion_logprobs(self, c: Choice, echo_out) -> dict:
-        ids, lps = list(c.token_ids), list(c.logprobs)
+    def _completion_logprobs(self, token_ids: list[int], logprobs, echo_out) -> dict:
+        ids, lps = list(token_ids), list(logprobs or [])
         if echo_out is not None and echo_out.prompt_logprobs:
             ids = echo_out.prompt_token_ids + ids
             lps = list(echo_out.prompt_logprobs) + lps
@@ -188,9 +178,7 @@ class OpenAIServing:
                 completion_tokens += len(o.token_ids)
                 lp = None
                 if req.logprobs is not None and o.logprobs:
-                    c = Choice(0)
-                    c.token_ids, c.logprobs = o.token_ids, o.logprobs
-                    lp = self._completion_logprobs(c, None)
+                    lp = self._completion_logprobs(o.token_ids, o.logprobs, None)
                 if o.text or o.finish_reason or lp:
                     yield _sse({"id": rid, "object": "text_completion", "created": created,
                                 "model": self.model_name, "choices": [{
@@ -226,30 +214,27 @@ class OpenAIServing:
 
     async def chat(self, req: ChatCompletionRequest) -> dict:
         rid, streams = await self._start([self.chat_prompt(req)], self.chat_params(req), "chatcmpl")
-        choices: dict[int, Choice] = {}
+        choices: dict[int, CompletionOutput] = {}
         last = None
         async for _, out in _merge(streams):
             last = out
             for o in out.outputs:
-                c = choices.setdefault(o.index, Choice(o.index))
-                c.text += o.text
-                c.token_ids += o.token_ids
-                c.logprobs += o.logprobs or []
-                c.finish_reason = o.finish_reason or c.finish_reason
+                accumulate(choices, o.index, o)
         body = [{"index": i, "message": {"role": "assistant", "content": choices[i].text},
-                 "logprobs": self._chat_logprobs(choices[i], req.top_logprobs or 0) if req.logprobs else None,
+                 "logprobs": self._chat_logprobs(choices[i].token_ids, choices[i].logprobs, req.top_logprobs or 0)
+                 if req.logprobs else None,
                  "finish_reason": choices[i].finish_reason} for i in sorted(choices)]
         usage = self._usage({0: last}, choices)
         return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": self.model_name,
                 "choices": body, "usage": usage.model_dump()}
 
-    def _chat_logprobs(self, c: Choice, k: int) -> dict:
+    def _chat_logprobs(self, token_ids: list[int], logprobs, k: int) -> dict:
         def item(tid: int, lp: float) -> dict:
             text = self._token_text(tid)
             return {"token": text, "logprob": lp, "bytes": list(text.encode())}
 
         content = []
-        for tid, entry in zip(c.token_ids, c.logprobs):
+        for tid, entry in zip(token_ids, logprobs or []):
             top = sorted(entry.items(), key=lambda kv: -kv[1])[:k]
             content.append({**item(tid, entry[tid]), "top_logprobs": [item(t, v) for t, v in top]})
         return {"content": content}
@@ -272,9 +257,7 @@ class OpenAIServing:
                     delta = {"content": o.text} if o.text else {}
                     lp = None
                     if req.logprobs and o.logprobs:
-                        c = Choice(0)
-                        c.token_ids, c.logprobs = o.token_ids, o.logprobs
-                        lp = self._chat_logprobs(c, req.top_logprobs or 0)
+                        lp = self._chat_logprobs(o.token_ids, o.logprobs, req.top_logprobs or 0)
                     yield _sse({**head, "created": created, "choices": [
                         {"index": o.index, "delta": delta, "logprobs": lp, "finish_reason": o.finish_reason}]})
         if req.stream_options and req.stream_options.get("include_usage"):
