@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from .config import TRANSPORTS
 from .errors import ConfigError, JambaRayError
 
 
@@ -57,7 +58,8 @@ def _generate(a) -> int:
     from .llm import LLM
     from .sampling import SamplingParams
 
-    llm = LLM(a.model, num_stages=a.stages, num_cpus_per_stage=a.cpus_per_stage, dtype=a.dtype)
+    llm = LLM(a.model, num_stages=a.stages, num_cpus_per_stage=a.cpus_per_stage, dtype=a.dtype,
+              transport=a.transport)
     try:
         params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, seed=a.seed)
         for out in llm.generate(a.prompt, params):
@@ -74,7 +76,7 @@ def _pipeline(a):
 
     base = PipelineFile.load(a.config) if a.config else PipelineFile.default()
     return base.with_overrides(**{
-        "stages": a.stages, "serve.host": a.host, "serve.port": a.port,
+        "stages": a.stages, "transport": a.transport, "serve.host": a.host, "serve.port": a.port,
         "serve.grpc_port": a.grpc_port,
         "autoscaling.min_replicas": a.min_replicas, "autoscaling.max_replicas": a.max_replicas,
         "autoscaling.target_ongoing_requests": a.target_ongoing_requests,
@@ -170,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--dtype", default="float32")
     g.add_argument("--cpus-per-stage", type=float, default=0.5)
+    g.add_argument("--transport", default="auto", choices=TRANSPORTS, help="hidden states between stages")
     g.set_defaults(fn=_generate)
 
     s = sub.add_parser("serve", help="serve over HTTP (OpenAI API) and gRPC with Ray Serve")
@@ -177,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "else the auto-created tiny model)")
     s.add_argument("--config", default=None, help="pipelines/*.yaml (default: the built-in tiny-cpu)")
     s.add_argument("--stages", type=int, default=None)
+    s.add_argument("--transport", default=None, choices=TRANSPORTS, help="hidden states between stages "
+                   "(default: the pipeline's, auto = p2p between GPU stages)")
     s.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=None)
     s.add_argument("--grpc-port", type=int, default=None, help="gRPC proxy port (default 9000)")

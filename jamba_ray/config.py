@@ -10,6 +10,7 @@ from typing import Any
 
 from .errors import ConfigError
 
+TRANSPORTS = ("auto", "object_store", "p2p")  # how hidden states cross stages: see transport.py
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "int8": 1}
 
 
@@ -152,6 +153,7 @@ class EngineConfig:
     max_stage_restarts: int = 3  # replacements per failure episode before requests fail (503)
     device_memory_gib: float | None = None  # per stage; set: refuse layouts that do not fit
     activation_memory_gib: float = 0.0
+    transport: str = "auto"  # hidden states between stages: auto | object_store | p2p (see transport.py)
 
     def __post_init__(self) -> None:
         canonical_dtype(self.dtype)
@@ -163,5 +165,7 @@ class EngineConfig:
             raise ConfigError(f"max_batched_tokens must be at least 1, got {self.max_batched_tokens}")
         if self.state_memory_gib <= 0:
             raise ConfigError(f"state_memory_gib must be positive, got {self.state_memory_gib}")
+        if self.transport not in TRANSPORTS:
+            raise ConfigError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
         if self.quantization not in (None, "int8"):
             raise ConfigError(f"quantization must be null or 'int8', got {self.quantization!r}")

@@ -20,6 +20,7 @@ from .errors import StageFailedError
 from .planner import StagePlan
 from .sequence import StepMessage
 from .stage import Stage, StageSpec
+from .transport import choose
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ class Pipeline:
         placement: Placement = Placement(),
         threads: int = 1,
         quantization: str | None = None,
+        transport: str = "auto",
     ):
         self.num_stages = len(plans)
         self.placement = placement
@@ -93,6 +95,15 @@ class Pipeline:
         ]
         self.stages = [self._start(spec) for spec in self.specs]
         self.info = self._wait([s.ready.remote() for s in self.stages], "stage start-up")
+        self.transport = choose(transport, self.num_stages, device)
+        self._connect()
+
+    def _connect(self) -> None:
+        """p2p: every stage joins one fresh group (after a replacement too: the old one is gone)."""
+        if self.transport != "p2p":
+            return
+        address = self._wait(call(self.stages[0].rendezvous), "the stages' rendezvous address")
+        self._wait([call(s.connect, address) for s in self.stages], "the stages' p2p group")
 
     def _start(self, spec: StageSpec):
         strategy = PlacementGroupSchedulingStrategy(
@@ -140,6 +151,7 @@ class Pipeline:
                 pass
             self.stages[i] = self._start(self.specs[i])
         self._wait([call(self.stages[i].ready) for i in indices], "replacement stage start-up")
+        self._connect()
 
     def release(self, slots: list[int]) -> None:
         if slots:

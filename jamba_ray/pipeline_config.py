@@ -71,6 +71,9 @@ class PipelineFile(_Strict):
     activation_memory_gib: float = Field(0.5, ge=0, description="per stage, activations headroom")
     quantization: Literal["int8"] | None = Field(None, description="weight-only; Mamba stays unquantized")
     threads_per_stage: int = Field(1, ge=1)
+    transport: Literal["auto", "object_store", "p2p"] = Field(
+        "auto", description="hidden states between stages: p2p = NCCL (GPU) / gloo (CPU) "
+        "point-to-point; auto = p2p on GPUs, object store on CPUs")
     max_stage_restarts: int = Field(3, ge=0, description="stage replacements per failure before 503s")
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
     serve: ServeOptions = Field(default_factory=ServeOptions)
@@ -149,7 +152,7 @@ class PipelineFile(_Strict):
             stage_resources=tuple(sorted(custom.items())), threads_per_stage=self.threads_per_stage,
             max_waiting=self.serve.max_waiting, quantization=self.quantization,
             device_memory_gib=r.device_memory_gib, activation_memory_gib=self.activation_memory_gib,
-            max_stage_restarts=self.max_stage_restarts,
+            max_stage_restarts=self.max_stage_restarts, transport=self.transport,
         )
 
 

@@ -16,6 +16,7 @@ from .model.quant import quantize_slice
 from .model.slice import SliceModel
 from .model.state_pool import StatePool
 from .sequence import StepMessage
+from .transport import Handoff, PeerLink, free_address
 from .wire import pack, unpack
 
 
@@ -72,15 +73,32 @@ class Stage:
             quantize_slice(model)
         self.model = model.eval()
         self.pool = StatePool(model.pool_shape(self.config, spec.slots, spec.max_len), dtype, spec.device)
+        self.link: PeerLink | None = None  # set by connect() when hidden states go point-to-point
         self.trace: deque[tuple[int, float, float]] = deque(maxlen=4096)  # (step, start, end) wall
         self.counters = {"steps": 0, "tokens": 0, "prefill_segments": 0, "prefill_tokens": 0, "busy_s": 0.0}
 
     def ready(self) -> dict:
         return {"index": self.spec.index, "pid": os.getpid(), "node_id": _node_id()}
 
+    def rendezvous(self) -> str:
+        """Stage 0 hosts the group's rendezvous: an address on its own node."""
+        from ray.util import get_node_ip_address
+
+        return free_address(get_node_ip_address())
+
+    def connect(self, address: str) -> None:
+        """Join (again) the pipeline's group; hidden states then go point-to-point."""
+        if self.link is not None:
+            self.link.close()
+        self.link = PeerLink(self.spec.index, self.spec.num_stages, address, self.spec.device)
+
     def forward(self, msg: StepMessage, x):
-        """Run this stage's layers on one micro-batch; state is read and written by slot."""
+        """Run this stage's layers on one micro-batch; state is read and written by slot.
+
+        `x` is token ids (first stage), or hidden states, or a `Handoff` when they come point-to-point;
+        the receive comes first and the send last, so a step that fails leaves the link in step."""
         t0, wall0 = time.perf_counter(), time.time()
+        x = self.link.recv(x) if isinstance(x, Handoff) else unpack(x).to(self.spec.device)
         # Alone in the pipeline, a stage may use all its threads; with k micro-batches in flight
         # the k busy stages share the cores.
         torch.set_num_threads(max(1, self.spec.threads // max(1, msg.in_flight)))
@@ -93,11 +111,13 @@ class Stage:
                 self.counters["prefill_segments"] += s.start == 0
                 self.counters["prefill_tokens"] += s.length
         with torch.inference_mode():
-            out = self.model(msg, unpack(x).to(self.spec.device), self.pool)
+            out = self.model(msg, x, self.pool)
         self.counters["steps"] += 1
         self.counters["tokens"] += msg.num_tokens
         self.counters["busy_s"] += time.perf_counter() - t0
         self.trace.append((msg.step_id, wall0, time.time()))
+        if self.link is not None and not self.spec.last:
+            return self.link.send(out)
         if self.spec.device != "cpu":
             out = {k: v.cpu() for k, v in out.items()} if isinstance(out, dict) else out.cpu()
         return pack(out)
@@ -119,6 +139,9 @@ class Stage:
             "param_bytes": sum(t.numel() * t.element_size()
                                for t in (*self.model.parameters(), *self.model.buffers())),
             "pool_bytes": self.pool.nbytes(),
+            "transport": f"p2p/{self.link.backend}" if self.link else "object_store",
+            "p2p_sent": self.link.sent if self.link else 0,
+            "p2p_received": self.link.received if self.link else 0,
             **self.counters,
         }
 

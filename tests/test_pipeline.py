@@ -32,20 +32,24 @@ def greedy(pipe: Pipeline, prompts, steps):
 
 
 CASES = [
-    ("a", dict(stages=1)),
-    ("a", dict(stages=2)),
-    ("a", dict(stages=3)),
-    ("a", dict(slices=[(0, 1), (1, 5), (5, 6)])),  # uneven explicit split
-    ("b", dict(stages=2)),
-    ("b", dict(slices=[(0, 4), (4, 5)])),
+    ("a", dict(stages=1), "object_store"),
+    ("a", dict(stages=2), "object_store"),
+    ("a", dict(stages=3), "object_store"),
+    ("a", dict(slices=[(0, 1), (1, 5), (5, 6)]), "object_store"),  # uneven explicit split
+    ("b", dict(stages=2), "object_store"),
+    ("b", dict(slices=[(0, 4), (4, 5)]), "object_store"),
+    ("a", dict(stages=3), "p2p"),  # hidden states over torch.distributed (gloo here, NCCL on GPUs)
+    ("b", dict(slices=[(0, 4), (4, 5)]), "p2p"),
 ]
 
 
-@pytest.mark.parametrize("layout, layout_kwargs", CASES, ids=[f"{l}-{k}" for l, k in CASES])
-def test_greedy_tokens_and_logits_match_transformers(layout, layout_kwargs, tiny_ckpt, tiny_ckpt_b, ray_session):
+@pytest.mark.parametrize("layout, layout_kwargs, transport", CASES, ids=[f"{l}-{k}-{t}" for l, k, t in CASES])
+def test_greedy_tokens_and_logits_match_transformers(layout, layout_kwargs, transport, tiny_ckpt, tiny_ckpt_b,
+                                                     ray_session):
     path = tiny_ckpt if layout == "a" else tiny_ckpt_b
     plans = plan(ModelSpec.from_path(path), **layout_kwargs)
-    pipe = Pipeline(path, plans, slots=len(PROMPTS), max_len=64, placement=Placement(num_cpus=STAGE_CPUS))
+    pipe = Pipeline(path, plans, slots=len(PROMPTS), max_len=64, placement=Placement(num_cpus=STAGE_CPUS),
+                    transport=transport)
     try:
         tokens, logits = greedy(pipe, PROMPTS, STEPS)
         for i, prompt in enumerate(PROMPTS):
@@ -54,6 +58,10 @@ def test_greedy_tokens_and_logits_match_transformers(layout, layout_kwargs, tiny
             torch.testing.assert_close(logits[i], ref_logits, atol=1e-5, rtol=0)
         stats = pipe.stats()
         assert [s["layers"] for s in stats] == [[p.start, p.end] for p in plans]
+        if transport == "p2p":  # every hop went point-to-point, none through the object store
+            assert {s["transport"] for s in stats} == {"p2p/gloo"}
+            assert [s["p2p_sent"] for s in stats[:-1]] == [STEPS] * (len(plans) - 1)
+            assert [s["p2p_received"] for s in stats[1:]] == [STEPS] * (len(plans) - 1)
         pipe.release(list(range(len(PROMPTS))))
         assert all(s["slots_in_use"] == 0 for s in pipe.stats())
     finally:

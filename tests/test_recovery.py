@@ -35,9 +35,11 @@ def run(coro):
     return asyncio.new_event_loop().run_until_complete(coro)
 
 
-def test_killing_the_middle_stage_mid_stream_loses_and_repeats_nothing(tiny_ckpt, ray_session):
+@pytest.mark.parametrize("transport", ["object_store", "p2p"])
+def test_killing_the_middle_stage_mid_stream_loses_and_repeats_nothing(transport, tiny_ckpt, ray_session):
+    """With p2p, the survivors and the replacement form a new group before the replay."""
     async def go():
-        eng = engine(tiny_ckpt)
+        eng = engine(tiny_ckpt, transport=transport)
         try:
             clean = await stream_tokens(eng, PROMPTS[2], GREEDY64)
             others = [asyncio.create_task(stream_tokens(eng, p, GREEDY64)) for p in PROMPTS[:2]]
@@ -53,6 +55,7 @@ def test_killing_the_middle_stage_mid_stream_loses_and_repeats_nothing(tiny_ckpt
     assert all(len(t) == 64 for t in others)
     assert stats["stage_restarts"] == 1
     assert stats["slots_in_use"] == 0 and all(s["slots_in_use"] == 0 for s in stats["stages"])
+    assert {s["transport"] for s in stats["stages"]} == {"object_store" if transport == "object_store" else "p2p/gloo"}
 
 
 def test_when_a_stage_cannot_be_replaced_requests_fail_clearly(tiny_ckpt, ray_session):
