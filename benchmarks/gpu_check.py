@@ -1,5 +1,7 @@
-"""One-shot GPU check (NVIDIA): CUDA parity with HF, a Jamba-v0.1-sized stage's decode step,
-achieved memory bandwidth, int8 on GPU, and the stage-to-stage hop cost. Prints one table.
+"""One-shot GPU check (NVIDIA): CUDA parity with HF, a Jamba-v0.1-sized stage's decode step
+(eager and as CUDA graphs), achieved memory bandwidth, int8 on GPU, and the stage-to-stage hop cost
+through the host vs on device (NCCL between GPUs: `benchmarks/hop.py --device cuda`, 2 GPUs).
+Prints one table.
 
     python benchmarks/gpu_check.py [--out DIR]
 
@@ -22,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from jamba_ray.model.decode_graphs import DecodeGraphs  # noqa: E402
 from jamba_ray.model.device import decode_kernels  # noqa: E402
 from jamba_ray.model.quant import quantize_slice  # noqa: E402
 from jamba_ray.model.slice import SliceModel  # noqa: E402
@@ -52,7 +55,7 @@ def cuda_time(fn, iters: int = 20, warmup: int = 3) -> float:
     return start.elapsed_time(end) / iters / 1e3
 
 
-def parity(dtype: str) -> dict:
+def parity(dtype: str, graphs: bool = False) -> dict:
     """Greedy tokens and logits of 2 CUDA stages vs HF JambaForCausalLM on CUDA (tiny preset)."""
     from transformers import JambaForCausalLM
 
@@ -63,7 +66,8 @@ def parity(dtype: str) -> dict:
         init_tiny(path, TinySpec())
     tdtype = getattr(torch, dtype)
     ref = JambaForCausalLM.from_pretrained(path, dtype=tdtype).to(DEV).eval()
-    stages = [Stage(StageSpec(str(path), i, a, b, 2, 4, 128, dtype, DEV)) for i, (a, b) in enumerate([(0, 3), (3, 6)])]
+    stages = [Stage(StageSpec(str(path), i, a, b, 2, 4, 128, dtype, DEV, decode_graphs=graphs))
+              for i, (a, b) in enumerate([(0, 3), (3, 6)])]
     same, worst = 0, 0.0
     for i, prompt in enumerate(PROMPTS):
         seq = list(prompt)
@@ -83,7 +87,11 @@ def parity(dtype: str) -> dict:
             seq.append(tok)
             x, msg = torch.tensor([tok]), StepMessage(step + 1, (Segment(i, i, len(seq) - 1, 1),))
         same += all(ours)
-    return {"prompts_token_exact": f"{same}/{len(PROMPTS)}", "max_logit_diff": worst}
+    out = {"prompts_token_exact": f"{same}/{len(PROMPTS)}", "max_logit_diff": worst}
+    if graphs:
+        st = stages[0].stats()
+        out["graphs"] = {k: st[k] for k in ("decode_graph_steps", "decode_graphs_captured", "decode_graphs_disabled")}
+    return out
 
 
 def jamba_stage_config():
@@ -189,6 +197,41 @@ def int8_check(cfg) -> dict:
             "tiny_loglik_bf16": ll[None], "tiny_loglik_int8": ll["int8"]}
 
 
+def graph_timing(model, cfg, batches=(1, 8, 64), max_len=2048) -> dict:
+    """The same decode steps through DecodeGraphs (one CUDA graph per batch), checked against eager."""
+    shape = model.pool_shape(cfg, max(batches) + 1, max_len)  # + the scratch slot for padding rows
+    pool = StatePool(shape, torch.bfloat16, DEV)
+    graphs = DecodeGraphs(model, pool, cfg, first=False, device=DEV, dtype=torch.bfloat16,
+                          scratch_slot=max(batches), max_batch=max(batches))
+    h = cfg.hidden_size
+    with torch.inference_mode():
+        prefill = StepMessage(0, tuple(Segment(i, i, 0, 16) for i in range(max(batches))))
+        model(prefill, torch.randn(16 * max(batches), h, device=DEV, dtype=torch.bfloat16), pool)
+    out = {}
+    for b in batches:
+        msg = StepMessage(1, tuple(Segment(i, i, 16, 1) for i in range(b)))
+        x = torch.randn(b, h, device=DEV, dtype=torch.bfloat16)
+        saved = (pool.conv.clone(), pool.ssm.clone())
+        with torch.inference_mode():
+            want = model(msg, x, pool)
+            pool.conv.copy_(saved[0])
+            pool.ssm.copy_(saved[1])
+            got = graphs.run(msg, x)
+            pool.conv.copy_(saved[0])
+            pool.ssm.copy_(saved[1])
+        if got is None:  # capture failed: the reason is in the stats row
+            break
+
+        def step(msg=msg, x=x):
+            with torch.inference_mode():
+                graphs.run(msg, x)
+
+        t = cuda_time(step)
+        out[b] = {"step_ms": t * 1e3, "tok_s": b / t, "max_diff_vs_eager": float((got - want).abs().max())}
+    out["stats"] = graphs.stats()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -203,11 +246,14 @@ def main() -> None:
          "mamba_kernels": decode_kernels() is not None}
     r["parity_fp32"] = parity("float32")
     r["parity_bf16"] = parity("bfloat16")
+    r["parity_fp32_graphs"] = parity("float32", graphs=True)
     r["copy_gbps"] = copy_bandwidth()
     cfg = jamba_stage_config()
     model = build_stage(cfg)
     r["stage_gib_bf16"] = stage_bytes(model) / 2**30
     r["decode_bf16"] = decode_timing(model, cfg)
+    r["decode_graphs_bf16"] = graph_timing(model, cfg)
+    _empty_cache()
     quantize_slice(model)
     _empty_cache()
     r["stage_gib_int8"] = stage_bytes(model) / 2**30
@@ -237,10 +283,22 @@ def render(r: dict) -> str:
              f"| parity vs HF on CUDA, bf16 | tokens exact {r['parity_bf16']['prompts_token_exact']}, max logit diff {r['parity_bf16']['max_logit_diff']:.2e} |",
              f"| device copy bandwidth (read+write) | {r['copy_gbps']:.0f} GB/s |",
              f"| Jamba-v0.1 stage (layers 0-7: 1 attn, 3 Mamba/MLP, 4 Mamba/MoE) weights | bf16 {r['stage_gib_bf16']:.2f} GiB, int8 {r['stage_gib_int8']:.2f} GiB |"]
+    pg = r["parity_fp32_graphs"]
+    lines.append(f"| parity vs HF on CUDA, fp32, decode_graphs | tokens exact {pg['prompts_token_exact']}, max logit "
+                 f"diff {pg['max_logit_diff']:.2e}; {pg['graphs']} |")
     for kind in ("bf16", "int8"):
         for b, x in r[f"decode_{kind}"].items():
             lines.append(f"| decode step, {kind}, batch {b} | {x['step_ms']:.2f} ms, {x['tok_s']:.0f} tok/s, "
                          f"{x['gbps']:.0f} GB/s achieved ({x['gbps'] / r['copy_gbps']:.0%} of copy bandwidth) |")
+        if kind == "bf16":
+            g = r["decode_graphs_bf16"]
+            for b, x in g.items():
+                if b != "stats":
+                    eager = r["decode_bf16"][b]["step_ms"]
+                    lines.append(f"| decode step, bf16, batch {b}, decode_graphs | {x['step_ms']:.2f} ms "
+                                 f"({eager / x['step_ms']:.2f}x eager), {x['tok_s']:.0f} tok/s, max diff vs "
+                                 f"eager {x['max_diff_vs_eager']:.2e} |")
+            lines.append(f"| decode graphs | {g['stats']} |")
     q = r["int8_quality"]
     lines.append(f"| int8 vs bf16 (tiny, 31-token prompt) | max logit delta {q['tiny_max_logit_delta']:.3f}, "
                  f"loglik {q['tiny_loglik_bf16']:.3f} vs {q['tiny_loglik_int8']:.3f} |")

@@ -79,6 +79,7 @@ class EngineCore:
         self.pipeline = Pipeline(
             model_ref, self.plans, self.capacity.max_num_seqs, self.capacity.max_model_len,
             config.dtype, placement, config.threads_per_stage, config.quantization, config.transport,
+            config.decode_graphs,
         )
         self.scheduler = Scheduler(
             SchedulerConfig(self.capacity.max_num_seqs, len(self.plans), config.max_batched_tokens)

@@ -74,6 +74,7 @@ class Pipeline:
         threads: int = 1,
         quantization: str | None = None,
         transport: str = "auto",
+        decode_graphs: bool = False,
     ):
         self.num_stages = len(plans)
         self.placement = placement
@@ -90,7 +91,7 @@ class Pipeline:
         device = "cuda" if placement.num_gpus else "cpu"
         self.specs = [
             StageSpec(model, p.index, p.start, p.end, self.num_stages, slots + 1, max_len, dtype, device,
-                      threads, quantization)
+                      threads, quantization, decode_graphs)
             for p in plans
         ]
         self.stages = [self._start(spec) for spec in self.specs]

@@ -75,6 +75,8 @@ class PipelineFile(_Strict):
         "auto", description="hidden states between stages: p2p = NCCL (GPU) / gloo (CPU) "
         "point-to-point; auto = p2p on GPUs, object store on CPUs")
     max_stage_restarts: int = Field(3, ge=0, description="stage replacements per failure before 503s")
+    decode_graphs: bool = Field(False, description="decode at fixed shapes, captured as CUDA graphs on GPUs "
+                                "(on CPUs the same path runs eagerly); not with int8")
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
     serve: ServeOptions = Field(default_factory=ServeOptions)
 
@@ -153,6 +155,7 @@ class PipelineFile(_Strict):
             max_waiting=self.serve.max_waiting, quantization=self.quantization,
             device_memory_gib=r.device_memory_gib, activation_memory_gib=self.activation_memory_gib,
             max_stage_restarts=self.max_stage_restarts, transport=self.transport,
+            decode_graphs=self.decode_graphs,
         )
 
 

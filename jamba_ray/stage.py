@@ -12,6 +12,7 @@ import torch
 from .checkpoint import load_slice, resolve
 from .config import canonical_dtype
 from .errors import StageFailedError
+from .model.decode_graphs import DecodeGraphs
 from .model.quant import quantize_slice
 from .model.slice import SliceModel
 from .model.state_pool import StatePool
@@ -35,6 +36,7 @@ class StageSpec:
     device: str = "cpu"
     threads: int = 1
     quantization: str | None = None  # "int8": weight-only, Mamba excluded
+    decode_graphs: bool = False  # fixed-shape decode steps, CUDA graphs on GPUs (model/decode_graphs.py)
 
     @property
     def first(self) -> bool:
@@ -73,6 +75,10 @@ class Stage:
             quantize_slice(model)
         self.model = model.eval()
         self.pool = StatePool(model.pool_shape(self.config, spec.slots, spec.max_len), dtype, spec.device)
+        self.graphs = None
+        if spec.decode_graphs:  # padding rows go to the last slot: the pipeline's probe slot
+            self.graphs = DecodeGraphs(model, self.pool, self.config, first=spec.first, device=spec.device,
+                                       dtype=dtype, scratch_slot=spec.slots - 1, max_batch=spec.slots - 1)
         self.link: PeerLink | None = None  # set by connect() when hidden states go point-to-point
         self.trace: deque[tuple[int, float, float]] = deque(maxlen=4096)  # (step, start, end) wall
         self.counters = {"steps": 0, "tokens": 0, "prefill_segments": 0, "prefill_tokens": 0, "busy_s": 0.0}
@@ -111,7 +117,9 @@ class Stage:
                 self.counters["prefill_segments"] += s.start == 0
                 self.counters["prefill_tokens"] += s.length
         with torch.inference_mode():
-            out = self.model(msg, x, self.pool)
+            out = self.graphs.run(msg, x) if self.graphs is not None else None
+            if out is None:  # not a decode-only micro-batch, or graphs are off
+                out = self.model(msg, x, self.pool)
         self.counters["steps"] += 1
         self.counters["tokens"] += msg.num_tokens
         self.counters["busy_s"] += time.perf_counter() - t0
@@ -142,6 +150,7 @@ class Stage:
             "transport": f"p2p/{self.link.backend}" if self.link else "object_store",
             "p2p_sent": self.link.sent if self.link else 0,
             "p2p_received": self.link.received if self.link else 0,
+            **(self.graphs.stats() if self.graphs else {}),
             **self.counters,
         }
 

@@ -61,3 +61,20 @@ def test_p2p_link_delivers_in_order_and_a_lost_message_fails_loudly(ray_session)
     finally:
         ray.kill(a)
         ray.kill(b)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL p2p between stages needs 2 NVIDIA GPUs")
+def test_nccl_link_between_two_gpu_stages(tiny_ckpt, ray_session):
+    from jamba_ray.config import ModelSpec
+    from jamba_ray.pipeline import Pipeline, Placement
+    from jamba_ray.planner import plan
+    from tests.test_pipeline import greedy
+
+    plans = plan(ModelSpec.from_path(tiny_ckpt), 2)
+    pipe = Pipeline(tiny_ckpt, plans, slots=2, max_len=64, placement=Placement(num_cpus=STAGE_CPUS, num_gpus=1))
+    try:
+        assert pipe.transport == "p2p"  # auto between GPU stages
+        tokens, _ = greedy(pipe, [[1, 5, 9, 200]], 4)
+        assert len(tokens[0]) == 4 and {s["transport"] for s in pipe.stats()} == {"p2p/nccl"}
+    finally:
+        pipe.shutdown()

@@ -26,10 +26,8 @@ def _decode(attn, q, k, v, lay, k_pool, v_pool):
     rows, slots, pos = lay.decode_rows, lay.decode_slots, lay.decode_pos
     k_pool[slots, :, pos] = k[rows]
     v_pool[slots, :, pos] = v[rows]
-    length = int(pos.max()) + 1
-    keys = lay.decode_state(k_pool)[:, :, :length]  # [D, kvh, L, hd]
-    values = lay.decode_state(v_pool)[:, :, :length]
-    mask = torch.arange(length, device=pos.device)[None, :] <= pos[:, None]  # [D, L]
+    keys, values = lay.decode_kv(k_pool), lay.decode_kv(v_pool)  # [D, kvh, L, hd]
+    mask = torch.arange(lay.kv_len, device=pos.device)[None, :] <= pos[:, None]  # [D, L]
     o = F.scaled_dot_product_attention(
         q[rows][:, :, None], keys, values, attn_mask=mask[:, None, None, :],
         scale=attn.scaling, enable_gqa=True,

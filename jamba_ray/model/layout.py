@@ -29,6 +29,7 @@ class Layout:
     logit_rows: torch.Tensor  # [R]
     score_rows: torch.Tensor  # [C] rows for the classification head
     num_tokens: int
+    kv_len: int = 0  # keys a decode row may attend to: max decode position + 1, known on the host
 
     @property
     def num_decode(self) -> int:
@@ -53,7 +54,14 @@ class Layout:
         if slots and rows == list(range(len(rows))) and slots == list(range(slots[0], slots[0] + len(slots))):
             span = (slots[0], len(slots))
         return cls(t(rows), t(slots), t(pos), tuple(chunks), span, t(msg.logit_rows()), t(msg.score_rows()),
-                   offset)
+                   offset, max(pos, default=-1) + 1)
+
+    @classmethod
+    def fixed_decode(cls, slots: torch.Tensor, pos: torch.Tensor, kv_len: int) -> Layout:
+        """B decode rows at fixed shapes: slots/positions are buffers filled before each run."""
+        rows = torch.arange(len(slots), device=slots.device)
+        empty = rows[:0]
+        return cls(rows, slots, pos, (), None, rows, empty, len(slots), kv_len)
 
     def decode_state(self, pool: torch.Tensor) -> torch.Tensor:
         """The decode rows' slots of a per-layer state [S, ...]: a view when consecutive, else a copy."""
@@ -61,6 +69,13 @@ class Layout:
             first, n = self.decode_span
             return pool[first : first + n]
         return pool[self.decode_slots]
+
+    def decode_kv(self, pool: torch.Tensor) -> torch.Tensor:
+        """The decode rows' first `kv_len` positions of a KV pool [S, kvh, max_len, hd]."""
+        if self.decode_span is not None:
+            first, n = self.decode_span
+            return pool[first : first + n, :, : self.kv_len]
+        return pool[self.decode_slots, :, : self.kv_len]  # gathers only kv_len positions
 
     def store_decode_state(self, pool: torch.Tensor, value: torch.Tensor) -> None:
         if self.decode_span is not None:

@@ -60,7 +60,10 @@ class SliceModel(nn.Module):
     def forward(self, msg: StepMessage, x: torch.Tensor, pool: StatePool):
         """Token ids [T] (first stage) or hidden [T, H] -> hidden [T, H]; the last stage returns
         logits [R, V], or {"logits", "scores" [C, K]} when rows ask for the classification head."""
-        lay = Layout.build(msg, device=x.device)
+        return self.run(Layout.build(msg, device=x.device), x, pool)
+
+    def run(self, lay: Layout, x: torch.Tensor, pool: StatePool):
+        """The forward on a prepared layout (the decode graphs pass a fixed-shape one)."""
         h = self.model.embed_tokens(x) if self.first else x  # [T, H]
         for name, layer in self.model.layers.items():
             j = self.pool_index[name]

@@ -25,3 +25,8 @@ def test_cuda_kernels_are_optional():
 def test_only_known_quantization_is_accepted():
     with pytest.raises(ConfigError, match="quantization"):
         EngineConfig(model="x", quantization="int4")
+
+
+def test_decode_graphs_refuse_int8_weights():
+    with pytest.raises(ConfigError, match="decode_graphs needs unquantized weights"):
+        EngineConfig(model="x", quantization="int8", decode_graphs=True)

@@ -1,0 +1,151 @@
+"""Decode steps at fixed shapes, captured as CUDA graphs on GPUs.
+
+A decode step is launch-bound on GPUs: a few dozen small kernels per layer for one token per row
+(the H100 check measured 14-29% of copy bandwidth). A CUDA graph replays the whole step with one
+launch, but needs fixed shapes and no host syncs, so the step runs on static buffers:
+
+- the batch is padded to a bucket; padding rows use the scratch slot (the pipeline's probe slot,
+  which every probe resets) at position 0, so they never touch a live sequence's state;
+- attention reads a bucketed KV length, masked from the positions (`Layout.kv_len`);
+- MoE runs transformers' `grouped_mm` experts (sort + histc: no `nonzero`, no host sync).
+
+One graph per (batch bucket, KV-length bucket), captured on first use, all in one memory pool. On
+CPU the same fixed-shape step runs eagerly: that is how CI checks the padding and bucketing
+against the reference; the capture itself only happens on CUDA. If a capture fails, the stage
+logs why and keeps decoding eagerly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from ..sequence import StepMessage
+from .layout import Layout
+
+log = logging.getLogger(__name__)
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+MIN_KV_BUCKET = 256
+
+
+def bucket(n: int, buckets: tuple[int, ...]) -> int | None:
+    return next((b for b in buckets if b >= n), None)
+
+
+def kv_bucket(kv_len: int, max_len: int) -> int:
+    """Powers of two from MIN_KV_BUCKET, capped at the pool's length."""
+    b = MIN_KV_BUCKET
+    while b < kv_len:
+        b *= 2
+    return min(b, max_len)
+
+
+@contextlib.contextmanager
+def static_experts(config):
+    """MoE blocks dispatch on the config at call time; grouped_mm keeps shapes fixed."""
+    before = getattr(config, "_experts_implementation", "eager")
+    config._experts_implementation = "grouped_mm"
+    try:
+        yield
+    finally:
+        config._experts_implementation = before
+
+
+@dataclass(slots=True)
+class Entry:
+    """One bucket's static buffers (and its graph on CUDA)."""
+
+    x: torch.Tensor  # [B] token ids (first stage) or [B, H] hidden states
+    slots: torch.Tensor  # [B]
+    pos: torch.Tensor  # [B]
+    layout: Layout
+    out: torch.Tensor | None = None
+    graph: object | None = None
+
+
+class DecodeGraphs:
+    def __init__(self, model, pool, config, *, first: bool, device: str, dtype: torch.dtype,
+                 scratch_slot: int, max_batch: int):
+        self.model, self.pool, self.config = model, pool, config
+        self.first, self.device, self.dtype = first, device, dtype
+        self.scratch_slot = scratch_slot
+        self.buckets = tuple(b for b in BATCH_BUCKETS if b < max_batch) + (bucket(max_batch, BATCH_BUCKETS) or max_batch,)
+        self.entries: dict[tuple[int, int], Entry] = {}
+        self.capture = device == "cuda"
+        self.mempool = torch.cuda.graph_pool_handle() if self.capture else None
+        self.disabled: str | None = None  # why graphs were turned off, if they were
+        self.steps = 0
+
+    def eligible(self, msg: StepMessage) -> bool:
+        return (self.disabled is None and len(msg.segments) <= self.buckets[-1]
+                and all(s.is_decode and s.logits != "score" for s in msg.segments))
+
+    def run(self, msg: StepMessage, x: torch.Tensor) -> torch.Tensor | None:
+        """Hidden states [n, H], or logits [R, V] on the last stage, for a decode-only micro-batch;
+        None when this micro-batch is not one (or graphs are off): the caller runs it eagerly."""
+        if not self.eligible(msg):
+            return None
+        n = len(msg.segments)
+        key = (bucket(n, self.buckets), kv_bucket(max(s.start for s in msg.segments) + 1, self.pool.shape.max_len))
+        entry = self.entries.get(key) or self._build(*key)
+        if self.disabled is not None:
+            return None
+        entry.x[:n].copy_(x)
+        entry.slots[:n].copy_(torch.tensor([s.slot for s in msg.segments]))
+        entry.pos[:n].copy_(torch.tensor([s.start for s in msg.segments]))
+        entry.slots[n:].fill_(self.scratch_slot)
+        entry.pos[n:].zero_()
+        if entry.graph is not None:
+            entry.graph.replay()
+            out = entry.out
+        else:
+            out = self._step(entry)
+        self.steps += 1
+        out = out[:n]
+        if self.model.last:  # rows that asked for no logits drop out, as in the eager path
+            rows = msg.logit_rows()
+            out = out[rows] if len(rows) < n else out
+        return out.clone()  # the next replay overwrites the graph's output buffer
+
+    def _step(self, entry: Entry) -> torch.Tensor:
+        with static_experts(self.config):
+            return self.model.run(entry.layout, entry.x, self.pool)
+
+    def _build(self, b: int, kv_len: int) -> Entry:
+        dev = self.device
+        shape = (b,) if self.first else (b, self.config.hidden_size)
+        x = torch.zeros(shape, dtype=torch.long if self.first else self.dtype, device=dev)
+        slots = torch.full((b,), self.scratch_slot, dtype=torch.long, device=dev)
+        pos = torch.zeros(b, dtype=torch.long, device=dev)
+        entry = Entry(x, slots, pos, Layout.fixed_decode(slots, pos, kv_len))
+        if self.capture:
+            try:
+                self._capture(entry)
+            except Exception as e:  # a kernel that cannot be captured: decode eagerly from now on
+                self.disabled = f"capture at batch {b}, kv {kv_len} failed: {type(e).__name__}: {e}"
+                log.warning("decode graphs off: %s", self.disabled)
+                return entry
+        self.entries[(b, kv_len)] = entry
+        return entry
+
+    def _capture(self, entry: Entry) -> None:
+        """Warm up on a side stream (all rows on the scratch slot), then record one step."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._step(entry)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.mempool):
+            entry.out = self._step(entry)
+        entry.graph = graph
+
+    def stats(self) -> dict:
+        return {"decode_graph_steps": self.steps, "decode_graph_shapes": len(self.entries),
+                "decode_graphs_captured": sum(e.graph is not None for e in self.entries.values()),
+                "decode_graphs_disabled": self.disabled}

@@ -1,0 +1,97 @@
+"""Fixed-shape decode steps (CUDA graphs on GPUs) give the eager path's logits, whatever the batch."""
+
+import pytest
+import torch
+
+from jamba_ray.model.decode_graphs import bucket, kv_bucket
+from jamba_ray.sequence import Segment, StepMessage
+from jamba_ray.stage import Stage, StageSpec
+from jamba_ray.wire import unpack
+
+BOUNDS = [(0, 3), (3, 6)]
+
+
+def stages(path, graphs: bool, slots=6, max_len=600):
+    return [Stage(StageSpec(path, i, a, b, len(BOUNDS), slots, max_len, decode_graphs=graphs))
+            for i, (a, b) in enumerate(BOUNDS)]
+
+
+def run(pipe, msg, tokens):
+    x = torch.tensor(tokens)
+    for s in pipe:
+        x = s.forward(msg, x)
+    return unpack(x)
+
+
+def test_buckets():
+    assert [bucket(n, (1, 2, 4, 8)) for n in (1, 3, 4, 5, 9)] == [1, 4, 4, 8, None]
+    assert kv_bucket(1, 4096) == 256 and kv_bucket(257, 4096) == 512 and kv_bucket(300, 400) == 400
+
+
+def test_padded_batches_odd_slots_and_growing_kv_match_the_eager_path(tiny_ckpt):
+    eager, fixed = stages(tiny_ckpt, False), stages(tiny_ckpt, True)
+    # Three sequences on slots 4, 0, 2 (not consecutive); the first is long enough to cross the
+    # 256-key bucket while decoding; the second asks for no logits on some steps.
+    prompts = {4: [1] + [7 + i % 300 for i in range(249)], 0: [1, 5, 9, 200], 2: [1, 44, 8]}
+    seqs = {slot: list(p) for slot, p in prompts.items()}
+    msg = StepMessage(0, tuple(Segment(slot, slot, 0, len(p)) for slot, p in prompts.items()))
+    flat = [t for p in prompts.values() for t in p]
+    logits = run(eager, msg, flat)
+    torch.testing.assert_close(run(fixed, msg, flat), logits, atol=0, rtol=0)  # prefill: the same code
+    nxt = {slot: int(row.argmax()) for slot, row in zip(prompts, logits)}
+    for step in range(1, 13):
+        if step == 8:
+            nxt.pop(0)  # a sequence finishes: the batch shrinks to another bucket
+        segs = tuple(Segment(slot, slot, len(seqs[slot]), 1, "none" if slot == 0 and step % 2 else "last")
+                     for slot in nxt)
+        for slot, t in nxt.items():
+            seqs[slot].append(t)
+        msg = StepMessage(step, segs)
+        tokens = [nxt[slot] for slot in nxt]
+        want, got = run(eager, msg, tokens), run(fixed, msg, tokens)
+        assert got.shape == want.shape == (len(msg.logit_rows()), want.shape[1])
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        with_logits = [s.slot for s in segs if s.logits == "last"]
+        nxt.update({slot: int(row.argmax()) for slot, row in zip(with_logits, want)})
+    stats = [s.stats() for s in fixed]
+    # (batch 4, kv 256), (batch 4, kv 512) before the shrink, (batch 2, kv 512) after it
+    assert all(s["decode_graph_steps"] == 12 and s["decode_graph_shapes"] == 3 for s in stats)
+    assert all(st.pool.in_use == {0, 2, 4} for st in fixed)  # padding rows ran on the scratch slot, unowned
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs an NVIDIA GPU")
+def test_cuda_graphs_are_captured_and_replay_the_eager_logits(tiny_ckpt):
+    def cuda_stages(graphs):
+        return [Stage(StageSpec(tiny_ckpt, i, a, b, len(BOUNDS), 4, 128, "bfloat16", "cuda", decode_graphs=graphs))
+                for i, (a, b) in enumerate(BOUNDS)]
+
+    eager, fixed = cuda_stages(False), cuda_stages(True)
+    prompt = [1, 5, 9, 200, 3]
+    msg = StepMessage(0, (Segment(0, 1, 0, len(prompt)),))
+    tok = int(run(eager, msg, prompt)[0].argmax())
+    run(fixed, msg, prompt)
+    for step in range(1, 6):
+        msg = StepMessage(step, (Segment(0, 1, len(prompt) + step - 1, 1),))
+        want, got = run(eager, msg, [tok]), run(fixed, msg, [tok])
+        torch.testing.assert_close(got, want, atol=2e-2, rtol=0)
+        tok = int(want[0].argmax())
+    stats = [s.stats() for s in fixed]
+    assert all(s["decode_graphs_disabled"] is None and s["decode_graphs_captured"] == 1 for s in stats), stats
+
+
+def test_a_failed_capture_turns_graphs_off_and_the_stage_decodes_eagerly(tiny_ckpt):
+    eager, fixed = stages(tiny_ckpt, False), stages(tiny_ckpt, True)
+
+    def refuse(entry):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    for st in fixed:  # as on a GPU whose kernels cannot be captured
+        st.graphs.capture, st.graphs._capture = True, refuse
+    prompt = [1, 5, 9, 200]
+    msg = StepMessage(0, (Segment(0, 0, 0, len(prompt)),))
+    tok = int(run(eager, msg, prompt)[0].argmax())
+    run(fixed, msg, prompt)
+    msg = StepMessage(1, (Segment(0, 0, len(prompt), 1),))
+    torch.testing.assert_close(run(fixed, msg, [tok]), run(eager, msg, [tok]), atol=1e-5, rtol=0)
+    stats = fixed[0].stats()
+    assert "stream is capturing" in stats["decode_graphs_disabled"] and stats["decode_graph_steps"] == 0
