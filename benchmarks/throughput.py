@@ -1,6 +1,6 @@
 """Decode throughput of the jamba-ray pipeline vs transformers on the same checkpoint.
 
-    python benchmarks/throughput.py [--stages 2] [--tokens 64] [--json]
+    python benchmarks/throughput.py [--stages 2] [--tokens 64] [--transport p2p] [--decode-graphs] [--json]
 
 Builds the `small` preset once (cached), then in one run measures: HF `generate` one request at
 a time and as a padded batch of 8; our pipeline one request at a time and with 8/32/64 concurrent
@@ -96,12 +96,13 @@ async def run_concurrent(engine, ps, tokens) -> dict:
     }
 
 
-async def ours(path: Path, stages: int, ps, tokens: int, concurrency: list[int]) -> dict:
+async def ours(path: Path, stages: int, ps, tokens: int, concurrency: list[int], **engine_opts) -> dict:
     from jamba_ray.async_engine import AsyncEngine
     from jamba_ray.config import EngineConfig
 
     cfg = EngineConfig(model=str(path), num_stages=stages, max_num_seqs=max(concurrency),
-                       max_model_len=512, num_cpus_per_stage=1.0 / stages, threads_per_stage=os.cpu_count() or 1)
+                       max_model_len=512, num_cpus_per_stage=1.0 / stages, threads_per_stage=os.cpu_count() or 1,
+                       **engine_opts)
     engine = AsyncEngine(cfg)
     try:
         await run_concurrent(engine, ps[:2], 4)  # warm-up
@@ -119,8 +120,8 @@ async def ours(path: Path, stages: int, ps, tokens: int, concurrency: list[int])
 def table(r: dict) -> str:
     hf1, hf8 = r["hf"]["hf_batch1_tok_s"], r["hf"]["hf_batch8_tok_s"]
     lines = [
-        f"small preset, {r['stages']} stages, {r['tokens']} new tokens/request, prompt {r['prompt_len']} tokens; "
-        f"{r['machine']}",
+        f"small preset, {r['stages']} stages, {r['tokens']} new tokens/request, prompt {r['prompt_len']} tokens, "
+        f"transport {r['transport']}, decode_graphs {r['decode_graphs']}; {r['machine']}",
         "",
         "| run | tok/s | vs HF | TTFT p50 / p99 (s) | TPOT p50 / p99 (ms) | stage busy |",
         "|---|---:|---:|---:|---:|---:|",
@@ -144,6 +145,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--concurrency", default="8,32,64")
+    ap.add_argument("--transport", default="auto", choices=["auto", "object_store", "p2p"])
+    ap.add_argument("--decode-graphs", action="store_true", help="fixed-shape decode steps (CUDA graphs on GPUs)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     import ray
@@ -154,11 +157,13 @@ def main() -> None:
     hf = hf_baseline(path, ps, a.tokens)
     ray.init(include_dashboard=False, log_to_driver=False)
     try:
-        mine = asyncio.run(ours(path, a.stages, ps, a.tokens, conc))
+        mine = asyncio.run(ours(path, a.stages, ps, a.tokens, conc, transport=a.transport,
+                                decode_graphs=a.decode_graphs))
     finally:
         ray.shutdown()
     r = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU fp32", "stages": a.stages,
-         "tokens": a.tokens, "prompt_len": a.prompt_len, "hf": hf, "ours": mine}
+         "tokens": a.tokens, "prompt_len": a.prompt_len, "transport": a.transport, "decode_graphs": a.decode_graphs,
+         "hf": hf, "ours": mine}
     print(json.dumps(r, indent=1) if a.json else table(r))
 
 
