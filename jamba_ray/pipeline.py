@@ -104,7 +104,8 @@ class Pipeline:
         if self.transport != "p2p":
             return
         address = self._wait(call(self.stages[0].rendezvous), "the stages' rendezvous address")
-        self._wait([call(s.connect, address) for s in self.stages], "the stages' p2p group")
+        self._wait([call(s.connect, address) for s in self.stages],
+                   "the stages' p2p group (transport: object_store runs without one)")
 
     def _start(self, spec: StageSpec):
         strategy = PlacementGroupSchedulingStrategy(

@@ -58,13 +58,25 @@ class PeerLink:
     def __init__(self, rank: int, world: int, address: str, device: str, timeout_s: float = 120.0):
         self.rank, self.world, self.device = rank, world, device
         self.backend = "nccl" if device == "cuda" else "gloo"
+        device_id = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else None
         dist.init_process_group(
             self.backend, init_method=address, rank=rank, world_size=world,
-            timeout=timedelta(seconds=timeout_s),
+            timeout=timedelta(seconds=timeout_s), device_id=device_id,
         )
+        self._handshake()
         self.sent = self.received = self.bytes_sent = 0
         # A send completes when the next stage receives; the tensor must live until then.
         self.pending: deque[tuple[dist.Work, torch.Tensor]] = deque()
+
+    def _handshake(self) -> None:
+        """One message down the chain while every stage is in connect(). NCCL creates a pair's
+        communicator on its first send/recv and blocks until both ends are there; doing that here
+        keeps it out of forward(), where the receiver only arrives after the sender has returned."""
+        token = torch.zeros(1, device=self.device)
+        if self.rank > 0:
+            dist.recv(token, src=self.rank - 1)
+        if self.rank < self.world - 1:
+            dist.send(token, dst=self.rank + 1)
 
     def send(self, t: torch.Tensor, max_pending: int = 8) -> Handoff:
         t = t.contiguous()
