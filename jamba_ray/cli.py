@@ -59,7 +59,7 @@ def _generate(a) -> int:
     from .sampling import SamplingParams
 
     llm = LLM(a.model, num_stages=a.stages, num_cpus_per_stage=a.cpus_per_stage, dtype=a.dtype,
-              transport=a.transport)
+              transport=a.transport, decode_graphs=a.decode_graphs)
     try:
         params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, seed=a.seed)
         for out in llm.generate(a.prompt, params):
@@ -76,7 +76,8 @@ def _pipeline(a):
 
     base = PipelineFile.load(a.config) if a.config else PipelineFile.default()
     return base.with_overrides(**{
-        "stages": a.stages, "transport": a.transport, "serve.host": a.host, "serve.port": a.port,
+        "stages": a.stages, "transport": a.transport, "decode_graphs": a.decode_graphs or None,
+        "serve.host": a.host, "serve.port": a.port,
         "serve.grpc_port": a.grpc_port,
         "autoscaling.min_replicas": a.min_replicas, "autoscaling.max_replicas": a.max_replicas,
         "autoscaling.target_ongoing_requests": a.target_ongoing_requests,
@@ -173,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="float32")
     g.add_argument("--cpus-per-stage", type=float, default=0.5)
     g.add_argument("--transport", default="auto", choices=TRANSPORTS, help="hidden states between stages")
+    g.add_argument("--decode-graphs", action="store_true", help="fixed-shape decode steps (CUDA graphs on GPUs)")
     g.set_defaults(fn=_generate)
 
     s = sub.add_parser("serve", help="serve over HTTP (OpenAI API) and gRPC with Ray Serve")
@@ -182,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stages", type=int, default=None)
     s.add_argument("--transport", default=None, choices=TRANSPORTS, help="hidden states between stages "
                    "(default: the pipeline's, auto = p2p between GPU stages)")
+    s.add_argument("--decode-graphs", action="store_true", help="fixed-shape decode steps (CUDA graphs on GPUs)")
     s.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=None)
     s.add_argument("--grpc-port", type=int, default=None, help="gRPC proxy port (default 9000)")

@@ -13,14 +13,16 @@ ROOT = Path(__file__).parents[1]
 def test_serve_flags_override_the_default_layout():
     args = build_parser().parse_args(["serve", "--stages", "3", "--port", "8123", "--host", "0.0.0.0",
                                       "--min-replicas", "2", "--max-replicas", "4",
-                                      "--target-ongoing-requests", "5", "--api-key", "k", "--transport", "p2p"])
+                                      "--target-ongoing-requests", "5", "--api-key", "k", "--transport", "p2p",
+                                      "--decode-graphs"])
     p = _pipeline(args)
     assert p.stages == 3 and p.serve.port == 8123 and p.serve.host == "0.0.0.0"
     assert (p.autoscaling.min_replicas, p.autoscaling.max_replicas) == (2, 4)
     assert p.autoscaling.target_ongoing_requests == 5 and p.serve.api_key_env == "JAMBA_RAY_API_KEY"
     assert p.serve.grpc_port == 9000 and p.max_num_seqs == PipelineFile.default().max_num_seqs
-    assert p.transport == "p2p" and p.engine_config("m").transport == "p2p"
-    assert _pipeline(build_parser().parse_args(["serve"])).transport == "auto"
+    assert p.transport == "p2p" and p.engine_config("m").transport == "p2p" and p.engine_config("m").decode_graphs
+    plain = _pipeline(build_parser().parse_args(["serve"]))
+    assert plain.transport == "auto" and not plain.decode_graphs
 
 
 def test_serve_flags_override_a_yaml_and_bad_values_are_named():
