@@ -72,6 +72,7 @@ class AsyncEngine:
         self._task: asyncio.Task | None = None
         self._reaper_task: asyncio.Task | None = None
         self.reap_every_s = reap_every_s
+        self._recovering = False
         self._streams: dict[str, asyncio.Queue] = {}
         self._ids = itertools.count()
 
@@ -129,12 +130,15 @@ class AsyncEngine:
 
     async def _recover(self) -> None:
         """Replace dead stages (in a thread: it waits on actor start-up), then replay here."""
+        self._recovering = True
         try:
             await asyncio.to_thread(recovery.replace_dead_stages, self.core)
             recovery.replay(self.core)
         except StageFailedError as e:
             log.error("failing all requests: %s", e)
             recovery.fail_all(self.core, e)
+        finally:
+            self._recovering = False
 
     async def reap(self) -> int:
         """Release slots no live sequence owns; run periodically by the reaper loop."""
@@ -151,6 +155,8 @@ class AsyncEngine:
 
     async def probe(self, timeout_s: float = 60.0) -> None:
         """A one-token forward through every stage on the reserved probe slot; raises if any fails."""
+        if self._recovering:  # stages are being replaced or reconnected: a probe now would race that
+            raise StageFailedError("the pipeline is recovering from a stage failure")
         core = self.core
         await asyncio.wait_for(core.pipeline.probe(core.spec.bos_token_id or 0), timeout_s)
 

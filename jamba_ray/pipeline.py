@@ -96,11 +96,11 @@ class Pipeline:
         ]
         self.stages = [self._start(spec) for spec in self.specs]
         self.info = self._wait([s.ready.remote() for s in self.stages], "stage start-up")
-        self.transport = choose(transport, self.num_stages, device)
-        self._connect()
+        self.transport = choose(transport, self.num_stages, device, placement.num_gpus)
+        self.reconnect()
 
-    def _connect(self) -> None:
-        """p2p: every stage joins one fresh group (after a replacement too: the old one is gone)."""
+    def reconnect(self) -> None:
+        """p2p: every stage joins one fresh group (after a replacement, or a link that lost step)."""
         if self.transport != "p2p":
             return
         address = self._wait(call(self.stages[0].rendezvous), "the stages' rendezvous address")
@@ -153,7 +153,7 @@ class Pipeline:
                 pass
             self.stages[i] = self._start(self.specs[i])
         self._wait([call(self.stages[i].ready) for i in indices], "replacement stage start-up")
-        self._connect()
+        self.reconnect()
 
     def release(self, slots: list[int]) -> None:
         if slots:

@@ -30,6 +30,7 @@ def replace_dead_stages(core: EngineCore) -> list[int]:
         if not dead:
             if attempt:
                 break
+            _reconnect(core)
             raise StageFailedError("a pipeline stage failed to compute")
         log.warning("stages %s died; starting replacements (attempt %d)", dead, attempt + 1)
         try:
@@ -40,6 +41,17 @@ def replace_dead_stages(core: EngineCore) -> list[int]:
         core.counters["stage_restarts"] += len(dead)
         return dead
     raise StageFailedError("pipeline stages died and could not be replaced")
+
+
+def _reconnect(core: EngineCore) -> None:
+    """No stage died but a step failed: if the failure was the p2p link (a lost message, a
+    transport error), only a new group puts it back in step for the requests that come next."""
+    if core.pipeline.transport != "p2p":
+        return
+    try:
+        core.pipeline.reconnect()
+    except StageFailedError as e:
+        log.error("could not re-form the stages' p2p group: %s", e)
 
 
 def replay(core: EngineCore) -> None:

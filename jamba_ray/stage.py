@@ -94,8 +94,9 @@ class Stage:
 
     def connect(self, address: str) -> None:
         """Join (again) the pipeline's group; hidden states then go point-to-point."""
-        if self.link is not None:
-            self.link.close()
+        old, self.link = self.link, None  # if joining fails, no half-closed link stays behind
+        if old is not None:
+            old.close()
         self.link = PeerLink(self.spec.index, self.spec.num_stages, address, self.spec.device)
 
     def forward(self, msg: StepMessage, x):

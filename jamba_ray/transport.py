@@ -25,14 +25,19 @@ from .config import TRANSPORTS
 from .errors import ConfigError, StageFailedError
 
 
-def choose(transport: str, num_stages: int, device: str) -> str:
-    """The transport a pipeline uses: `auto` is p2p between GPU stages, the object store on CPUs."""
+def choose(transport: str, num_stages: int, device: str, gpus_per_stage: float = 0.0) -> str:
+    """The transport a pipeline uses: `auto` is p2p between stages with a GPU each, else the object
+    store (CPUs; or stages sharing a GPU, which NCCL refuses to connect)."""
     if transport not in TRANSPORTS:
         raise ConfigError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
     if num_stages == 1:
         return "object_store"  # nothing to send
+    own_gpu = device == "cuda" and gpus_per_stage >= 1
     if transport == "auto":
-        return "p2p" if device == "cuda" else "object_store"
+        return "p2p" if own_gpu else "object_store"
+    if transport == "p2p" and device == "cuda" and not own_gpu:
+        raise ConfigError("transport p2p on GPUs needs a whole GPU per stage (NCCL cannot connect two "
+                          "ranks on one device); use object_store for stages that share a GPU")
     return transport
 
 
@@ -100,6 +105,14 @@ class PeerLink:
         return t
 
     def close(self) -> None:
-        self.pending.clear()
-        if dist.is_initialized():
+        """Leave the group. With sends still pending (the peer died) NCCL's orderly teardown would
+        wait for them, so it is aborted instead."""
+        if not dist.is_initialized():
+            return
+        if self.backend == "nccl" and any(not w.is_completed() for w, _ in self.pending):
+            from torch.distributed.distributed_c10d import _abort_process_group
+
+            _abort_process_group()
+        else:
             dist.destroy_process_group()
+        self.pending.clear()  # after the teardown: the device may still read these until then

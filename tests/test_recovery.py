@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import pytest
 import ray
 
@@ -11,6 +12,7 @@ from jamba_ray.async_engine import AsyncEngine
 from jamba_ray.config import EngineConfig
 from jamba_ray.errors import StageFailedError
 from jamba_ray.sampling import SamplingParams
+from jamba_ray.sequence import Segment, StepMessage
 from tests.conftest import PROMPTS, STAGE_CPUS
 
 GREEDY64 = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
@@ -70,6 +72,29 @@ def test_when_a_stage_cannot_be_replaced_requests_fail_clearly(tiny_ckpt, ray_se
 
     stats = run(go())
     assert stats["slots_in_use"] == 0 and stats["requests_running"] == 0
+
+
+def test_a_p2p_link_that_lost_a_message_fails_its_requests_then_is_re_formed(tiny_ckpt, ray_session):
+    """Stage 0 sends hidden states nobody receives: stage 1 sees a sequence gap and refuses to mix
+    batches; the requests in that step fail clearly, and the next request runs on a new group."""
+    async def go():
+        eng = engine(tiny_ckpt, transport="p2p")
+        try:
+            before = await stream_tokens(eng, PROMPTS[0], SamplingParams(max_tokens=4, temperature=0))
+            stray = StepMessage(-2, (Segment(-2, eng.core.pipeline.probe_slot, 0, 2),))
+            await eng.core.pipeline.stages[0].forward.remote(stray, np.array([1, 2]))  # never received
+            with pytest.raises(StageFailedError, match="failed to compute"):
+                await asyncio.wait_for(stream_tokens(eng, PROMPTS[1], GREEDY64), 120)
+            after = await asyncio.wait_for(stream_tokens(eng, PROMPTS[0], SamplingParams(max_tokens=4,
+                                                                                          temperature=0)), 120)
+            return before, after, await eng.stats()
+        finally:
+            eng.shutdown()
+
+    before, after, stats = run(go())
+    assert after == before and len(after) == 4
+    assert stats["stage_restarts"] == 0 and stats["slots_in_use"] == 0
+    assert [s["p2p_received"] for s in stats["stages"][1:]] == [s["p2p_sent"] for s in stats["stages"][:-1]]
 
 
 def test_reaper_releases_slots_no_sequence_owns(tiny_ckpt, ray_session):

@@ -10,16 +10,19 @@ from tests.conftest import STAGE_CPUS
 
 
 def test_auto_is_p2p_between_gpu_stages_and_the_object_store_on_cpus():
-    assert choose("auto", 4, "cuda") == "p2p"
+    assert choose("auto", 4, "cuda", gpus_per_stage=1) == "p2p"
     assert choose("auto", 4, "cpu") == "object_store"
+    assert choose("auto", 4, "cuda", gpus_per_stage=0.5) == "object_store"  # stages share a GPU
     assert choose("p2p", 2, "cpu") == "p2p"  # gloo: how CI checks the p2p path
-    assert choose("object_store", 4, "cuda") == "object_store"
-    assert choose("p2p", 1, "cuda") == "object_store"  # one stage sends nothing
+    assert choose("object_store", 4, "cuda", gpus_per_stage=1) == "object_store"
+    assert choose("p2p", 1, "cuda", gpus_per_stage=1) == "object_store"  # one stage sends nothing
 
 
-def test_unknown_transport_is_a_config_error():
+def test_unknown_transport_and_nccl_on_a_shared_gpu_are_config_errors():
     with pytest.raises(ConfigError, match="transport must be one of"):
         choose("rdma", 2, "cpu")
+    with pytest.raises(ConfigError, match="whole GPU per stage"):
+        choose("p2p", 2, "cuda", gpus_per_stage=0.5)
 
 
 @ray.remote(num_cpus=STAGE_CPUS)

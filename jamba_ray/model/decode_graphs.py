@@ -9,10 +9,13 @@ launch, but needs fixed shapes and no host syncs, so the step runs on static buf
 - attention reads a bucketed KV length, masked from the positions (`Layout.kv_len`);
 - MoE runs transformers' `grouped_mm` experts (sort + histc: no `nonzero`, no host sync).
 
-One graph per (batch bucket, KV-length bucket), captured on first use, all in one memory pool. On
-CPU the same fixed-shape step runs eagerly: that is how CI checks the padding and bucketing
-against the reference; the capture itself only happens on CUDA. If a capture fails, the stage
-logs why and keeps decoding eagerly.
+One graph per (batch bucket, KV-length bucket), captured on first use, all in one memory pool.
+Captures need bf16 on SM90+ (elsewhere torch's grouped_mm falls back to a host-synced loop); a
+bucket whose per-layer KV gather would exceed GRAPH_KV_BYTES decodes eagerly (the eager path reads
+consecutive slots in place), as does a bucket whose capture ran out of memory; any other capture
+failure turns graphs off for the stage, logged and named in its stats. On CPU the same
+fixed-shape step runs eagerly: that is how CI checks the padding and bucketing against the
+reference; the capture itself only happens on CUDA.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ log = logging.getLogger(__name__)
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 MIN_KV_BUCKET = 256
+GRAPH_KV_BYTES = 1 << 30  # K+V of one attention layer gathered for a bucket, at most
 
 
 def bucket(n: int, buckets: tuple[int, ...]) -> int | None:
@@ -65,6 +69,7 @@ class Entry:
     layout: Layout
     out: torch.Tensor | None = None
     graph: object | None = None
+    eager: bool = False  # this bucket's capture ran out of memory: it decodes eagerly
 
 
 class DecodeGraphs:
@@ -76,23 +81,34 @@ class DecodeGraphs:
         self.buckets = tuple(b for b in BATCH_BUCKETS if b < max_batch) + (bucket(max_batch, BATCH_BUCKETS) or max_batch,)
         self.entries: dict[tuple[int, int], Entry] = {}
         self.capture = device == "cuda"
-        self.mempool = torch.cuda.graph_pool_handle() if self.capture else None
         self.disabled: str | None = None  # why graphs were turned off, if they were
+        if self.capture and not (dtype == torch.bfloat16 and torch.cuda.get_device_capability() >= (9, 0)):
+            self.disabled = "CUDA graphs need bf16 on SM90+ (grouped_mm experts); decoding eagerly"
+            log.warning("decode graphs off: %s", self.disabled)
+        self.mempool = torch.cuda.graph_pool_handle() if self.capture and not self.disabled else None
+        s = pool.shape
+        # K+V gathered per row and position for one attention layer (none: nothing is gathered)
+        self.kv_row_bytes = 2 * s.kv_heads * s.head_dim * pool.k.element_size() if s.n_attn else 0
         self.steps = 0
 
     def eligible(self, msg: StepMessage) -> bool:
         return (self.disabled is None and len(msg.segments) <= self.buckets[-1]
                 and all(s.is_decode and s.logits != "score" for s in msg.segments))
 
+    def _key(self, msg: StepMessage) -> tuple[int, int] | None:
+        b = bucket(len(msg.segments), self.buckets)
+        kv = kv_bucket(max(s.start for s in msg.segments) + 1, self.pool.shape.max_len)
+        return (b, kv) if b * kv * self.kv_row_bytes <= GRAPH_KV_BYTES else None
+
     def run(self, msg: StepMessage, x: torch.Tensor) -> torch.Tensor | None:
         """Hidden states [n, H], or logits [R, V] on the last stage, for a decode-only micro-batch;
         None when this micro-batch is not one (or graphs are off): the caller runs it eagerly."""
-        if not self.eligible(msg):
+        key = self._key(msg) if self.eligible(msg) else None
+        if key is None:
             return None
         n = len(msg.segments)
-        key = (bucket(n, self.buckets), kv_bucket(max(s.start for s in msg.segments) + 1, self.pool.shape.max_len))
         entry = self.entries.get(key) or self._build(*key)
-        if self.disabled is not None:
+        if self.disabled is not None or entry.eager:
             return None
         entry.x[:n].copy_(x)
         entry.slots[:n].copy_(torch.tensor([s.slot for s in msg.segments]))
@@ -125,6 +141,9 @@ class DecodeGraphs:
         if self.capture:
             try:
                 self._capture(entry)
+            except torch.cuda.OutOfMemoryError:
+                log.warning("decode graph for batch %d, kv %d did not fit; that bucket decodes eagerly", b, kv_len)
+                entry.eager = True
             except Exception as e:  # a kernel that cannot be captured: decode eagerly from now on
                 self.disabled = f"capture at batch {b}, kv {kv_len} failed: {type(e).__name__}: {e}"
                 log.warning("decode graphs off: %s", self.disabled)
@@ -141,11 +160,13 @@ class DecodeGraphs:
                 self._step(entry)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.mempool):
+        # thread_local: NCCL's watchdog thread may query events meanwhile; that must not void it
+        with torch.cuda.graph(graph, pool=self.mempool, capture_error_mode="thread_local"):
             entry.out = self._step(entry)
         entry.graph = graph
 
     def stats(self) -> dict:
         return {"decode_graph_steps": self.steps, "decode_graph_shapes": len(self.entries),
                 "decode_graphs_captured": sum(e.graph is not None for e in self.entries.values()),
+                "decode_graph_eager_buckets": sum(e.eager for e in self.entries.values()),
                 "decode_graphs_disabled": self.disabled}
