@@ -53,10 +53,17 @@ class EngineMetrics:
 
         metric("jamba_ray_requests_running", "gauge", "Requests holding state slots.", stats["requests_running"])
         metric("jamba_ray_requests_waiting", "gauge", "Requests queued for a free slot.", stats["requests_waiting"])
-        lines += ["# HELP jamba_ray_slots_in_use State slots held, per stage.",
-                  "# TYPE jamba_ray_slots_in_use gauge"]
-        for s in stats.get("stages", []):
-            lines.append(f'jamba_ray_slots_in_use{{{labels}{sep}stage="{s["stage"]}"}} {s["slots_in_use"]}')
+        def per_stage(name, kind, help_text, key):
+            lines.extend([f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"])
+            for s in stats.get("stages", []):
+                lines.append(f'{name}{{{labels}{sep}stage="{s["stage"]}"}} {s.get(key, 0)}')
+
+        per_stage("jamba_ray_slots_in_use", "gauge", "State slots held, per stage.", "slots_in_use")
+        per_stage("jamba_ray_stage_busy_seconds_total", "counter", "Time a stage spent computing.", "busy_s")
+        per_stage("jamba_ray_stage_p2p_sends_total", "counter", "Hidden-state sends over the p2p transport.",
+                  "p2p_sent")
+        per_stage("jamba_ray_stage_decode_graph_steps_total", "counter",
+                  "Decode steps run at fixed shapes (CUDA graph replays on GPUs).", "decode_graph_steps")
         metric("jamba_ray_slots_total", "gauge", "State slots per stage.", stats["slots_total"])
         metric("jamba_ray_generated_tokens_total", "counter", "Tokens generated.", stats["generated_tokens"])
         metric("jamba_ray_requests_finished_total", "counter", "Requests finished.", stats["finished_requests"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
+import re
 
 import openai
 import pytest
@@ -181,6 +182,9 @@ def test_health_probes_every_stage_and_metrics_are_prometheus(served, client):
     text = requests.get(f"{served.base}/metrics", timeout=30).text
     for name in ("jamba_ray_requests_running", "jamba_ray_requests_waiting", 'jamba_ray_slots_in_use{stage="1"}',
                  "jamba_ray_time_to_first_token_seconds_bucket", "jamba_ray_time_per_output_token_seconds_count",
-                 "jamba_ray_generated_tokens_total"):
+                 "jamba_ray_generated_tokens_total", 'jamba_ray_stage_p2p_sends_total{stage="0"} 0',
+                 'jamba_ray_stage_decode_graph_steps_total{stage="1"} 0'):  # object store, no graphs by default
         assert name in text
     assert "# TYPE jamba_ray_time_to_first_token_seconds histogram" in text
+    busy = re.search(r'jamba_ray_stage_busy_seconds_total\{.*stage="0"\} ([0-9.e-]+)', text)
+    assert busy and float(busy.group(1)) > 0
