@@ -25,20 +25,24 @@ def replace_dead_stages(core: EngineCore) -> list[int]:
     """Blocking (actor start-up). Raises StageFailedError when no stage is dead (a compute
     error, not a crash) or replacements keep failing; the caller then fails the requests."""
     core.in_flight.clear()
+    unconfirmed: set[int] = set()  # replacements started whose start-up timed out or failed
     for attempt in range(core.config.max_stage_restarts):
         dead = core.pipeline.dead_stages()
-        if not dead:
-            if attempt:
-                break
+        if not dead and not unconfirmed:
             _reconnect(core)
             raise StageFailedError("a pipeline stage failed to compute")
+        if not dead:  # a replacement that missed its start-up deadline answers after all
+            core.pipeline.reconnect()
+            core.counters["stage_restarts"] += len(unconfirmed)
+            return sorted(unconfirmed)
         log.warning("stages %s died; starting replacements (attempt %d)", dead, attempt + 1)
         try:
             core.pipeline.replace(dead)
         except StageFailedError as e:
             log.error("replacement failed: %s", e)
+            unconfirmed |= set(dead)
             continue
-        core.counters["stage_restarts"] += len(dead)
+        core.counters["stage_restarts"] += len(unconfirmed | set(dead))
         return dead
     raise StageFailedError("pipeline stages died and could not be replaced")
 

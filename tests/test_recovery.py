@@ -60,6 +60,28 @@ def test_killing_the_middle_stage_mid_stream_loses_and_repeats_nothing(transport
     assert {s["transport"] for s in stats["stages"]} == {"object_store" if transport == "object_store" else "p2p/gloo"}
 
 
+def test_a_replacement_that_misses_its_start_up_deadline_but_comes_up_is_used(tiny_ckpt, ray_session):
+    async def go():
+        eng = engine(tiny_ckpt)
+        pipe, real_replace = eng.core.pipeline, eng.core.pipeline.replace
+
+        def late(indices):  # the actor starts, but its readiness check gives up first (once)
+            real_replace(indices)
+            pipe.replace = real_replace
+            raise StageFailedError("timed out waiting for replacement stage start-up")
+
+        try:
+            clean = await stream_tokens(eng, PROMPTS[2], GREEDY64)
+            pipe.replace = late
+            disturbed = await asyncio.wait_for(stream_tokens(eng, PROMPTS[2], GREEDY64, kill_after=10), 120)
+            return clean, disturbed, await eng.stats()
+        finally:
+            eng.shutdown()
+
+    clean, disturbed, stats = run(go())
+    assert disturbed == clean and stats["stage_restarts"] == 1 and stats["slots_in_use"] == 0
+
+
 def test_when_a_stage_cannot_be_replaced_requests_fail_clearly(tiny_ckpt, ray_session):
     async def go():
         eng = engine(tiny_ckpt, max_stage_restarts=0)
