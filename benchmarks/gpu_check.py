@@ -66,8 +66,9 @@ def parity(dtype: str) -> dict:
         init_tiny(path, TinySpec())
     tdtype = getattr(torch, dtype)
     ref = JambaForCausalLM.from_pretrained(path, dtype=tdtype).to(DEV).eval()
+    ref32 = ref if dtype == "float32" else JambaForCausalLM.from_pretrained(path).to(DEV).eval()
     stages = [Stage(StageSpec(str(path), i, a, b, 2, 4, 128, dtype, DEV)) for i, (a, b) in enumerate([(0, 3), (3, 6)])]
-    same, worst = 0, 0.0
+    same, worst, ours32, hf32 = 0, 0.0, 0.0, 0.0  # the last two: distance to fp32 on our sequences
     for i, prompt in enumerate(PROMPTS):
         seq = list(prompt)
         x = torch.tensor(seq)
@@ -80,13 +81,17 @@ def parity(dtype: str) -> dict:
             h = unpack(h)
             with torch.no_grad():
                 want = ref(torch.tensor([seq], device=DEV)).logits[0, -1].float()
+                exact = ref32(torch.tensor([seq], device=DEV)).logits[0, -1]
             worst = max(worst, float((h[0].to(DEV) - want).abs().max()))
+            ours32 = max(ours32, float((h[0].to(DEV) - exact).abs().max()))
+            hf32 = max(hf32, float((want - exact).abs().max()))
             tok = int(h[0].argmax())
             ours.append(tok == int(want.argmax()))
             seq.append(tok)
             x, msg = torch.tensor([tok]), StepMessage(step + 1, (Segment(i, i, len(seq) - 1, 1),))
         same += all(ours)
-    return {"prompts_token_exact": f"{same}/{len(PROMPTS)}", "max_logit_diff": worst}
+    return {"prompts_token_exact": f"{same}/{len(PROMPTS)}", "max_logit_diff": worst,
+            "ours_vs_fp32": ours32, "hf_vs_fp32": hf32}
 
 
 def graph_parity() -> dict:
@@ -312,7 +317,8 @@ def render(r: dict) -> str:
              f"{'yes' if r['mamba_kernels'] else 'no, PyTorch path'}), {r['wall_s']:.0f} s", "",
              "| check | result |", "|---|---|",
              f"| parity vs HF on CUDA, fp32 (tiny, 2 stages, 12 greedy steps) | tokens exact {r['parity_fp32']['prompts_token_exact']}, max logit diff {r['parity_fp32']['max_logit_diff']:.2e} |",
-             f"| parity vs HF on CUDA, bf16 | tokens exact {r['parity_bf16']['prompts_token_exact']}, max logit diff {r['parity_bf16']['max_logit_diff']:.2e} |",
+             f"| parity vs HF on CUDA, bf16 | tokens exact {r['parity_bf16']['prompts_token_exact']}, max logit diff {r['parity_bf16']['max_logit_diff']:.2e}; "
+             f"distance to fp32: ours {r['parity_bf16']['ours_vs_fp32']:.2e}, HF bf16 {r['parity_bf16']['hf_vs_fp32']:.2e} |",
              f"| device copy bandwidth (read+write) | {r['copy_gbps']:.0f} GB/s |",
              f"| Jamba-v0.1 stage (layers 0-7: 1 attn, 3 Mamba/MLP, 4 Mamba/MoE) weights | bf16 {r['stage_gib_bf16']:.2f} GiB, int8 {r['stage_gib_int8']:.2f} GiB |"]
     g = r["graph_parity"]
