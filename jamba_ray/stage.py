@@ -151,6 +151,7 @@ class Stage:
             "transport": f"p2p/{self.link.backend}" if self.link else "object_store",
             "p2p_sent": self.link.sent if self.link else 0,
             "p2p_received": self.link.received if self.link else 0,
+            "p2p_bytes_sent": self.link.bytes_sent if self.link else 0,
             **(self.graphs.stats() if self.graphs else {}),
             **self.counters,
         }

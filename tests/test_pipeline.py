@@ -66,6 +66,9 @@ def test_greedy_tokens_and_logits_match_transformers(layout, layout_kwargs, tran
             assert {s["transport"] for s in stats} == {"p2p/gloo"}
             assert [s["p2p_sent"] for s in stats[:-1]] == [STEPS] * (len(plans) - 1)
             assert [s["p2p_received"] for s in stats[1:]] == [STEPS] * (len(plans) - 1)
+            hidden = ModelSpec.from_path(path).hidden_size * 4  # fp32 bytes per token
+            tokens_sent = sum(map(len, PROMPTS)) + len(PROMPTS) * (STEPS - 1)
+            assert stats[0]["p2p_bytes_sent"] == hidden * tokens_sent
         for s in stats if graphs else ():  # every decode step took the fixed-shape path, at one shape
             assert s["decode_graph_steps"] == STEPS - 1 and s["decode_graph_shapes"] == 1
             assert s["decode_graphs_captured"] == 0 and s["decode_graphs_disabled"] is None  # CPU: eager
