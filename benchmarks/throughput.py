@@ -1,6 +1,7 @@
 """Decode throughput of the jamba-ray pipeline vs transformers on the same checkpoint.
 
-    python benchmarks/throughput.py [--stages 2] [--tokens 64] [--transport p2p] [--decode-graphs] [--json]
+    python benchmarks/throughput.py [--stages 2] [--tokens 64] [--transport p2p] [--decode-graphs]
+                                    [--sample-on last_stage|driver] [--json]
 
 Builds the `small` preset once (cached), then in one run measures: HF `generate` one request at
 a time and as a padded batch of 8; our pipeline one request at a time and with 8/32/64 concurrent
@@ -121,7 +122,7 @@ def table(r: dict) -> str:
     hf1, hf8 = r["hf"]["hf_batch1_tok_s"], r["hf"]["hf_batch8_tok_s"]
     lines = [
         f"small preset, {r['stages']} stages, {r['tokens']} new tokens/request, prompt {r['prompt_len']} tokens, "
-        f"transport {r['transport']}, decode_graphs {r['decode_graphs']}; {r['machine']}",
+        f"transport {r['transport']}, decode_graphs {r['decode_graphs']}, sample_on {r['sample_on']}; {r['machine']}",
         "",
         "| run | tok/s | vs HF | TTFT p50 / p99 (s) | TPOT p50 / p99 (ms) | stage busy |",
         "|---|---:|---:|---:|---:|---:|",
@@ -147,6 +148,7 @@ def main() -> None:
     ap.add_argument("--concurrency", default="8,32,64")
     ap.add_argument("--transport", default="auto", choices=["auto", "object_store", "p2p"])
     ap.add_argument("--decode-graphs", action="store_true", help="fixed-shape decode steps (CUDA graphs on GPUs)")
+    ap.add_argument("--sample-on", default="last_stage", choices=["last_stage", "driver"])
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     import ray
@@ -158,11 +160,12 @@ def main() -> None:
     ray.init(include_dashboard=False, log_to_driver=False)
     try:
         mine = asyncio.run(ours(path, a.stages, ps, a.tokens, conc, transport=a.transport,
-                                decode_graphs=a.decode_graphs))
+                                decode_graphs=a.decode_graphs, sample_on=a.sample_on))
     finally:
         ray.shutdown()
     r = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU fp32", "stages": a.stages,
          "tokens": a.tokens, "prompt_len": a.prompt_len, "transport": a.transport, "decode_graphs": a.decode_graphs,
+         "sample_on": a.sample_on,
          "hf": hf, "ours": mine}
     print(json.dumps(r, indent=1) if a.json else table(r))
 

@@ -155,6 +155,7 @@ class EngineConfig:
     activation_memory_gib: float = 0.0
     transport: str = "auto"  # hidden states between stages: auto | object_store | p2p (see transport.py)
     decode_graphs: bool = False  # decode at fixed shapes, CUDA graphs on GPUs (model/decode_graphs.py)
+    sample_on: str = "last_stage"  # or "driver": where next tokens are drawn from the logits
 
     def __post_init__(self) -> None:
         canonical_dtype(self.dtype)
@@ -170,5 +171,7 @@ class EngineConfig:
             raise ConfigError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
         if self.quantization not in (None, "int8"):
             raise ConfigError(f"quantization must be null or 'int8', got {self.quantization!r}")
+        if self.sample_on not in ("last_stage", "driver"):
+            raise ConfigError(f"sample_on must be last_stage or driver, got {self.sample_on!r}")
         if self.decode_graphs and self.quantization:
             raise ConfigError("decode_graphs needs unquantized weights: the int8 experts route with a host sync")

@@ -84,6 +84,8 @@ class EngineCore:
         self.scheduler = Scheduler(
             SchedulerConfig(self.capacity.max_num_seqs, len(self.plans), config.max_batched_tokens)
         )
+        # The last stage samples where the logits are and sends tokens, not [rows, vocab] logits.
+        self.sample_on_stage = config.sample_on == "last_stage"
         self.in_flight: deque[MicroBatch] = deque()
         self.requests: dict[str, RequestState] = {}
         self._next_seq = 0
@@ -160,20 +162,37 @@ class EngineCore:
             mb = self.scheduler.schedule(in_flight=len(self.in_flight) + 1)
             if mb is None:
                 break
+            if self.sample_on_stage:
+                mb.message = replace(mb.message, sample=self._rows_to_sample(mb), eos_id=self.spec.eos_token_id)
             mb.ref = self.pipeline.submit(mb.message, mb.token_ids)
             mb.submitted_at = time.monotonic()
             self.in_flight.append(mb)
             added += 1
         return added
 
+    def _rows_to_sample(self, mb: MicroBatch) -> tuple:
+        """(logit row, seq id, RowInput) for each sequence `complete` will sample from this step:
+        those whose prompt is done after it, and the forks that start then."""
+        rows, row = [], 0
+        for seg, seq in zip(mb.message.segments, mb.seqs):
+            row += seg.num_logit_rows
+            if not seg.num_logit_rows or seg.start + seg.length < len(seq.prompt_ids):
+                continue
+            for s in (*seq.forks, seq):
+                prompt = s.prompt_ids if s.params.has_penalties else []  # only penalties read it
+                rows.append((row - 1, s.seq_id, RowInput(s.params, s.seed, s.index, prompt, list(s.output_ids))))
+        return tuple(rows)
+
     def complete(self, mb: MicroBatch, result) -> None:
         """Postprocess a landed micro-batch: prompt logprobs, forks, sampling, stops, outputs."""
         result = unpack(result)
-        logits, scores = (result["logits"], result["scores"]) if isinstance(result, dict) else (result, None)
+        if not isinstance(result, dict):
+            result = {"logits": result}
+        logits, scores, samples = result["logits"], result.get("scores"), result.get("samples")
         to_sample: list[tuple[int, Sequence]] = []
         row = score_row = 0
         for seg, seq in zip(mb.message.segments, mb.seqs):
-            nrows = {"all": seg.length, "last": 1, "none": 0, "score": 0}[seg.logits]
+            nrows = seg.num_logit_rows
             rows, row = range(row, row + nrows), row + nrows
             seq.in_flight = False
             state = self.requests[seq.request_id]
@@ -193,7 +212,7 @@ class EngineCore:
                 to_sample.append((rows[-1], fork))
             to_sample.append((rows[-1], seq))
         if to_sample:
-            self._sample(logits, to_sample)
+            self._sample(logits, to_sample, samples)
         for rid in {s.request_id for s in mb.seqs}:
             if rid in self.requests:
                 self._emit(self.requests[rid])
@@ -206,9 +225,12 @@ class EngineCore:
         self.counters["forks"] += len(forks)
         return forks
 
-    def _sample(self, logits: torch.Tensor, items: list[tuple[int, Sequence]]) -> None:
-        rows = [RowInput(s.params, s.seed, s.index, s.prompt_ids, s.output_ids) for _, s in items]
-        outs = sample(logits[[r for r, _ in items]], rows, self.spec.eos_token_id)
+    def _sample(self, logits: torch.Tensor | None, items: list[tuple[int, Sequence]], samples: dict | None) -> None:
+        if samples is not None:  # the last stage sampled them
+            outs = [samples[s.seq_id] for _, s in items]
+        else:
+            rows = [RowInput(s.params, s.seed, s.index, s.prompt_ids, s.output_ids) for _, s in items]
+            outs = sample(logits[[r for r, _ in items]], rows, self.spec.eos_token_id)
         for (_, seq), out in zip(items, outs):
             self._append(self.requests[seq.request_id], seq, out)
 

@@ -77,6 +77,9 @@ class PipelineFile(_Strict):
     max_stage_restarts: int = Field(3, ge=0, description="stage replacements per failure before 503s")
     decode_graphs: bool = Field(False, description="decode at fixed shapes, captured as CUDA graphs on GPUs "
                                 "(on CPUs the same path runs eagerly); not with int8")
+    sample_on: Literal["last_stage", "driver"] = Field(
+        "last_stage", description="where next tokens are sampled: on the last stage, which then sends "
+        "tokens instead of [rows, vocab] logits, or on the driver")
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
     serve: ServeOptions = Field(default_factory=ServeOptions)
 
@@ -155,7 +158,7 @@ class PipelineFile(_Strict):
             max_waiting=self.serve.max_waiting, quantization=self.quantization,
             device_memory_gib=r.device_memory_gib, activation_memory_gib=self.activation_memory_gib,
             max_stage_restarts=self.max_stage_restarts, transport=self.transport,
-            decode_graphs=self.decode_graphs,
+            decode_graphs=self.decode_graphs, sample_on=self.sample_on,
         )
 
 

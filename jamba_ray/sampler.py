@@ -1,7 +1,8 @@
 """Logits -> next tokens (+ logprobs), one row per sequence, each row with its own parameters.
 
 Seeded rows draw from a generator keyed by (seed, sample index, step), so a row's tokens depend only
-on its own request, never on what else shares the batch.
+on its own request, never on what else shares the batch. It runs where the logits are: on the driver,
+or on the last stage's device (`sample_on`); a seed gives the same tokens on the same kind of device.
 """
 
 from __future__ import annotations
@@ -59,11 +60,12 @@ def _apply_penalties(logits: torch.Tensor, rows: list[RowInput]) -> torch.Tensor
         p = row.params
         if not p.has_penalties:
             continue
-        out_counts = torch.bincount(torch.tensor(row.output_ids, dtype=torch.long), minlength=vocab)[:vocab]
+        ids = torch.tensor(row.output_ids, dtype=torch.long, device=logits.device)
+        out_counts = torch.bincount(ids, minlength=vocab)[:vocab].to(logits.dtype)
         if p.repetition_penalty != 1.0:
             seen = out_counts > 0
             if row.prompt_ids:
-                seen[torch.tensor(row.prompt_ids, dtype=torch.long)] = True
+                seen[torch.tensor(row.prompt_ids, dtype=torch.long, device=logits.device)] = True
             l = logits[i]
             penalised = torch.where(l > 0, l / p.repetition_penalty, l * p.repetition_penalty)
             logits[i] = torch.where(seen, penalised, l)
@@ -93,7 +95,7 @@ def _draw(logits: torch.Tensor, row: RowInput) -> int:
         cum = sorted_p.cumsum(0)
         drop = cum - sorted_p >= p.top_p * cum[-1]  # keep the smallest prefix reaching top_p
         probs = probs.scatter(0, order, torch.where(drop, 0.0, sorted_p))
-    g = torch.Generator().manual_seed(_row_seed(row))
+    g = torch.Generator(device=probs.device).manual_seed(_row_seed(row))
     return int(torch.multinomial(probs, 1, generator=g))
 
 

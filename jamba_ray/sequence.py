@@ -27,6 +27,11 @@ class Segment:
     def is_decode(self) -> bool:
         return self.length == 1 and self.start > 0
 
+    @property
+    def num_logit_rows(self) -> int:
+        """Rows of this segment in the last stage's logits."""
+        return {"all": self.length, "last": 1}.get(self.logits, 0)
+
 
 @dataclass(frozen=True, slots=True)
 class StepMessage:
@@ -36,6 +41,9 @@ class StepMessage:
     segments: tuple[Segment, ...]
     free: tuple[int, ...] = ()
     in_flight: int = 1  # micro-batches in flight with this one: stages share cores between them
+    # sample_on last_stage: (logit row, seq id, sampler.RowInput) for the rows the last stage samples
+    sample: tuple = ()
+    eos_id: int | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -16,6 +16,7 @@ from .model.decode_graphs import DecodeGraphs
 from .model.quant import quantize_slice
 from .model.slice import SliceModel
 from .model.state_pool import StatePool
+from .sampler import sample
 from .sequence import StepMessage
 from .transport import Handoff, PeerLink, free_address
 from .wire import pack, unpack
@@ -81,7 +82,8 @@ class Stage:
                                        dtype=dtype, scratch_slot=spec.slots - 1, max_batch=spec.slots - 1)
         self.link: PeerLink | None = None  # set by connect() when hidden states go point-to-point
         self.trace: deque[tuple[int, float, float]] = deque(maxlen=4096)  # (step, start, end) wall
-        self.counters = {"steps": 0, "tokens": 0, "prefill_segments": 0, "prefill_tokens": 0, "busy_s": 0.0}
+        self.counters = {"steps": 0, "tokens": 0, "prefill_segments": 0, "prefill_tokens": 0, "busy_s": 0.0,
+                         "sampled_rows": 0}
 
     def ready(self) -> dict:
         return {"index": self.spec.index, "pid": os.getpid(), "node_id": _node_id()}
@@ -121,6 +123,8 @@ class Stage:
             out = self.graphs.run(msg, x) if self.graphs is not None else None
             if out is None:  # not a decode-only micro-batch, or graphs are off
                 out = self.model(msg, x, self.pool)
+        if msg.sample and self.spec.last:
+            out = self._sample(msg, out)
         self.counters["steps"] += 1
         self.counters["tokens"] += msg.num_tokens
         self.counters["busy_s"] += time.perf_counter() - t0
@@ -128,8 +132,21 @@ class Stage:
         if self.link is not None and not self.spec.last:
             return self.link.send(out)
         if self.spec.device != "cpu":
-            out = {k: v.cpu() for k, v in out.items()} if isinstance(out, dict) else out.cpu()
+            out = {k: _to_cpu(v) for k, v in out.items()} if isinstance(out, dict) else out.cpu()
         return pack(out)
+
+    def _sample(self, msg: StepMessage, out) -> dict:
+        """sample_on last_stage: tokens (+ logprobs) instead of [rows, vocab] logits for the driver;
+        the logits still travel when a segment wants all of its rows (prompt logprobs)."""
+        logits = out["logits"] if isinstance(out, dict) else out
+        rows = [r for r, _, _ in msg.sample]
+        outs = sample(logits[rows].float(), [inp for _, _, inp in msg.sample], msg.eos_id)
+        self.counters["sampled_rows"] += len(outs)
+        keep = any(s.logits == "all" for s in msg.segments)
+        res = {"samples": {sid: o for (_, sid, _), o in zip(msg.sample, outs)}, "logits": logits if keep else None}
+        if isinstance(out, dict):
+            res["scores"] = out["scores"]
+        return res
 
     def release(self, slots: list[int]) -> None:
         self.pool.release(slots)
@@ -168,6 +185,10 @@ def _param_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
     if name.endswith(("mamba.A_log", "mamba.D")):
         return torch.float32
     return dtype
+
+
+def _to_cpu(v):
+    return v.cpu() if isinstance(v, torch.Tensor) else v
 
 
 def _node_id() -> str | None:

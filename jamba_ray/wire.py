@@ -14,6 +14,8 @@ def pack(t):
     """torch tensor (or dict of them) -> wire form."""
     if isinstance(t, dict):
         return {k: pack(v) for k, v in t.items()}
+    if not isinstance(t, torch.Tensor):  # sampled tokens and other plain values travel as they are
+        return t
     t = t.detach().contiguous()
     if t.dtype == torch.bfloat16:
         return ("bfloat16", t.view(torch.int16).numpy())

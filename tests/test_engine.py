@@ -184,6 +184,49 @@ def test_logprobs_and_prompt_logprobs(engine, tiny_ckpt):
     assert len(first) in (3, 4)  # sampled token + top-3 (the sampled one is usually among them)
 
 
+SAMPLING_MIX = [
+    SamplingParams(max_tokens=6, temperature=0, logprobs=3, ignore_eos=True),
+    SamplingParams(max_tokens=8, temperature=1.0, top_p=0.9, seed=11, logprobs=1),
+    SamplingParams(max_tokens=8, temperature=0.7, top_k=5, min_p=0.05, seed=12),
+    SamplingParams(max_tokens=8, temperature=1.0, repetition_penalty=1.3, presence_penalty=0.5,
+                   frequency_penalty=0.3, seed=13),
+    SamplingParams(n=3, max_tokens=6, temperature=1.0, seed=14),  # forks sampled on the same row
+    SamplingParams(max_tokens=6, min_tokens=4, stop_token_ids=[7, 9], temperature=1.0, seed=15),
+    SamplingParams(max_tokens=3, temperature=0.8, seed=16, prompt_logprobs=1),  # logits still travel
+]
+
+
+def test_sampling_on_the_last_stage_gives_what_the_driver_gives(engine, tiny_ckpt):
+    """sample_on last_stage (the default): tokens and logprobs come back instead of logits."""
+    stage_eng, loop = engine
+    eng = loop.run_until_complete(_make(config(tiny_ckpt, max_batched_tokens=4, sample_on="driver")))
+
+    async def run(e):
+        return await asyncio.gather(*(collect(e, PROMPTS[i % 4], p) for i, p in enumerate(SAMPLING_MIX)))
+
+    try:
+        on_driver, on_stage = loop.run_until_complete(run(eng)), loop.run_until_complete(run(stage_eng))
+        stats, driver_stats = loop.run_until_complete(stage_eng.stats()), loop.run_until_complete(eng.stats())
+    finally:
+        eng.shutdown()
+    def logprobs(outs):
+        return [lp for out in outs for o in out.outputs for lp in (o.logprobs or [])]
+
+    for a, b in zip(on_driver, on_stage):
+        assert merged(b) == merged(a)
+        assert len(logprobs(a)) == len(logprobs(b))
+        for x, y in zip(logprobs(a), logprobs(b)):
+            assert x.keys() == y.keys() and all(abs(x[k] - y[k]) < 1e-5 for k in x)
+        for x, y in zip(a[-1].prompt_logprobs or [], b[-1].prompt_logprobs or []):  # batch shapes differ
+            assert x == y or (x.keys() == y.keys() and all(abs(x[k] - y[k]) < 1e-5 for k in x))
+    assert logprobs(on_stage[0]) and on_stage[-1][-1].prompt_logprobs
+    # every token the module's engine made so far was sampled on its last stage (and rows of sequences
+    # aborted meanwhile, which were dropped); none on the driver engine's
+    assert stats["stages"][-1]["sampled_rows"] >= stats["generated_tokens"] > 0
+    assert stats["stages"][0]["sampled_rows"] == 0 and stats["slots_in_use"] == 0
+    assert driver_stats["stages"][-1]["sampled_rows"] == 0
+
+
 def test_invalid_requests_raise_before_scheduling(engine):
     eng, loop = engine
 
