@@ -15,3 +15,4 @@ def test_gpu_check_smoke_run_prints_its_table(tmp_path):
     table = (tmp_path / "gpu_check.md").read_text()
     assert "decode_graphs vs eager, bf16" in table and "graph steps 12" in table
     assert "batch 64, decode_graphs" in table and "hop of [2048, 4096]" in table
+    assert "equal to CPU: True" in table and "reproducible: True" in table
