@@ -126,7 +126,11 @@ class AsyncEngine:
                 await self._recover()
                 continue
             core.in_flight.popleft()
-            core.complete(mb, result)
+            try:
+                core.complete(mb, result)
+            except Exception as e:  # a bug in postprocessing must end requests, not the step loop
+                log.exception("postprocessing step %d failed", mb.message.step_id)
+                recovery.fail_all(core, StageFailedError(f"postprocessing a step failed: {type(e).__name__}: {e}"))
 
     async def _recover(self) -> None:
         """Replace dead stages (in a thread: it waits on actor start-up), then replay here."""

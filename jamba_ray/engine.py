@@ -29,7 +29,7 @@ from .planner import plan
 from .sampler import RowInput, sample, top_logprobs
 from .sampling import SamplingParams
 from .scheduler import MicroBatch, Scheduler, SchedulerConfig
-from .sequence import Sequence
+from .sequence import Segment, Sequence
 from .tokenizer import encode_prompt, load_tokenizer
 from .wire import unpack
 
@@ -56,6 +56,20 @@ class RequestState:
     @property
     def finished(self) -> bool:
         return all(s.finish_reason is not None for s in self.seqs)
+
+
+def _samples_next(seg: Segment, seq: Sequence) -> bool:
+    """After this segment the sequence has run every token it knows: its next one is sampled from
+    the segment's last logit row. (A replay re-runs outputs too; only its last chunk samples.)"""
+    return seg.num_logit_rows > 0 and seg.start + seg.length >= seq.length
+
+
+def _row_input(seq: Sequence, compact: bool = False) -> RowInput:
+    """What the sampler needs of a sequence; `compact` (sent to the last stage every step) leaves
+    out the token lists unless penalties read them."""
+    if compact and not seq.params.has_penalties:
+        return RowInput(seq.params, seq.seed, seq.index, [], [], num_output=len(seq.output_ids))
+    return RowInput(seq.params, seq.seed, seq.index, seq.prompt_ids, list(seq.output_ids))
 
 
 class EngineCore:
@@ -176,11 +190,8 @@ class EngineCore:
         rows, row = [], 0
         for seg, seq in zip(mb.message.segments, mb.seqs):
             row += seg.num_logit_rows
-            if not seg.num_logit_rows or seg.start + seg.length < len(seq.prompt_ids):
-                continue
-            for s in (*seq.forks, seq):
-                prompt = s.prompt_ids if s.params.has_penalties else []  # only penalties read it
-                rows.append((row - 1, s.seq_id, RowInput(s.params, s.seed, s.index, prompt, list(s.output_ids))))
+            if _samples_next(seg, seq):
+                rows += [(row - 1, s.seq_id, _row_input(s, compact=True)) for s in (*seq.forks, seq)]
         return tuple(rows)
 
     def complete(self, mb: MicroBatch, result) -> None:
@@ -200,13 +211,13 @@ class EngineCore:
                 self._finish_seq(state, seq, "abort")
                 continue
             seq.num_computed += seg.length
-            if seg.logits == "all" and state.prompt_logprobs is not None:
+            if seg.logits == "all" and state.prompt_logprobs is not None and seq.index == 0:
                 self._prompt_logprobs(state, seg.start, logits[rows.start : rows.stop])
             if seg.logits == "score":
                 state.scores, score_row = scores[score_row].tolist(), score_row + 1
                 self._finish_seq(state, seq, "stop")
                 continue
-            if seq.in_prefill or nrows == 0:
+            if not _samples_next(seg, seq):  # a prompt chunk, or a replay short of its known tokens
                 continue
             for fork in self._start_forks(seq):
                 to_sample.append((rows[-1], fork))
@@ -229,7 +240,7 @@ class EngineCore:
         if samples is not None:  # the last stage sampled them
             outs = [samples[s.seq_id] for _, s in items]
         else:
-            rows = [RowInput(s.params, s.seed, s.index, s.prompt_ids, s.output_ids) for _, s in items]
+            rows = [_row_input(s) for _, s in items]
             outs = sample(logits[[r for r, _ in items]], rows, self.spec.eos_token_id)
         for (_, seq), out in zip(items, outs):
             self._append(self.requests[seq.request_id], seq, out)

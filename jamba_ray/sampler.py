@@ -19,8 +19,13 @@ class RowInput:
     params: SamplingParams
     seed: int  # the request's seed (drawn at random when the caller gave none)
     index: int  # which of the n samples this row is
-    prompt_ids: list[int]
-    output_ids: list[int]
+    prompt_ids: list[int]  # read by the repetition penalty only
+    output_ids: list[int]  # read by the penalties only
+    num_output: int | None = None  # tokens generated so far, when output_ids is left out
+
+    @property
+    def generated(self) -> int:
+        return len(self.output_ids) if self.num_output is None else self.num_output
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,11 +44,17 @@ def sample(logits: torch.Tensor, rows: list[RowInput], eos_id: int | None) -> li
     for i, row in enumerate(rows):
         if not row.params.greedy:
             tokens[i] = _draw(logits[i], row)
+    # One copy to the host for the whole batch: on a GPU every per-row read would be a sync.
+    chosen = raw_logprobs.gather(1, tokens[:, None])[:, 0]
+    k = max((row.params.logprobs or 0) for row in rows)
+    top = raw_logprobs.topk(k) if k else None
+    tokens, chosen = tokens.tolist(), chosen.tolist()
+    top_v, top_i = (top.values.tolist(), top.indices.tolist()) if top is not None else ([], [])
     out = []
     for i, row in enumerate(rows):
-        tok = int(tokens[i])
-        k = row.params.logprobs
-        out.append(RowOutput(tok, float(raw_logprobs[i, tok]), top_logprobs(raw_logprobs[i], k)))
+        want = row.params.logprobs
+        best = None if want is None else dict(zip(top_i[i][:want], top_v[i][:want])) if want else {}
+        out.append(RowOutput(tokens[i], chosen[i], best))
     return out
 
 
@@ -76,12 +87,12 @@ def _apply_penalties(logits: torch.Tensor, rows: list[RowInput]) -> torch.Tensor
 def _mask_eos(logits: torch.Tensor, rows: list[RowInput], eos_id: int | None) -> None:
     """Below min_tokens, EOS and stop tokens cannot be sampled."""
     for i, row in enumerate(rows):
-        if len(row.output_ids) < row.params.min_tokens:
+        if row.generated < row.params.min_tokens:
             banned = list(row.params.stop_token_ids) + ([eos_id] if eos_id is not None else [])
             logits[i, banned] = float("-inf")
 
 
-def _draw(logits: torch.Tensor, row: RowInput) -> int:
+def _draw(logits: torch.Tensor, row: RowInput) -> torch.Tensor:
     """Temperature, top-k, top-p and min-p filtering, then one multinomial draw."""
     p = row.params
     probs = torch.softmax(logits / p.temperature, dim=-1)  # [V]
@@ -96,9 +107,9 @@ def _draw(logits: torch.Tensor, row: RowInput) -> int:
         drop = cum - sorted_p >= p.top_p * cum[-1]  # keep the smallest prefix reaching top_p
         probs = probs.scatter(0, order, torch.where(drop, 0.0, sorted_p))
     g = torch.Generator(device=probs.device).manual_seed(_row_seed(row))
-    return int(torch.multinomial(probs, 1, generator=g))
+    return torch.multinomial(probs, 1, generator=g)[0]  # stays on the device
 
 
 def _row_seed(row: RowInput) -> int:
-    step = len(row.output_ids)
+    step = row.generated
     return (row.seed * 1_000_003 + row.index * 10_007 + step) % (2**63 - 1)

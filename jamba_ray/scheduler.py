@@ -144,7 +144,8 @@ def _decoding(seq: Sequence) -> bool:
 def _logits_mode(seq: Sequence, n: int) -> str:
     if seq.pooling:
         return "score" if seq.num_computed + n >= len(seq.prompt_ids) else "none"
-    wants_prompt = seq.in_prefill and getattr(seq.params, "prompt_logprobs", None) is not None
+    # Prompt logprobs are the request's, collected once: from its first sample (forks replay without).
+    wants_prompt = seq.in_prefill and seq.index == 0 and getattr(seq.params, "prompt_logprobs", None) is not None
     if wants_prompt:
         return "all"
     # Logits only where the sequence's known tokens end (a replay also re-runs its outputs).

@@ -82,6 +82,59 @@ def test_a_replacement_that_misses_its_start_up_deadline_but_comes_up_is_used(ti
     assert disturbed == clean and stats["stage_restarts"] == 1 and stats["slots_in_use"] == 0
 
 
+def test_a_replay_with_prompt_logprobs_and_forks_samples_only_at_the_end_of_known_tokens(tiny_ckpt, ray_session):
+    """The replay re-runs prompt and outputs as chunks with all-row logits (prompt logprobs): only
+    the chunk that reaches the last known token may sample, and the prompt logprobs come once."""
+    params = SamplingParams(n=2, max_tokens=24, temperature=0, ignore_eos=True, prompt_logprobs=1)
+
+    async def collect(eng, kill_after=None):
+        samples, final = {0: [], 1: []}, None
+        async for out in await eng.generate(PROMPTS[2], params):
+            for o in out.outputs:
+                samples[o.index] += o.token_ids
+            final = out
+            if kill_after is not None and sum(map(len, samples.values())) >= kill_after:
+                ray.kill(eng.core.pipeline.stages[1])
+                kill_after = None
+        return samples, final.prompt_logprobs
+
+    async def go():
+        eng = engine(tiny_ckpt)
+        try:
+            return await collect(eng), await asyncio.wait_for(collect(eng, kill_after=14), 120), await eng.stats()
+        finally:
+            eng.shutdown()
+
+    (clean, clean_lp), (disturbed, lp), stats = run(go())
+    assert stats["stage_restarts"] == 1
+    assert disturbed == clean and len(clean[0]) == len(clean[1]) == 24
+    assert len(lp) == len(PROMPTS[2]) == len(clean_lp) and lp[0] is None  # once, not once per sample
+    for a, b in zip(lp[1:], clean_lp[1:]):  # recomputed in other chunks: equal up to float rounding
+        assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-5 for k in a)
+
+
+def test_a_failing_postprocess_ends_its_requests_and_the_engine_keeps_serving(tiny_ckpt, ray_session):
+    async def go():
+        eng = engine(tiny_ckpt)
+        real = eng.core._append
+
+        def broken(*args):
+            eng.core._append = real  # once
+            raise RuntimeError("bug")
+
+        try:
+            eng.core._append = broken
+            with pytest.raises(StageFailedError, match="postprocessing a step failed: RuntimeError: bug"):
+                await asyncio.wait_for(stream_tokens(eng, PROMPTS[0], GREEDY64), 120)
+            after = await asyncio.wait_for(stream_tokens(eng, PROMPTS[0], SamplingParams(max_tokens=3)), 120)
+            return after, await eng.stats()
+        finally:
+            eng.shutdown()
+
+    after, stats = run(go())
+    assert len(after) == 3 and stats["slots_in_use"] == 0 and stats["requests_running"] == 0
+
+
 def test_when_a_stage_cannot_be_replaced_requests_fail_clearly(tiny_ckpt, ray_session):
     async def go():
         eng = engine(tiny_ckpt, max_stage_restarts=0)
