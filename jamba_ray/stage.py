@@ -123,8 +123,8 @@ class Stage:
             out = self.graphs.run(msg, x) if self.graphs is not None else None
             if out is None:  # not a decode-only micro-batch, or graphs are off
                 out = self.model(msg, x, self.pool)
-        if msg.sample and self.spec.last:
-            out = self._sample(msg, out)
+            if msg.sample and self.spec.last:
+                out = self._sample(msg, out)
         self.counters["steps"] += 1
         self.counters["tokens"] += msg.num_tokens
         self.counters["busy_s"] += time.perf_counter() - t0
