@@ -41,9 +41,9 @@ def sample(logits: torch.Tensor, rows: list[RowInput], eos_id: int | None) -> li
     logits = _apply_penalties(logits.clone(), rows)
     _mask_eos(logits, rows, eos_id)
     tokens = logits.argmax(dim=-1)  # [R]
-    for i, row in enumerate(rows):
-        if not row.params.greedy:
-            tokens[i] = _draw(logits[i], row)
+    drawn = [i for i, row in enumerate(rows) if not row.params.greedy]
+    if drawn:
+        tokens[drawn] = _draw(logits[drawn], [rows[i] for i in drawn])
     # One copy to the host for the whole batch: on a GPU every per-row read would be a sync.
     chosen = raw_logprobs.gather(1, tokens[:, None])[:, 0]
     k = max((row.params.logprobs or 0) for row in rows)
@@ -92,22 +92,35 @@ def _mask_eos(logits: torch.Tensor, rows: list[RowInput], eos_id: int | None) ->
             logits[i, banned] = float("-inf")
 
 
-def _draw(logits: torch.Tensor, row: RowInput) -> torch.Tensor:
-    """Temperature, top-k, top-p and min-p filtering, then one multinomial draw."""
-    p = row.params
-    probs = torch.softmax(logits / p.temperature, dim=-1)  # [V]
-    if p.top_k > 0 and p.top_k < probs.shape[0]:
-        kth = probs.topk(p.top_k).values[-1]
+def _draw(logits: torch.Tensor, rows: list[RowInput]) -> torch.Tensor:
+    """Temperature, top-k, min-p and top-p filtering, then one draw per row: batched over the rows
+    (per-row loops cost a sort and a dozen small ops each), except each row's own seeded uniform."""
+    def per_row(values, dtype=torch.float32):
+        return torch.tensor(values, dtype=dtype, device=logits.device)[:, None]
+
+    vocab = logits.shape[-1]
+    probs = torch.softmax(logits / per_row([r.params.temperature for r in rows]), dim=-1)  # [D, V]
+    top_k = [r.params.top_k if 0 < r.params.top_k < vocab else vocab for r in rows]
+    if min(top_k) < vocab:
+        kth = probs.sort(dim=-1, descending=True).values.gather(1, per_row(top_k, torch.long) - 1)
         probs = torch.where(probs < kth, 0.0, probs)
-    if p.min_p > 0:
-        probs = torch.where(probs < p.min_p * probs.max(), 0.0, probs)
-    if p.top_p < 1:
-        sorted_p, order = probs.sort(descending=True)
-        cum = sorted_p.cumsum(0)
-        drop = cum - sorted_p >= p.top_p * cum[-1]  # keep the smallest prefix reaching top_p
-        probs = probs.scatter(0, order, torch.where(drop, 0.0, sorted_p))
-    g = torch.Generator(device=probs.device).manual_seed(_row_seed(row))
-    return torch.multinomial(probs, 1, generator=g)[0]  # stays on the device
+    if any(r.params.min_p > 0 for r in rows):
+        probs = torch.where(probs < per_row([r.params.min_p for r in rows]) * probs.amax(-1, keepdim=True),
+                            0.0, probs)
+    if any(r.params.top_p < 1 for r in rows):
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        cum = sorted_p.cumsum(-1)
+        top_p = per_row([r.params.top_p if r.params.top_p < 1 else float("inf") for r in rows])
+        drop = cum - sorted_p >= top_p * cum[:, -1:]  # keep the smallest prefix reaching top_p
+        probs = torch.zeros_like(probs).scatter(1, order, torch.where(drop, 0.0, sorted_p))
+    # Inverse CDF: the first token whose cumulative probability passes the row's own uniform.
+    u = torch.cat([torch.rand(1, device=logits.device, generator=_generator(r, logits.device)) for r in rows])
+    cdf = probs.cumsum(-1)
+    return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0].clamp(max=vocab - 1)
+
+
+def _generator(row: RowInput, device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(_row_seed(row))
 
 
 def _row_seed(row: RowInput) -> int:
