@@ -186,7 +186,7 @@ class EngineCore:
 
     def _rows_to_sample(self, mb: MicroBatch) -> tuple:
         """(logit row, seq id, RowInput) for each sequence `complete` will sample from this step:
-        those whose prompt is done after it, and the forks that start then."""
+        those that have run every known token after it (`_samples_next`), and the forks that start then."""
         rows, row = [], 0
         for seg, seq in zip(mb.message.segments, mb.seqs):
             row += seg.num_logit_rows

@@ -50,8 +50,6 @@ def replace_dead_stages(core: EngineCore) -> list[int]:
 def _reconnect(core: EngineCore) -> None:
     """No stage died but a step failed: if the failure was the p2p link (a lost message, a
     transport error), only a new group puts it back in step for the requests that come next."""
-    if core.pipeline.transport != "p2p":
-        return
     try:
         core.pipeline.reconnect()
     except StageFailedError as e:
