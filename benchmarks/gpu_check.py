@@ -55,15 +55,21 @@ def cuda_time(fn, iters: int = 20, warmup: int = 3) -> float:
     return start.elapsed_time(end) / iters / 1e3
 
 
-def parity(dtype: str) -> dict:
-    """Greedy tokens and logits of 2 CUDA stages vs HF JambaForCausalLM on CUDA (tiny preset)."""
-    from transformers import JambaForCausalLM
-
+def tiny_checkpoint() -> Path:
+    """The tiny preset, written once per machine."""
     from jamba_ray.tiny import TinySpec, init_tiny
 
     path = Path(tempfile.gettempdir()) / "jr-gpu-tiny"
     if not (path / "config.json").exists():
         init_tiny(path, TinySpec())
+    return path
+
+
+def parity(dtype: str) -> dict:
+    """Greedy tokens and logits of 2 CUDA stages vs HF JambaForCausalLM on CUDA (tiny preset)."""
+    from transformers import JambaForCausalLM
+
+    path = tiny_checkpoint()
     tdtype = getattr(torch, dtype)
     ref = JambaForCausalLM.from_pretrained(path, dtype=tdtype).to(DEV).eval()
     ref32 = ref if dtype == "float32" else JambaForCausalLM.from_pretrained(path).to(DEV).eval()
@@ -114,11 +120,7 @@ def sampler_check() -> dict:
 
 def graph_parity() -> dict:
     """decode_graphs vs eager stages on the tiny model in bf16, teacher-forced on eager's tokens."""
-    from jamba_ray.tiny import TinySpec, init_tiny
-
-    path = Path(tempfile.gettempdir()) / "jr-gpu-tiny"
-    if not (path / "config.json").exists():
-        init_tiny(path, TinySpec())
+    path = tiny_checkpoint()
 
     def build(graphs):
         return [Stage(StageSpec(str(path), i, a, b, 2, 4, 128, "bfloat16", DEV, decode_graphs=graphs))
@@ -235,11 +237,7 @@ def hop_cost(hidden: int = 4096) -> dict:
 
 def int8_check(cfg) -> dict:
     """int8 vs bf16 on the tiny model (logit / loglik deltas) and on the Jamba-sized stage (memory, speed)."""
-    from jamba_ray.tiny import TinySpec, init_tiny
-
-    path = Path(tempfile.gettempdir()) / "jr-gpu-tiny"
-    if not (path / "config.json").exists():
-        init_tiny(path, TinySpec())
+    path = tiny_checkpoint()
     prompt = PROMPTS[2]
     msg = StepMessage(0, (Segment(0, 0, 0, len(prompt), logits="all"),))
     outs = {}

@@ -53,11 +53,8 @@ class StepMessage:
         """Packed row indices whose logits the last stage returns, in segment order."""
         rows, offset = [], 0
         for s in self.segments:
-            if s.logits == "all":
-                rows.extend(range(offset, offset + s.length))
-            elif s.logits == "last":
-                rows.append(offset + s.length - 1)
             offset += s.length
+            rows.extend(range(offset - s.num_logit_rows, offset))  # a segment's logit rows are its last
         return rows
 
     def score_rows(self) -> list[int]:
