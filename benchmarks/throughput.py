@@ -141,14 +141,16 @@ def table(r: dict) -> str:
 
 
 def main() -> None:
+    from jamba_ray.config import SAMPLE_ON, TRANSPORTS
+
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--stages", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--concurrency", default="8,32,64")
-    ap.add_argument("--transport", default="auto", choices=["auto", "object_store", "p2p"])
+    ap.add_argument("--transport", default="auto", choices=TRANSPORTS)
     ap.add_argument("--decode-graphs", action="store_true", help="fixed-shape decode steps (CUDA graphs on GPUs)")
-    ap.add_argument("--sample-on", default="last_stage", choices=["last_stage", "driver"])
+    ap.add_argument("--sample-on", default="last_stage", choices=SAMPLE_ON)
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     import ray

@@ -11,6 +11,7 @@ from typing import Any
 from .errors import ConfigError
 
 TRANSPORTS = ("auto", "object_store", "p2p")  # how hidden states cross stages: see transport.py
+SAMPLE_ON = ("last_stage", "driver")  # where next tokens are drawn from the logits
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "int8": 1}
 
 
@@ -171,7 +172,7 @@ class EngineConfig:
             raise ConfigError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
         if self.quantization not in (None, "int8"):
             raise ConfigError(f"quantization must be null or 'int8', got {self.quantization!r}")
-        if self.sample_on not in ("last_stage", "driver"):
-            raise ConfigError(f"sample_on must be last_stage or driver, got {self.sample_on!r}")
+        if self.sample_on not in SAMPLE_ON:
+            raise ConfigError(f"sample_on must be one of {SAMPLE_ON}, got {self.sample_on!r}")
         if self.decode_graphs and self.quantization:
             raise ConfigError("decode_graphs needs unquantized weights: the int8 experts route with a host sync")
