@@ -1,5 +1,7 @@
 """jamba-ray: Jamba served as a pipeline of Ray stage actors."""
 
+from .config.engine_config import EngineConfig
+from .engine.sampling_params import SamplingParams
 from .errors import (
     CapacityError,
     ConfigError,
@@ -8,10 +10,11 @@ from .errors import (
     ModelNotFoundError,
     StageFailedError,
 )
-from .sampling import SamplingParams
 
 __all__ = [
     "LLM",
+    "AsyncEngine",
+    "EngineConfig",
     "SamplingParams",
     "JambaRayError",
     "InvalidRequestError",
@@ -23,8 +26,13 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    if name == "LLM":  # lazy: importing the package must not import ray/torch
-        from .llm import LLM
+    # lazy: importing the package must not import ray or torch
+    if name == "LLM":
+        from .engine.llm import LLM
 
         return LLM
+    if name == "AsyncEngine":
+        from .engine.async_engine import AsyncEngine
+
+        return AsyncEngine
     raise AttributeError(name)

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from .config import TRANSPORTS
+from .config.engine_config import TRANSPORTS
 from .errors import ConfigError, JambaRayError
 
 
@@ -19,8 +19,8 @@ def _init_tiny(a) -> int:
 
 
 def _plan(a) -> int:
-    from .config import ModelSpec
-    from .planner import format_plan, plan
+    from .config.planner import format_plan, plan
+    from .config.spec import ModelSpec
 
     if a.config:
         return _plan_config(a.config)
@@ -35,28 +35,29 @@ def _plan(a) -> int:
 
 def _plan_config(path: str) -> int:
     """Partition + memory fit of a pipeline file; non-zero exit when a stage does not fit."""
-    from .config import ModelSpec
-    from .fit import fit_check, format_fit, require_fit
-    from .pipeline_config import PipelineFile
-    from .planner import format_plan, plan
+    from .config.fit import fit_check, format_fit, require_fit
+    from .config.pipeline_file import PipelineFile
+    from .config.planner import format_plan, plan
+    from .config.spec import ModelSpec
 
     pf = PipelineFile.load(path)
     spec = ModelSpec.from_path(pf.model_spec_source())
-    cfg = pf.engine_config(pf.model or "tiny")
-    slices = [tuple(s) for s in cfg.stage_slices] if cfg.stage_slices else None
-    plans = plan(spec, cfg.num_stages, slices, cfg.dtype, cfg.balance)
-    print(f"pipeline {pf.name}: {pf.model or 'tiny default'}, {cfg.dtype}"
-          f"{', int8 weights (Mamba in ' + cfg.dtype + ')' if cfg.quantization else ''}, {len(plans)} stages\n")
+    cfg = pf.to_config().engine
+    place, dtype = cfg.placement, cfg.model.dtype
+    slices = [tuple(s) for s in place.stage_slices] if place.stage_slices else None
+    plans = plan(spec, place.num_stages, slices, dtype, place.balance)
+    int8 = f", int8 weights (Mamba in {dtype})" if cfg.model.quantization else ""
+    print(f"pipeline {pf.name}: {pf.model or 'tiny default'}, {dtype}{int8}, {len(plans)} stages\n")
     print(format_plan(spec, plans), end="\n\n")
-    fits = fit_check(spec, cfg, plans, pf.resources.device_memory_gib, pf.activation_memory_gib)
+    fits = fit_check(spec, cfg, plans)
     print(format_fit(fits))
     require_fit(fits)
     return 0
 
 
 def _generate(a) -> int:
-    from .llm import LLM
-    from .sampling import SamplingParams
+    from .engine.llm import LLM
+    from .engine.sampling_params import SamplingParams
 
     llm = LLM(a.model, num_stages=a.stages, num_cpus_per_stage=a.cpus_per_stage, dtype=a.dtype,
               transport=a.transport, decode_graphs=a.decode_graphs)
@@ -72,7 +73,7 @@ def _generate(a) -> int:
 
 
 def _pipeline(a):
-    from .pipeline_config import PipelineFile
+    from .config.pipeline_file import PipelineFile
 
     base = PipelineFile.load(a.config) if a.config else PipelineFile.default()
     return base.with_overrides(**{
@@ -89,7 +90,7 @@ def _pipeline(a):
 def _serve(a) -> int:
     import os
 
-    from .llm import ensure_ray
+    from .runtime.pipeline import ensure_ray
     from .serve.launch import start
 
     if a.api_key:
@@ -98,7 +99,7 @@ def _serve(a) -> int:
     if a.no_grpc:
         pipeline = pipeline.model_copy(update={"serve": pipeline.serve.model_copy(update={"grpc_port": None})})
     ensure_ray(a.address)
-    start(pipeline, a.model)
+    start(pipeline.to_config(a.model))
     opts = pipeline.serve
     print(f"jamba-ray: serving on http://{opts.host}:{opts.port}/v1"
           + (f" and gRPC {opts.host}:{opts.grpc_port}" if opts.grpc_port else "") + " (Ctrl-C stops)",
@@ -118,7 +119,7 @@ def _serve(a) -> int:
 def _serve_config(a) -> int:
     import yaml
 
-    from .pipeline_config import PipelineFile
+    from .config.pipeline_file import PipelineFile
     from .serve.launch import serve_config
 
     print(yaml.safe_dump(serve_config(a.config, PipelineFile.load(a.config)), sort_keys=False))
@@ -127,7 +128,7 @@ def _serve_config(a) -> int:
 
 def _score(a) -> int:
     from .batch import ScoreConfig, run_job
-    from .llm import ensure_ray
+    from .runtime.pipeline import ensure_ray
 
     sampling = {"max_tokens": a.max_tokens, "temperature": a.temperature}
     if a.seed is not None:
@@ -172,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--dtype", default="float32")
-    g.add_argument("--cpus-per-stage", type=float, default=0.5)
+    g.add_argument("--cpus-per-stage", type=float, default=None,
+                   help="CPUs reserved per stage (default: an equal share of the free CPUs, at most 1)")
     g.add_argument("--transport", default="auto", choices=TRANSPORTS, help="hidden states between stages")
     g.add_argument("--decode-graphs", action="store_true", help="fixed-shape decode steps (CUDA graphs on GPUs)")
     g.set_defaults(fn=_generate)

@@ -8,6 +8,10 @@ class JambaRayError(Exception):
 class InvalidRequestError(JambaRayError, ValueError):
     """The caller sent something we cannot run (bad parameter, empty prompt, too long)."""
 
+    def __init__(self, message: str = "", param: str | None = None):
+        super().__init__(message)
+        self.param = param  # the request field at fault, when there is one
+
 
 class ModelNotFoundError(JambaRayError, ValueError):
     """The model path or hub id does not resolve to a checkpoint."""
@@ -27,3 +31,19 @@ class StageFailedError(JambaRayError):
 
 class RequestAbortedError(JambaRayError):
     """The request was cancelled before it finished."""
+
+
+class AuthenticationError(JambaRayError):
+    """The API key is missing or wrong."""
+
+
+class RequestTooLargeError(InvalidRequestError):
+    """The request body is larger than the server accepts."""
+
+
+class RequestTimeoutError(JambaRayError):
+    """The request ran past the server's timeout."""
+
+
+class RouteNotFoundError(JambaRayError):
+    """No such endpoint (or not with this method)."""

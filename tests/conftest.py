@@ -7,6 +7,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Triton kernels run on CPU tensors under its interpreter where there is no GPU; triton reads this
+# once, when it is first imported (torch and transformers may import it), so it is set first.
+if not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 
@@ -78,3 +82,16 @@ PROMPTS = [
     [1, 300, 301, 302, 303, 304, 305, 306, 307, 308, 309, 310, 311, 312, 313, 314, 315, 316, 317],
     [1, 250],
 ]
+
+
+def stage_logits(stages, msg, tokens):
+    """Run stages in-process on one message; the last stage's raw logits [rows, V] (fp32)."""
+    import dataclasses
+
+    import torch
+
+    msg = dataclasses.replace(msg, return_logits=True)
+    x = torch.tensor(tokens)
+    for s in stages:
+        x = s.forward(msg, x)
+    return torch.from_numpy(x.logits)

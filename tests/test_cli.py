@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from jamba_ray.cli import _pipeline, build_parser, main
-from jamba_ray.pipeline_config import PipelineFile
+from jamba_ray.config.pipeline_file import PipelineFile
 
 ROOT = Path(__file__).parents[1]
 

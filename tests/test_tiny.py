@@ -6,7 +6,7 @@ from pathlib import Path
 from transformers import AutoTokenizer, JambaConfig
 
 from jamba_ray.config import ModelSpec
-from jamba_ray.planner import total_params
+from jamba_ray.config.planner import total_params
 
 
 def test_checkpoint_is_sharded_in_hub_naming(tiny_ckpt):

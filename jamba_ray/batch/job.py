@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ray.data import ActorPoolStrategy
 
-from ..checkpoint import resolve
+from ..model.checkpoint import resolve
 from ..errors import InvalidRequestError
 from .scorer import PipelineScorer, ScoreConfig
 

@@ -8,8 +8,8 @@ from typing import Literal
 
 import pandas as pd
 
+from ..engine.sampling_params import SamplingParams
 from ..errors import InvalidRequestError, JambaRayError
-from ..sampling import SamplingParams
 
 Task = Literal["loglik", "classify", "generate"]
 
@@ -48,8 +48,7 @@ class PipelineScorer:
     """Callable class for `Dataset.map_batches`: each pool actor owns one stage pipeline."""
 
     def __init__(self, config: ScoreConfig):
-        from ..engine import EngineCore  # noqa: F401  (imported here: actors build their own)
-        from ..llm import LLM
+        from ..engine.llm import LLM
 
         self.cfg = config
         self.llm = LLM(config.model, num_stages=config.num_stages, num_cpus_per_stage=config.num_cpus_per_stage,

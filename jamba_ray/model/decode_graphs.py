@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..sequence import StepMessage
+from ..engine.messages import StepMessage
 from .layout import Layout
 
 log = logging.getLogger(__name__)

@@ -1,21 +1,9 @@
-"""Where a stage runs, and which optional CUDA kernels it may use."""
+"""Which optional CUDA kernels a stage may use."""
 
 from __future__ import annotations
 
 import functools
 
-from ..errors import ConfigError
-
-
-def select_device(num_gpus: float, cuda_available: bool, dtype: str) -> str:
-    """'cuda' for a stage that reserves a GPU, else 'cpu'; refuse what cannot run."""
-    if num_gpus > 0:
-        if not cuda_available:
-            raise ConfigError("this stage reserves a GPU (num_gpus > 0) but CUDA is not available here")
-        return "cuda"
-    if dtype in ("float16", "fp16"):
-        raise ConfigError("float16 needs a GPU stage; use float32 or bfloat16 on CPU")
-    return "cpu"
 
 
 @functools.cache

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..sequence import StepMessage
+from ..engine.messages import StepMessage
 
 
 @dataclass(frozen=True, slots=True)

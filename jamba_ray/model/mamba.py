@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from .device import decode_kernels
 from .layout import Layout
+from .scan import chunked_scan
 
 
 def conv_step(xs, conv, lay: Layout, weight, bias):
@@ -52,16 +53,10 @@ def ssm_step(u, dt, A, B, C, ssm, lay: Layout):
 
 
 def ssm_scan(u, dt, A, B, C, ssm, slot):
-    """Sequential selective scan over one sequence's tokens, from and back into ssm[slot]."""
-    dA = torch.exp(dt[:, :, None] * A)  # [n, DI, N]
-    dBu = dt[:, :, None] * B[:, None, :] * u[:, :, None]
-    state = ssm[slot]
-    states = []
-    for t in range(u.shape[0]):
-        state = dA[t] * state + dBu[t]
-        states.append(state)
-    ssm[slot] = state
-    return torch.matmul(torch.stack(states), C[:, :, None])[:, :, 0]  # [n, DI]
+    """Selective scan over one sequence's tokens [n, DI], from and back into ssm[slot] [DI, N]."""
+    y, final, _ = chunked_scan(u, dt, A, B, C, ssm[slot])
+    ssm[slot] = final
+    return y  # [n, DI]
 
 
 def mamba_mix(mixer, x: torch.Tensor, lay: Layout, conv: torch.Tensor, ssm: torch.Tensor):

@@ -15,7 +15,7 @@ from transformers.models.jamba.modeling_jamba import (
     JambaRMSNorm,
 )
 
-from ..sequence import StepMessage
+from ..engine.messages import StepMessage
 from .attention import attend
 from .layout import Layout
 from .mamba import mamba_mix

@@ -23,7 +23,7 @@ class PoolShape:
 class StatePool:
     """Mamba conv/SSM states `[n_mamba, slots, ...]` and KV `[n_attn, slots, kv_heads, max_len, hd]`.
 
-    Slots are handed out by the engine; the pool only tracks which ones hold a live sequence.
+    The engine alone hands slots out and takes them back: the pool holds no ownership of its own.
     """
 
     def __init__(self, shape: PoolShape, dtype: torch.dtype, device: torch.device | str = "cpu"):
@@ -35,7 +35,6 @@ class StatePool:
         kv = (s.n_attn, s.slots, s.kv_heads, s.max_len, s.head_dim)
         self.k = torch.zeros(kv, dtype=dtype, device=device)
         self.v = torch.zeros(kv, dtype=dtype, device=device)
-        self.in_use: set[int] = set()
 
     def check(self, slot: int, end: int) -> None:
         if not 0 <= slot < self.shape.slots:
@@ -47,7 +46,6 @@ class StatePool:
         """A fresh sequence takes `slot`: its Mamba state starts at zero (KV is masked by length)."""
         self.conv[:, slot].zero_()
         self.ssm[:, slot].zero_()
-        self.in_use.add(slot)
 
     def fork(self, src: int, dsts: list[int], length: int) -> None:
         """Copy `src`'s state after `length` tokens into each of `dsts` (n > 1 without re-prefill)."""
@@ -56,10 +54,6 @@ class StatePool:
             self.ssm[:, d].copy_(self.ssm[:, src])
             self.k[:, d, :, :length].copy_(self.k[:, src, :, :length])
             self.v[:, d, :, :length].copy_(self.v[:, src, :, :length])
-            self.in_use.add(d)
-
-    def release(self, slots) -> None:
-        self.in_use.difference_update(slots)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.conv, self.ssm, self.k, self.v))

@@ -1,22 +1,35 @@
 """The Serve application: one replica = one whole pipeline, behind a FastAPI ingress."""
 
+from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..async_engine import AsyncEngine
-from ..config import EngineConfig
-from ..errors import InvalidRequestError, ModelNotFoundError, StageFailedError
-from ..pipeline_config import PipelineFile
-from .errors import HTTPError, classify, error_body, retry_headers
+from ..config.engine_config import PipelineConfig
+from ..config.pipeline_file import PipelineFile
+from ..engine.client import EngineClient
+from ..errors import (
+    AuthenticationError,
+    ConfigError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    RequestTimeoutError,
+    RequestTooLargeError,
+    RouteNotFoundError,
+    StageFailedError,
+)
+from .errors import error_body, http_status, retry_headers
 from .grpc import GrpcMethods
 from .openai import Limits, OpenAIServing
 from .protocol import ChatCompletionRequest, CompletionRequest
@@ -26,30 +39,48 @@ api = FastAPI(title="jamba-ray", description="OpenAI-compatible API over a Jamba
 
 
 def error_response(exc: BaseException) -> JSONResponse:
-    status, err_type, _, message = classify(exc)
+    status, err_type, message = http_status(exc)
     if status == 500:
         log.exception("unexpected error", exc_info=exc)
-    return JSONResponse(error_body(status, err_type, message), status, headers=retry_headers(status))
+    body = error_body(status, err_type, message, getattr(exc, "param", None))
+    return JSONResponse(body, status, headers=retry_headers(status))
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _unknown_route(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Unknown routes and methods answer in OpenAI's error shape too."""
+    what = "method not allowed" if exc.status_code == 405 else "no such route"
+    error = RouteNotFoundError(f"{what}: {request.method} {request.url.path}")
+    return JSONResponse(error_body(exc.status_code, "not_found_error", str(error)), exc.status_code)
 
 
 async def _guard(events, timeout_s: float):
     """An error (or the request timeout) after the stream started becomes an SSE error event."""
-    import json
-
-    deadline = time.monotonic() + timeout_s
     try:
-        async for e in events:
-            yield e
-            if time.monotonic() > deadline:
-                raise HTTPError(504, f"request exceeded its {timeout_s:.0f}s timeout", "timeout")
+        async with asyncio.timeout(timeout_s):
+            async for e in events:
+                yield e
     except asyncio.CancelledError:
         raise
     except Exception as e:
-        status, err_type, _, message = classify(e)
+        if isinstance(e, TimeoutError):
+            e = RequestTimeoutError(f"request exceeded its {timeout_s:.0f}s timeout")
+        status, err_type, message = http_status(e)
         yield f"data: {json.dumps(error_body(status, err_type, message))}\n\n"
         yield "data: [DONE]\n\n"
     finally:
         await events.aclose()
+
+
+def api_key(env: str | None) -> str | None:
+    """The key named by `serve.api_key_env`; a named but unset variable refuses to start (an
+    unauthenticated server must never come up by accident)."""
+    if not env:
+        return None
+    key = os.environ.get(env)
+    if not key:
+        raise ConfigError(f"serve.api_key_env names {env}, but that environment variable is not set")
+    return key
 
 
 @serve.deployment(max_ongoing_requests=1024, health_check_period_s=10, health_check_timeout_s=60)
@@ -57,37 +88,40 @@ async def _guard(events, timeout_s: float):
 class JambaServer(GrpcMethods):
     """Owns one AsyncEngine, whose stage actors live in this replica's placement group."""
 
-    def __init__(self, engine_config: EngineConfig, model_name: str, pipeline: PipelineFile):
-        self.engine = AsyncEngine(engine_config)
+    def __init__(self, config: PipelineConfig, model_name: str):
+        from ..engine.async_engine import AsyncEngine
+
+        opts = config.serve
+        self.api_key = api_key(opts.api_key_env)
+        engine_cfg = config.engine.with_options(in_current_group=True)
+        self.engine: EngineClient = AsyncEngine(engine_cfg)
         self.model_name = model_name
-        opts = pipeline.serve
         self.max_body = opts.max_body_bytes
         self.timeout_s = opts.request_timeout_s
-        self.api_key = os.environ.get(opts.api_key_env) if opts.api_key_env else None
-        self.serving = OpenAIServing(self.engine, model_name, Limits(opts.max_prompt_tokens, opts.max_tokens_limit))
+        self.serving = OpenAIServing(self.engine, model_name, Limits(opts.max_prompt_tokens,
+                                                                     opts.max_tokens_limit))
 
     # ---- plumbing ---------------------------------------------------------------------------
     async def _body(self, request: Request, model_cls):
         self._auth(request.headers.get("authorization"))
         size = request.headers.get("content-length")
         if size is not None and size.isdigit() and int(size) > self.max_body:
-            raise HTTPError(413, f"request body exceeds {self.max_body} bytes", "request_too_large")
+            raise RequestTooLargeError(f"request body exceeds {self.max_body} bytes")
         raw = await request.body()
         if len(raw) > self.max_body:
-            raise HTTPError(413, f"request body exceeds {self.max_body} bytes", "request_too_large")
+            raise RequestTooLargeError(f"request body exceeds {self.max_body} bytes")
         try:
             req = model_cls.model_validate_json(raw)
         except ValidationError as e:
-            first = e.errors()[0]
-            where = ".".join(str(x) for x in first["loc"])
-            raise HTTPError(400, f"invalid field '{where}': {first['msg']}", "invalid_request_error", where) from None
+            raise _invalid(e) from None
         if req.model != self.model_name:
-            raise ModelNotFoundError(f"The model '{req.model}' does not exist; this server serves '{self.model_name}'")
+            raise ModelNotFoundError(f"The model '{req.model}' does not exist; this server serves "
+                                     f"'{self.model_name}'")
         return req
 
     def _auth(self, header: str | None) -> None:
         if self.api_key and header != f"Bearer {self.api_key}":
-            raise HTTPError(401, "invalid or missing API key", "authentication_error")
+            raise AuthenticationError("invalid or missing API key")
 
     async def _respond(self, request: Request, model_cls, unary, streaming):
         try:
@@ -98,7 +132,7 @@ class JambaServer(GrpcMethods):
                                          headers={"Cache-Control": "no-cache"})
             return JSONResponse(await asyncio.wait_for(unary(req), self.timeout_s))
         except asyncio.TimeoutError:
-            return error_response(HTTPError(504, "request timed out", "timeout"))
+            return error_response(RequestTimeoutError("request timed out"))
         except Exception as e:
             return error_response(e)
 
@@ -110,16 +144,17 @@ class JambaServer(GrpcMethods):
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
-        return await self._respond(request, ChatCompletionRequest, self.serving.chat, self.serving.chat_stream)
+        return await self._respond(request, ChatCompletionRequest, self.serving.chat,
+                                   self.serving.chat_stream)
 
     @api.get("/v1/models")
     async def models(self, request: Request):
         try:
             self._auth(request.headers.get("authorization"))
-        except HTTPError as e:
+        except AuthenticationError as e:
             return error_response(e)
         card = {"id": self.model_name, "object": "model", "created": 0, "owned_by": "jamba-ray",
-                "max_model_len": self.engine.core.capacity.max_model_len}
+                "max_model_len": self.engine.model_card()["max_model_len"]}
         return {"object": "list", "data": [card]}
 
     @api.get("/health")
@@ -128,15 +163,15 @@ class JambaServer(GrpcMethods):
         try:
             t0 = time.perf_counter()
             await self.engine.probe()
-            return {"status": "ok", "stages": self.engine.core.pipeline.num_stages,
+            return {"status": "ok", "stages": self.engine.model_card()["stages"],
                     "probe_s": time.perf_counter() - t0}
         except Exception as e:
             return error_response(StageFailedError(f"health probe failed: {type(e).__name__}"))
 
     @api.get("/metrics")
     async def metrics(self):
-        stats = await self.engine.stats()
-        return PlainTextResponse(self.engine.core.metrics.render(stats), media_type="text/plain; version=0.0.4")
+        text = await self.engine.metrics()
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @api.get("/v1/stats")
     async def stats(self):
@@ -144,14 +179,10 @@ class JambaServer(GrpcMethods):
 
     # ---- Serve hooks ------------------------------------------------------------------------
     async def check_health(self) -> None:
-        """Serve's periodic check: every stage actor answers (cheap; /health runs a full probe)."""
-        await asyncio.wait_for(asyncio.gather(*self.engine.core.pipeline.ping()), 30)
-
-    def record_autoscaling_stats(self) -> dict[str, float]:
-        """Queue depth and slot use, for custom autoscaling policies."""
-        s = self.engine.core.stats_local()
-        return {"queue_depth": s["requests_waiting"], "slots_in_use": s["slots_in_use"],
-                "slot_utilization": s["slots_in_use"] / max(1, s["slots_total"])}
+        """Serve's periodic check: a probe through every stage (a dead stage fails it). A recovery
+        in progress passes: it replaces dead stages itself, and failing would kill its streams."""
+        if not self.engine.recovering:
+            await self.engine.probe(timeout_s=30)
 
     def __del__(self):
         try:
@@ -160,49 +191,48 @@ class JambaServer(GrpcMethods):
             pass
 
 
-def resolve_model(pipeline: PipelineFile, model: str | None) -> str:
-    model = model or pipeline.model
-    if model is None:
+def _invalid(e: ValidationError) -> InvalidRequestError:
+    first = e.errors()[0]
+    where = ".".join(str(x) for x in first["loc"])
+    if first["type"] == "json_invalid":
+        return InvalidRequestError(f"the request body is not valid JSON: {first['msg']}")
+    return InvalidRequestError(f"invalid field '{where}': {first['msg']}", where or None)
+
+
+def served_name(config: PipelineConfig) -> str:
+    if config.serve.served_model_name:
+        return config.serve.served_model_name
+    return "jamba-tiny" if not config.model_given else Path(config.engine.model.path).name
+
+
+def deployment(config: PipelineConfig) -> serve.Application:
+    """Bind the app: the replica's placement group = [replica bundle] + one bundle per stage."""
+    from ..runtime.placement import stage_bundle
+
+    if not config.model_given:
         from ..tiny import ensure_default_tiny
 
-        return str(ensure_default_tiny())
-    return model
-
-
-def served_name(pipeline: PipelineFile, model: str) -> str:
-    if pipeline.serve.served_model_name:
-        return pipeline.serve.served_model_name
-    return "jamba-tiny" if pipeline.model is None and "tiny-default" in model else Path(model).name
-
-
-def deployment(pipeline: PipelineFile, model: str | None = None) -> serve.Application:
-    """Bind the app: the replica's placement group = [replica bundle] + one bundle per stage."""
-    model = resolve_model(pipeline, model)
-    cfg = pipeline.engine_config(model)
-    from dataclasses import replace
-
-    cfg = replace(cfg, in_current_placement_group=True)
-    stage_bundle = {"CPU": cfg.num_cpus_per_stage, **dict(cfg.stage_resources)}
-    if cfg.num_gpus_per_stage:
-        stage_bundle["GPU"] = cfg.num_gpus_per_stage
-    bundles = [{"CPU": pipeline.serve.replica_cpus}] + [stage_bundle] * cfg.num_stages
+        ensure_default_tiny()
+    api_key(config.serve.api_key_env)  # refuse here too, before any replica starts
+    place = config.engine.placement
+    bundle = stage_bundle(place, place.num_stages)
+    engine = replace(config.engine, placement=replace(place, num_cpus_per_stage=bundle["CPU"]))
+    config = replace(config, engine=engine)
+    bundles = [{"CPU": config.serve.replica_cpus}] + [bundle] * place.num_stages
     env = {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}
-    if pipeline.serve.api_key_env and pipeline.serve.api_key_env in os.environ:
-        env[pipeline.serve.api_key_env] = os.environ[pipeline.serve.api_key_env]
+    if config.serve.api_key_env:
+        env[config.serve.api_key_env] = os.environ[config.serve.api_key_env]
     return JambaServer.options(
         name="JambaServer",
         placement_group_bundles=bundles,
-        placement_group_strategy=pipeline.placement,
-        autoscaling_config=pipeline.autoscaling.serve_dict(),
-        ray_actor_options={"num_cpus": pipeline.serve.replica_cpus, "runtime_env": {"env_vars": env}},
-    ).bind(cfg, served_name(pipeline, model), pipeline)
+        placement_group_strategy=place.strategy,
+        autoscaling_config=config.serve.autoscaling.serve_dict(),
+        ray_actor_options={"num_cpus": config.serve.replica_cpus, "runtime_env": {"env_vars": env}},
+    ).bind(config, served_name(config))
 
 
 def build_app(args: dict) -> serve.Application:
     """Serve config entry point (`import_path: jamba_ray.serve.app:build_app`)."""
-    config = args.get("config")
-    pipeline = PipelineFile.load(config) if config else PipelineFile(name="default")
-    return deployment(pipeline, args.get("model"))
-
-
-__all__ = ["JambaServer", "build_app", "deployment", "InvalidRequestError"]
+    path = args.get("config")
+    pipeline = PipelineFile.load(path) if path else PipelineFile(name="default")
+    return deployment(pipeline.to_config(args.get("model")))

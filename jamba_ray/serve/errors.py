@@ -3,47 +3,61 @@
 from __future__ import annotations
 
 from ..errors import (
+    AuthenticationError,
     CapacityError,
     ConfigError,
     InvalidRequestError,
     ModelNotFoundError,
     RequestAbortedError,
+    RequestTimeoutError,
+    RequestTooLargeError,
+    RouteNotFoundError,
     StageFailedError,
 )
 
-
-class HTTPError(Exception):
-    """An error with its HTTP status and OpenAI error type, raised by the front itself."""
-
-    def __init__(self, status: int, message: str, err_type: str, param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.err_type, self.param = status, message, err_type, param
-
-
 RETRY_AFTER_S = 1
 
-# exception class -> (HTTP status, OpenAI error type, gRPC status code name)
-_TABLE = [
-    (InvalidRequestError, 400, "invalid_request_error", "INVALID_ARGUMENT"),
-    (ModelNotFoundError, 404, "not_found_error", "NOT_FOUND"),
-    (CapacityError, 429, "rate_limit_exceeded", "RESOURCE_EXHAUSTED"),
-    (StageFailedError, 503, "service_unavailable", "UNAVAILABLE"),
-    (RequestAbortedError, 499, "request_aborted", "CANCELLED"),
-    (ConfigError, 500, "server_error", "INTERNAL"),
+# Most specific first: exception class -> (HTTP status, OpenAI error type)
+HTTP = [
+    (RequestTooLargeError, 413, "request_too_large"),
+    (InvalidRequestError, 400, "invalid_request_error"),
+    (AuthenticationError, 401, "authentication_error"),
+    (ModelNotFoundError, 404, "not_found_error"),
+    (RouteNotFoundError, 404, "not_found_error"),
+    (CapacityError, 429, "rate_limit_exceeded"),
+    (RequestAbortedError, 499, "request_aborted"),
+    (StageFailedError, 503, "service_unavailable"),
+    (RequestTimeoutError, 504, "timeout"),
+    (ConfigError, 500, "server_error"),
+]
+
+# exception class -> gRPC status code name
+GRPC = [
+    (InvalidRequestError, "INVALID_ARGUMENT"),
+    (AuthenticationError, "UNAUTHENTICATED"),
+    (ModelNotFoundError, "NOT_FOUND"),
+    (RouteNotFoundError, "UNIMPLEMENTED"),
+    (CapacityError, "RESOURCE_EXHAUSTED"),
+    (RequestAbortedError, "CANCELLED"),
+    (StageFailedError, "UNAVAILABLE"),
+    (RequestTimeoutError, "DEADLINE_EXCEEDED"),
 ]
 
 
-def classify(exc: BaseException) -> tuple[int, str, str, str]:
-    """(HTTP status, error type, gRPC code name, client-safe message) for any exception."""
-    if isinstance(exc, HTTPError):
-        grpc = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 404: "NOT_FOUND", 413: "INVALID_ARGUMENT",
-                429: "RESOURCE_EXHAUSTED", 503: "UNAVAILABLE"}.get(exc.status, "INTERNAL")
-        return exc.status, exc.err_type, grpc, exc.message
-    for cls, status, err_type, grpc in _TABLE:
+def http_status(exc: BaseException) -> tuple[int, str, str]:
+    """(HTTP status, OpenAI error type, client-safe message) for any exception."""
+    for cls, status, err_type in HTTP:
         if isinstance(exc, cls):
-            return status, err_type, grpc, str(exc)
-    # Anything unexpected: no stack trace or internals reach the client.
-    return 500, "server_error", "INTERNAL", "internal server error"
+            return status, err_type, str(exc)
+    return 500, "server_error", "internal server error"  # no stack trace or internals leak
+
+
+def grpc_status(exc: BaseException) -> tuple[str, str]:
+    """(gRPC status code name, client-safe message) for any exception."""
+    for cls, code in GRPC:
+        if isinstance(exc, cls):
+            return code, str(exc)
+    return "INTERNAL", "internal server error"
 
 
 def error_body(status: int, err_type: str, message: str, param: str | None = None) -> dict:

@@ -8,11 +8,11 @@ import uuid
 
 import grpc
 
-from ..errors import InvalidRequestError, StageFailedError
-from ..outputs import CompletionOutput, accumulate
+from ..engine.outputs import CompletionOutput, accumulate
+from ..engine.sampling_params import SamplingParams
+from ..errors import AuthenticationError, InvalidRequestError, StageFailedError
 from ..proto import jamba_pb2 as pb
-from ..sampling import SamplingParams
-from .errors import HTTPError, classify
+from .errors import grpc_status
 
 log = logging.getLogger("jamba_ray.serve.grpc")
 
@@ -43,7 +43,7 @@ class GrpcMethods:
     """Mixed into the Serve deployment; expects `self.engine`, `self.api_key` and `self.timeout_s`."""
 
     def _grpc_fail(self, ctx, exc: BaseException):
-        _, _, code, message = classify(exc)
+        code, message = grpc_status(exc)
         if code == "INTERNAL":
             log.exception("unexpected gRPC error", exc_info=exc)
         if ctx is not None:
@@ -55,7 +55,7 @@ class GrpcMethods:
             return
         meta = dict(ctx.invocation_metadata()) if ctx is not None else {}
         if meta.get("authorization") != f"Bearer {self.api_key}":
-            raise HTTPError(401, "invalid or missing API key", "authentication_error")
+            raise AuthenticationError("invalid or missing API key")
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context=None) -> pb.GenerateResponse:
         try:
@@ -96,7 +96,7 @@ class GrpcMethods:
         except Exception as e:
             # A stream carries its status only with a raise: Serve keeps the code set on the context.
             self._grpc_fail(grpc_context, e)
-            raise _StatusSet(classify(e)[3]) from None
+            raise _StatusSet(grpc_status(e)[1]) from None
 
     async def Score(self, request: pb.ScoreRequest, grpc_context=None) -> pb.ScoreResponse:
         try:
@@ -125,7 +125,7 @@ class GrpcMethods:
     async def Health(self, request: pb.HealthRequest, grpc_context=None) -> pb.HealthResponse:
         try:
             await self.engine.probe()
-            return pb.HealthResponse(status="ok", stages=self.engine.core.pipeline.num_stages)
+            return pb.HealthResponse(status="ok", stages=self.engine.model_card()["stages"])
         except Exception as e:
             self._grpc_fail(grpc_context, StageFailedError(f"health probe failed: {type(e).__name__}"))
             return pb.HealthResponse(status="unavailable")

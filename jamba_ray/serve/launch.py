@@ -7,7 +7,8 @@ import logging
 from ray import serve
 from ray.serve.config import gRPCOptions
 
-from ..pipeline_config import PipelineFile
+from ..config.engine_config import PipelineConfig
+from ..config.pipeline_file import PipelineFile
 from .app import deployment
 
 log = logging.getLogger(__name__)
@@ -16,14 +17,14 @@ APP_NAME = "jamba"
 GRPC_SERVICER = "jamba_ray.proto.jamba_pb2_grpc.add_JambaServiceServicer_to_server"
 
 
-def start(pipeline: PipelineFile, model: str | None = None, blocking: bool = False):
+def start(config: PipelineConfig, blocking: bool = False):
     """Deploy the pipeline app on the running Ray cluster; returns the ingress handle."""
-    opts = pipeline.serve
+    opts = config.serve
     grpc = None
     if opts.grpc_port:
         grpc = gRPCOptions(port=opts.grpc_port, grpc_servicer_functions=[GRPC_SERVICER])
     serve.start(http_options={"host": opts.host, "port": opts.port}, grpc_options=grpc)
-    app = deployment(pipeline, model)
+    app = deployment(config)
     handle = serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
     log.info("serving on http://%s:%d%s", opts.host, opts.port,
              f" and grpc {opts.host}:{opts.grpc_port}" if grpc else "")

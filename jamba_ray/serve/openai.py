@@ -9,9 +9,9 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from ..engine.outputs import CompletionOutput, accumulate
+from ..engine.sampling_params import SamplingParams
 from ..errors import InvalidRequestError
-from ..outputs import CompletionOutput, accumulate
-from ..sampling import SamplingParams
 from .protocol import ChatCompletionRequest, CompletionRequest, Usage
 
 

@@ -2,11 +2,10 @@
 
 import torch
 
+from jamba_ray.engine.messages import Segment, StepMessage
 from jamba_ray.model.quant import Int8Linear, quantize_rows
-from jamba_ray.sequence import Segment, StepMessage
-from jamba_ray.stage import Stage, StageSpec
-from jamba_ray.wire import unpack
-from tests.conftest import PROMPTS
+from jamba_ray.runtime.stage import Stage, StageSpec
+from tests.conftest import PROMPTS, stage_logits
 
 
 def stage(path, quantization=None, dtype="float32"):
@@ -14,7 +13,7 @@ def stage(path, quantization=None, dtype="float32"):
 
 
 def logits(st, prompt):
-    return unpack(st.forward(StepMessage(1, (Segment(1, 0, 0, len(prompt), logits="all"),)), torch.tensor(prompt)))
+    return stage_logits([st], StepMessage(1, (Segment(1, 0, 0, len(prompt), logits="all"),)), prompt)
 
 
 def test_row_quantization_round_trips_within_half_a_step():

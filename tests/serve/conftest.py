@@ -8,7 +8,7 @@ import time
 import pytest
 import requests
 
-from jamba_ray.pipeline_config import PipelineFile
+from jamba_ray.config.pipeline_file import PipelineFile
 from tests.conftest import STAGE_CPUS
 
 MODEL = "jamba-test"

@@ -1,0 +1,194 @@
+"""One tree of frozen settings: each option is defined once, here, with its one default. Pure Python.
+
+`EngineConfig` nests the sections an engine needs; `PipelineConfig` adds the Serve front. The
+pipeline YAML (`pipeline_file.py`) is a pydantic mirror of this tree, and `LLM(...)`, the CLI and
+the batch job all build from it (`EngineConfig.build(model, **flat)` takes vLLM-style flat names).
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, field, fields, replace
+from typing import Any
+
+from ..errors import ConfigError
+from .spec import canonical_dtype
+
+TRANSPORTS = ("auto", "object_store", "p2p")  # how hidden states cross stages: runtime/transport.py
+BALANCES = ("params", "flops")
+BACKENDS = ("ray", "local")
+STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
+def _positive(section: object, *names: str) -> None:
+    for name in names:
+        if getattr(section, name) < 1:
+            raise ConfigError(f"{name} must be at least 1, got {getattr(section, name)}")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    path: str  # checkpoint directory or hub id
+    dtype: str = "float32"
+    quantization: str | None = None  # "int8": weight-only, Mamba excluded
+    max_model_len: int | None = None  # None: min(the model's max positions, 4096)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
+        if self.quantization not in (None, "int8"):
+            raise ConfigError(f"quantization must be null or 'int8', got {self.quantization!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class StateConfig:
+    state_memory_gib: float = 4.0  # per stage, for the Mamba state + KV of all slots
+
+    def __post_init__(self) -> None:
+        if self.state_memory_gib <= 0:
+            raise ConfigError(f"state_memory_gib must be positive, got {self.state_memory_gib}")
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64  # state slots per stage (clamped to the state budget)
+    max_batched_tokens: int = 512  # tokens per micro-batch; long prompts are chunked to fit
+    max_waiting: int = 256  # queued requests before new ones are refused (429)
+
+    def __post_init__(self) -> None:
+        _positive(self, "max_num_seqs", "max_batched_tokens", "max_waiting")
+
+
+@dataclass(frozen=True, slots=True)
+class PlacementConfig:
+    num_stages: int = 1
+    stage_slices: tuple[tuple[int, int], ...] | None = None  # explicit [start, end) slices
+    balance: str = "params"
+    num_cpus_per_stage: float | None = None  # None: an equal share of the CPUs Ray has free, at most 1
+    num_gpus_per_stage: float = 0.0
+    strategy: str = "PACK"
+    resources: tuple[tuple[str, float], ...] = ()  # custom Ray resources per stage
+    device_memory_gib: float | None = None  # set: refuse layouts that do not fit the device
+    activation_memory_gib: float = 0.5  # per stage, headroom for activations in the fit check
+    in_current_group: bool = False  # stages join the caller's placement group (Serve replicas)
+    ready_timeout_s: float = 600.0  # stage start-up (a 24 GiB slice loads for minutes)
+    backend: str = "ray"  # "ray": a Ray actor per stage; "local": all stages in this process
+
+    def __post_init__(self) -> None:
+        if self.stage_slices is not None:
+            object.__setattr__(self, "num_stages", len(self.stage_slices))
+        _positive(self, "num_stages")
+        if self.balance not in BALANCES:
+            raise ConfigError(f"balance must be one of {BALANCES}, got {self.balance!r}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"placement strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class ComputeConfig:
+    threads_per_stage: int = 1
+    transport: str = "auto"  # hidden states between stages: auto | object_store | p2p
+    decode_graphs: bool = False  # decode at fixed shapes, CUDA graphs on GPUs
+
+    def __post_init__(self) -> None:
+        _positive(self, "threads_per_stage")
+        if self.transport not in TRANSPORTS:
+            raise ConfigError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryConfig:
+    max_stage_restarts: int = 3  # replacements per failure before requests fail (503)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """How to build and run one pipeline."""
+
+    model: ModelConfig
+    state: StateConfig = field(default_factory=StateConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
+    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
+
+    def __post_init__(self) -> None:
+        if self.compute.decode_graphs and self.model.quantization:
+            raise ConfigError("decode_graphs needs unquantized weights: int8 experts route with a host sync")
+        if self.placement.num_gpus_per_stage == 0 and self.model.dtype == "float16":
+            raise ConfigError("float16 needs a GPU stage; use float32 or bfloat16 on CPU")
+
+    @classmethod
+    def build(cls, model: str, **flat: Any) -> EngineConfig:
+        """From vLLM-style flat options (`num_stages=2, max_num_seqs=16, dtype="bf16"`); each name
+        belongs to one section, and an unknown name is refused by name."""
+        sections: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+        for key, value in flat.items():
+            owner = _OWNER.get(key)
+            if owner is None:
+                raise ConfigError(f"unknown engine option {key!r}; known: {sorted(_OWNER)}")
+            sections[owner][key] = value
+        sections["model"]["path"] = str(model)
+        return cls(**{name: _SECTIONS[name](**kw) for name, kw in sections.items()})
+
+    def with_options(self, **flat: Any) -> EngineConfig:
+        """A copy with some flat options changed."""
+        changed = {}
+        for key, value in flat.items():
+            owner = _OWNER.get(key)
+            if owner is None:
+                raise ConfigError(f"unknown engine option {key!r}")
+            changed[owner] = replace(changed.get(owner, getattr(self, owner)), **{key: value})
+        return replace(self, **changed)
+
+
+_SECTIONS = {"model": ModelConfig, "state": StateConfig, "scheduler": SchedulerConfig,
+             "placement": PlacementConfig, "compute": ComputeConfig, "recovery": RecoveryConfig}
+_OWNER = {f.name: name for name, cls in _SECTIONS.items() for f in fields(cls) if f.name != "path"}
+
+
+def default_of(cls: type, name: str) -> Any:
+    """The one default of a field, for mirrors of this tree (the YAML models, the CLI)."""
+    f = next(f for f in fields(cls) if f.name == name)
+    return f.default if f.default is not MISSING else f.default_factory()
+
+
+@dataclass(frozen=True, slots=True)
+class AutoscalingConfig:
+    min_replicas: int = 1
+    max_replicas: int = 1
+    initial_replicas: int | None = None
+    target_ongoing_requests: float = 8.0  # per replica (= per pipeline)
+    upscale_delay_s: float = 5.0
+    downscale_delay_s: float = 30.0
+    look_back_period_s: float | None = None
+
+    def serve_dict(self) -> dict[str, Any]:
+        if self.max_replicas < self.min_replicas:
+            raise ConfigError("autoscaling.max_replicas must be at least min_replicas")
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+
+@dataclass(frozen=True, slots=True)
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    grpc_port: int | None = None  # None: no gRPC proxy
+    served_model_name: str | None = None
+    max_body_bytes: int = 1 << 20
+    max_prompt_tokens: int | None = None
+    max_tokens_limit: int | None = None  # largest max_tokens a request may ask
+    request_timeout_s: float = 600.0
+    api_key_env: str | None = None  # env var holding the API key (unset field: no auth)
+    replica_cpus: float = 0.5  # CPUs of the replica (ingress + engine) itself
+    autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineConfig:
+    """A whole served pipeline: the engine and its Serve front (`pipelines/*.yaml`)."""
+
+    name: str
+    engine: EngineConfig
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    model_given: bool = True  # False: the layout names no model, the tiny default is served

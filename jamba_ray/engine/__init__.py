@@ -1,0 +1,1 @@
+"""The engine: scheduling, the step loop, outputs and recovery; drivers `LLM` and `AsyncEngine`."""

@@ -1,0 +1,81 @@
+"""Engine metrics with a Prometheus text rendering. Pure Python (no client library needed)."""
+
+from __future__ import annotations
+
+import bisect
+import time
+from dataclasses import dataclass, field
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+@dataclass(slots=True)
+class Histogram:
+    buckets: tuple[float, ...] = LATENCY_BUCKETS
+    counts: list[int] = field(default_factory=list)
+    total: float = 0.0
+    n: int = 0
+
+    def __post_init__(self) -> None:
+        self.counts = [0] * (len(self.buckets) + 1)
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.total += value
+        self.n += 1
+
+    def render(self, name: str, help_text: str, labels: str = "") -> list[str]:
+        lines = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
+        cum = 0
+        sep = "," if labels else ""
+        for bound, count in zip(self.buckets, self.counts):
+            cum += count
+            lines.append(f'{name}_bucket{{{labels}{sep}le="{bound}"}} {cum}')
+        lines.append(f'{name}_bucket{{{labels}{sep}le="+Inf"}} {self.n}')
+        suffix = f"{{{labels}}}" if labels else ""
+        lines += [f"{name}_sum{suffix} {self.total}", f"{name}_count{suffix} {self.n}"]
+        return lines
+
+
+@dataclass(slots=True)
+class EngineMetrics:
+    ttft: Histogram = field(default_factory=Histogram)
+    tpot: Histogram = field(default_factory=Histogram)
+
+    def observe(self, arrival: float, first_token_at: float | None, num_tokens: int) -> None:
+        """A finished request's time to first token and time per output token after it."""
+        if first_token_at is None:
+            return
+        self.ttft.observe(first_token_at - arrival)
+        if num_tokens > 1:
+            self.tpot.observe((time.monotonic() - first_token_at) / (num_tokens - 1))
+
+    def render(self, stats: dict, labels: str = "") -> str:
+        """Prometheus text exposition of the engine's gauges, counters and latency histograms."""
+        lab = f"{{{labels}}}" if labels else ""
+        sep = "," if labels else ""
+        lines = []
+
+        def metric(name, kind, help_text, value, extra=""):
+            lines.extend([f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"])
+            lines.append(f"{name}{{{labels}{sep}{extra}}} {value}" if extra else f"{name}{lab} {value}")
+
+        metric("jamba_ray_requests_running", "gauge", "Requests holding state slots.", stats["requests_running"])
+        metric("jamba_ray_requests_waiting", "gauge", "Requests queued for a free slot.", stats["requests_waiting"])
+        def per_stage(name, kind, help_text, key):
+            lines.extend([f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"])
+            for s in stats.get("stages", []):
+                lines.append(f'{name}{{{labels}{sep}stage="{s["stage"]}"}} {s.get(key, 0)}')
+
+        per_stage("jamba_ray_slots_in_use", "gauge", "State slots held, per stage.", "slots_in_use")
+        per_stage("jamba_ray_stage_busy_seconds_total", "counter", "Time a stage spent computing.", "busy_s")
+        per_stage("jamba_ray_stage_p2p_sends_total", "counter", "Hidden-state sends over the p2p transport.",
+                  "p2p_sent")
+        per_stage("jamba_ray_stage_decode_graph_steps_total", "counter",
+                  "Decode steps run at fixed shapes (CUDA graph replays on GPUs).", "decode_graph_steps")
+        metric("jamba_ray_slots_total", "gauge", "State slots per stage.", stats["slots_total"])
+        metric("jamba_ray_generated_tokens_total", "counter", "Tokens generated.", stats["generated_tokens"])
+        metric("jamba_ray_requests_finished_total", "counter", "Requests finished.", stats["finished_requests"])
+        lines += self.ttft.render("jamba_ray_time_to_first_token_seconds", "Time to first token.", labels)
+        lines += self.tpot.render("jamba_ray_time_per_output_token_seconds", "Time per output token after the first.", labels)
+        return "\n".join(lines) + "\n"

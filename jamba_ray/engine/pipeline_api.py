@@ -1,0 +1,43 @@
+"""The small protocol through which the engine drives a pipeline of stages.
+
+`runtime.pipeline.RayPipeline` runs each stage in a Ray actor; `runtime.local.LocalPipeline` runs
+the same stages in this process (engine tests, no Ray). The engine imports neither.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from .messages import StepFailure, StepMessage, StepResult
+
+
+class Pipeline(Protocol):
+    num_stages: int
+    probe_slot: int  # a slot the scheduler never hands out, for health probes
+
+    def submit(self, msg: StepMessage, token_ids: list[int]) -> object:
+        """Queue one micro-batch through every stage; returns a handle on its result."""
+
+    def wait(self, handle: object) -> StepResult | StepFailure:
+        """Block until the micro-batch lands (or fails)."""
+
+    async def wait_async(self, handle: object) -> StepResult | StepFailure:
+        """The same, for an asyncio driver."""
+
+    def dead_stages(self) -> list[int]:
+        """Stages that no longer answer."""
+
+    def replace(self, indices: list[int]) -> None:
+        """Start fresh stages in place of dead ones (blocking: they load their slice)."""
+
+    def reconnect(self) -> None:
+        """Re-form the stages' p2p link after a failure (no-op without one)."""
+
+    def probe(self, token_id: int) -> object:
+        """A one-token forward through every stage on the probe slot; a handle like submit's."""
+
+    def stats(self) -> list[dict]:
+        """Per-stage counters (blocking; an asyncio driver calls it in a thread)."""
+
+    def shutdown(self) -> None:
+        """Stop every stage."""

@@ -1,0 +1,110 @@
+"""Failed micro-batches: replace dead stages and replay, or fail only the request at fault.
+
+A micro-batch that does not come back is held until every other one in flight has landed; then
+`replace_dead()` (blocking, pipeline only) finds out why and `resume()` repairs the bookkeeping:
+- a stage died: it is replaced, and every running sequence re-runs its tokens on fresh state
+  (the healthy stages' state must match the new one's), so streams just continue;
+- every stage is alive (a compute error): the requests of the failed micro-batch are at fault. One
+  request alone fails with a clear error; several re-run alone ("suspect"), so that a second
+  failure is pinned on its own request and the others go on;
+- stages died and could not be replaced: every request fails (503 / UNAVAILABLE).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from ..errors import StageFailedError
+from .messages import StepFailure
+from .scheduler import MicroBatch
+from .sequence import Sequence
+
+if TYPE_CHECKING:
+    from .core import EngineCore
+
+log = logging.getLogger(__name__)
+
+
+class Recovery:
+    def __init__(self, core: EngineCore, max_restarts: int):
+        self.core, self.max_restarts = core, max_restarts
+        self.failures: list[tuple[MicroBatch, StepFailure]] = []
+
+    @property
+    def pending(self) -> bool:
+        return bool(self.failures)
+
+    def failed(self, mb: MicroBatch, failure: StepFailure) -> None:
+        log.warning("step %d failed: %s", mb.message.step_id, failure.error)
+        for seq in mb.seqs:
+            seq.in_flight = False
+        self.core.scheduler.requeue(mb)
+        self.failures.append((mb, failure))
+
+    def replace_dead(self) -> list[int] | StageFailedError:
+        """Blocking: the stages replaced (none: a compute error), or why they could not be."""
+        pipeline, unconfirmed = self.core.pipeline, set()
+        for attempt in range(self.max_restarts + 1):
+            dead = pipeline.dead_stages()
+            if not dead:  # (a replacement that missed its start-up deadline may answer after all)
+                _reconnect(pipeline)
+                return sorted(unconfirmed)
+            if attempt == self.max_restarts:
+                break
+            log.warning("stages %s died; starting replacements (attempt %d)", dead, attempt + 1)
+            try:
+                pipeline.replace(dead)
+            except StageFailedError as e:
+                log.error("replacement failed: %s", e)
+                unconfirmed |= set(dead)
+                continue
+            return sorted(unconfirmed | set(dead))
+        return StageFailedError("pipeline stages died and could not be replaced")
+
+    def resume(self, outcome: list[int] | StageFailedError) -> None:
+        """Repair the bookkeeping once nothing is in flight (see the module docstring)."""
+        failures, self.failures = self.failures, []
+        core = self.core
+        if isinstance(outcome, StageFailedError):
+            log.error("failing all requests: %s", outcome)
+            for rid in list(core.outputs.requests):
+                core.fail_request(rid, outcome)
+        elif outcome:
+            core.counters["stage_restarts"] += len(outcome)
+            self._replay(list(core.scheduler.running), suspect=False)
+        else:
+            for mb, failure in failures:
+                self._isolate(mb, failure)
+        for seq in list(core.scheduler.running):  # aborted while its micro-batch was failing
+            if seq.aborted:
+                core.finish_seq(seq)
+
+    def _isolate(self, mb: MicroBatch, failure: StepFailure) -> None:
+        core = self.core
+        core.counters["isolated_failures"] += 1
+        requests = list(dict.fromkeys(s.request_id for s in mb.seqs))
+        if len(requests) == 1:
+            core.fail_request(requests[0], StageFailedError(
+                f"a pipeline stage failed to compute this request: {failure.error}"))
+        else:
+            self._replay([s for s in mb.seqs if not s.aborted], suspect=True)
+        # forks whose state copy rode in the failed message start over from their own tokens
+        self._replay([s for s in mb.forked if not s.finished], suspect=False)
+
+    def _replay(self, seqs: list[Sequence], suspect: bool) -> None:
+        if not seqs:
+            return
+        log.warning("replaying %d sequences%s", len(seqs), " one at a time" if suspect else "")
+        self.core.scheduler.replay(seqs, suspect)
+        for s in seqs:  # prompt logprobs come from the first sample's prefill: it runs again
+            if s.index == 0:
+                self.core.outputs.restart_prompt_logprobs(s.request_id)
+
+
+def _reconnect(pipeline) -> None:
+    """A failed step may have left the p2p link out of step: a new group puts it back."""
+    try:
+        pipeline.reconnect()
+    except StageFailedError as e:
+        log.error("could not re-form the stages' p2p group: %s", e)

@@ -1,0 +1,127 @@
+"""Find a Jamba checkpoint and load only one stage's tensors from its safetensors shards."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ModelNotFoundError
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+METADATA = ["*.json", "*.jinja", "tokenizer*"]
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+_EXPERT = re.compile(r"^(model\.layers\.\d+\.feed_forward\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """A local directory holding config + tokenizer; shards may still be on the hub (`repo_id`)."""
+
+    root: Path
+    repo_id: str | None = None
+
+    def file(self, name: str) -> Path:
+        path = self.root / name
+        if path.exists() or self.repo_id is None:
+            return path
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(self.repo_id, name))
+
+    def weight_map(self) -> dict[str, str]:
+        """Tensor name -> shard file name, from the index (or the single-file checkpoint)."""
+        index = self.root / INDEX
+        if index.exists():
+            return json.loads(index.read_text())["weight_map"]
+        from safetensors import safe_open
+
+        with safe_open(self.file(SINGLE), framework="pt") as f:
+            return {k: SINGLE for k in f.keys()}
+
+
+def resolve(model: str | Path) -> Checkpoint:
+    """A local checkpoint directory, or a hub id whose metadata is fetched (shards are per stage)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelNotFoundError(f"{path} has no config.json: not a Hugging Face checkpoint")
+        return Checkpoint(path)
+    if path.exists() or str(model).startswith((".", "/", "~")) or str(model).count("/") != 1:
+        raise ModelNotFoundError(f"model {str(model)!r}: no such checkpoint directory")
+    try:
+        from huggingface_hub import snapshot_download
+
+        root = snapshot_download(str(model), allow_patterns=METADATA)
+    except Exception as e:  # offline, unknown repo, no network: all mean "not found" here
+        raise ModelNotFoundError(
+            f"model {str(model)!r} is neither a local directory nor a reachable hub id ({type(e).__name__})"
+        ) from None
+    return Checkpoint(Path(root), repo_id=str(model))
+
+
+def slice_keys(
+    names: list[str], start: int, end: int, first: bool, last: bool, tied: bool = False
+) -> list[str]:
+    """The tensor names stage [start, end) needs: its layers, plus embedding (first) and head (last)."""
+    wanted = []
+    for name in names:
+        m = _LAYER.match(name)
+        if m:
+            keep = start <= int(m.group(1)) < end
+        elif name == "model.embed_tokens.weight":
+            keep = first or (last and tied)
+        elif name in ("model.final_layernorm.weight", "lm_head.weight", "score.weight"):
+            keep = last
+        else:
+            keep = False
+        if keep:
+            wanted.append(name)
+    return wanted
+
+
+def load_tensors(ckpt: Checkpoint, names: list[str]) -> dict:
+    """Read exactly `names`, opening each shard once; nothing else is read."""
+    from safetensors import safe_open
+
+    by_shard: dict[str, list[str]] = defaultdict(list)
+    weight_map = ckpt.weight_map()
+    for name in names:
+        by_shard[weight_map[name]].append(name)
+    tensors = {}
+    for shard, keys in sorted(by_shard.items()):
+        with safe_open(ckpt.file(shard), framework="pt") as f:
+            for key in keys:
+                tensors[key] = f.get_tensor(key)
+    return tensors
+
+
+def merge_experts(tensors: dict) -> dict:
+    """Per-expert `experts.E.{gate,up,down}_proj.weight` -> `experts.gate_up_proj` [E, 2I, H] and
+    `experts.down_proj` [E, H, I], as transformers stores them in memory. Merged input passes through."""
+    import torch
+
+    parts: dict[str, dict[int, dict[str, object]]] = defaultdict(lambda: defaultdict(dict))
+    out = {}
+    for name, t in tensors.items():
+        m = _EXPERT.match(name)
+        if m:
+            parts[m.group(1)][int(m.group(2))][m.group(3)] = t
+        else:
+            out[name] = t
+    for prefix, experts in parts.items():
+        order = sorted(experts)
+        out[f"{prefix}.gate_up_proj"] = torch.stack(
+            [torch.cat([experts[e]["gate"], experts[e]["up"]], dim=0) for e in order]
+        )
+        out[f"{prefix}.down_proj"] = torch.stack([experts[e]["down"] for e in order])
+    return out
+
+
+def load_slice(ckpt: Checkpoint, start: int, end: int, first: bool, last: bool, tied: bool = False):
+    """(state dict in transformers' in-memory naming, the on-disk names that were read)."""
+    names = slice_keys(list(ckpt.weight_map()), start, end, first, last, tied)
+    return merge_experts(load_tensors(ckpt, names)), names

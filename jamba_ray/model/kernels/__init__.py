@@ -1,0 +1,96 @@
+"""Triton kernels for Jamba's Mamba layers, with a torch fallback chosen per call.
+
+Each wrapper runs the Triton kernel when `available()` and the inputs can reach it (CUDA tensors,
+or any tensors under TRITON_INTERPRET=1), else the torch reference in `reference.py`; both have
+the same signature, result and in-place effect on the state pool. State arguments are one layer's
+view of the pool (`pool.conv[i]`, `pool.ssm[i]`), updated in place at the given slots only.
+
+Slots within one call must be distinct: two rows writing the same slot is a race in the kernel.
+TRITON_INTERPRET is read when the kernel modules are first imported (Triton decides at decoration
+time), so set it before the first call.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from .reference import conv_update_ref, scan_ref, ssm_update_ref
+
+__all__ = ["available", "conv_update", "ssm_update", "varlen_scan"]
+
+
+@functools.cache
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def available() -> bool:
+    """True when Triton imports and can run here: a CUDA device, or TRITON_INTERPRET=1."""
+    return _triton_importable() and (_interpret() or torch.cuda.is_available())
+
+
+def _use_kernel(t: torch.Tensor) -> bool:
+    return available() and (t.is_cuda or _interpret())
+
+
+def conv_update(x, conv_state, weight, bias, slots, silu: bool = False) -> torch.Tensor:
+    """Decode-time causal conv step for one Mamba layer, one token per row.
+
+    x [B, DI] (model dtype); conv_state [S, DI, K] (any dtype, usually the model's), updated in
+    place: for each row b, conv_state[slots[b]] shifts left by one and appends x[b]. weight [DI, K]
+    or nn.Conv1d's [DI, 1, K]; bias [DI] or None; slots [B] int (distinct, any order).
+    Returns out [B, DI] in x's dtype: the depthwise dot product of the new window with `weight`,
+    plus bias, then SiLU if `silu` (mamba.py's `conv_step` followed by `mixer.act`), computed in
+    fp32 and rounded once. Other slots are untouched.
+    """
+    if _use_kernel(x):
+        from .decode import conv_update as kernel
+
+        return kernel(x, conv_state, weight, bias, slots, silu=silu)
+    return conv_update_ref(x, conv_state, weight, bias, slots, silu=silu)
+
+
+def ssm_update(u, dt, A, B, C, ssm, slots, D=None, z=None) -> torch.Tensor:
+    """Decode-time selective state update for one Mamba layer, one token per row.
+
+    u [B, DI] (conv output after SiLU); dt [B, DI] after dt_proj bias and softplus (fp32);
+    A [DI, N] (= -exp(A_log), fp32); B, C [B, N] (after their RMSNorms); ssm [S, DI, N] fp32,
+    updated in place: s = slots[b]; ssm[s] = exp(dt*A) * ssm[s] + dt * B * u.
+    D [DI] or None adds D*u; z [B, DI] or None multiplies by silu(z) (the gate half of in_proj).
+    Returns y [B, DI] in u's dtype: ssm[s]·C (+ D*u) (* silu(z)), all math in fp32.
+    """
+    if _use_kernel(u):
+        from .decode import ssm_update as kernel
+
+        return kernel(u, dt, A, B, C, ssm, slots, D=D, z=z)
+    return ssm_update_ref(u, dt, A, B, C, ssm, slots, D=D, z=z)
+
+
+def varlen_scan(u, dt, A, B, C, ssm, cu_seqlens, slots, D=None, z=None, emit=None):
+    """Selective scan over G packed segments (prefill chunks), each from and back into its slot.
+
+    u, dt [T, DI] (dt softplus'ed, fp32); B, C [T, N]; A [DI, N]; ssm [S, DI, N] fp32.
+    cu_seqlens [G+1] int: segment g is packed rows cu_seqlens[g]:cu_seqlens[g+1] (on u's device);
+    slots [G] int: segment g starts from ssm[slots[g]] (a chunk continuing a sequence starts from
+    its state so far) and its final state is written back there. D, z as in `ssm_update`.
+    emit: None, or (segment, token offset) pairs (a list or an [E, 2] int tensor, distinct):
+    the state just after that token is returned. Offsets are within the segment.
+    Returns (y [T, DI] in u's dtype, emitted [E, DI, N] fp32; E = 0 without `emit`).
+    Emit positions are checked against cu_seqlens only for CPU tensors (no device sync on CUDA).
+    """
+    if _use_kernel(u):
+        from .scan import varlen_scan as kernel
+
+        return kernel(u, dt, A, B, C, ssm, cu_seqlens, slots, D=D, z=z, emit=emit)
+    return scan_ref(u, dt, A, B, C, ssm, cu_seqlens, slots, D=D, z=z, emit=emit)

@@ -1,0 +1,75 @@
+"""Plain torch versions of the Mamba kernels: the specification each Triton kernel is tested against.
+
+Same arithmetic as `mamba.py`'s torch path, except that every product and sum is taken in fp32 and
+the result rounded once to the output dtype (the kernels do the same; `mamba.py`'s conv works in
+the model dtype). State is gathered by slot, updated, and scattered back.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .common import emit_rows
+
+
+def _weight_2d(weight: torch.Tensor) -> torch.Tensor:
+    return weight.reshape(weight.shape[0], weight.shape[-1])  # [DI, 1, K] (nn.Conv1d) -> [DI, K]
+
+
+def conv_update_ref(x, conv_state, weight, bias, slots, silu: bool = False) -> torch.Tensor:
+    """Reference for `decode.conv_update`: same signature and in-place effect on `conv_state`."""
+    slots = slots.long()
+    window = torch.cat([conv_state[slots][:, :, 1:], x[:, :, None].to(conv_state.dtype)], dim=-1)
+    conv_state[slots] = window  # [B, DI, K]
+    out = (window.float() * _weight_2d(weight).float()).sum(-1)  # [B, DI]
+    if bias is not None:
+        out = out + bias.float()
+    if silu:
+        out = F.silu(out)
+    return out.to(x.dtype)
+
+
+def _gate(y, u, D, z):
+    """y [.., DI] fp32: add the D skip and apply the SiLU gate, as `mamba_mix` does after the SSM."""
+    if D is not None:
+        y = y + u * D.float()
+    if z is not None:
+        y = y * F.silu(z.float())
+    return y
+
+
+def _step(state, u, dt, A, B, C):
+    """One recurrence step for rows: state [R, DI, N], u/dt [R, DI], B/C [R, N] -> (state, y [R, DI])."""
+    dA = torch.exp(dt[:, :, None] * A)  # [R, DI, N]
+    dBu = dt[:, :, None] * B[:, None, :] * u[:, :, None]
+    state = state * dA + dBu
+    return state, (state * C[:, None, :]).sum(-1)
+
+
+def ssm_update_ref(u, dt, A, B, C, ssm, slots, D=None, z=None) -> torch.Tensor:
+    """Reference for `decode.ssm_update`: same signature and in-place effect on `ssm`."""
+    slots = slots.long()
+    uf = u.float()
+    state, y = _step(ssm[slots], uf, dt.float(), A.float(), B.float(), C.float())
+    ssm[slots] = state
+    return _gate(y, uf, D, z).to(u.dtype)
+
+
+def scan_ref(u, dt, A, B, C, ssm, cu_seqlens, slots, D=None, z=None, emit=None):
+    """Reference for `scan.varlen_scan`: same signature, return value and in-place effect on `ssm`."""
+    T, DI = u.shape
+    rows = emit_rows(cu_seqlens, emit if emit is not None else []).tolist()
+    emitted = torch.empty(len(rows), DI, A.shape[-1], dtype=torch.float32, device=u.device)
+    uf, dtf, Af, Bf, Cf = u.float(), dt.float(), A.float(), B.float(), C.float()
+    y = torch.empty(T, DI, dtype=torch.float32, device=u.device)
+    bounds = cu_seqlens.tolist()
+    for g, slot in enumerate(slots.tolist()):
+        state = ssm[slot][None]  # [1, DI, N]
+        for t in range(bounds[g], bounds[g + 1]):
+            r = slice(t, t + 1)
+            state, y[r] = _step(state, uf[r], dtf[r], Af, Bf[r], Cf[r])
+            for e in (i for i, row in enumerate(rows) if row == t):
+                emitted[e] = state[0]
+        ssm[slot] = state[0]
+    return _gate(y, uf, D, z).to(u.dtype), emitted

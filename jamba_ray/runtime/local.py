@@ -1,0 +1,56 @@
+"""The same stages run one after another in this process (`backend: local`): no Ray, no actors.
+
+For engine tests (real stages, milliseconds) and debugging. A stage exception comes back as a
+`StepFailure`, like a failed actor task; stages never die here, so recovery only isolates.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..config.capacity import Capacity
+from ..config.engine_config import EngineConfig
+from ..config.planner import StagePlan
+from ..engine.messages import Segment, StepFailure, StepMessage, StepResult
+from .stage import Stage, stage_specs
+
+
+class LocalPipeline:
+    def __init__(self, config: EngineConfig, model: str, plans: list[StagePlan], capacity: Capacity,
+                 eos_id: int | None):
+        self.stages = [Stage(spec) for spec in stage_specs(config, model, plans, capacity, eos_id)]
+        self.num_stages = len(self.stages)
+        self.probe_slot = capacity.max_num_seqs
+
+    def submit(self, msg: StepMessage, token_ids: list[int]) -> StepResult | StepFailure:
+        x = np.asarray(token_ids, dtype=np.int64)
+        try:
+            for stage in self.stages:
+                x = stage.forward(msg, x)
+        except Exception as e:
+            return StepFailure(f"{type(e).__name__}: {e}")
+        return x
+
+    def wait(self, handle: StepResult | StepFailure) -> StepResult | StepFailure:
+        return handle
+
+    async def wait_async(self, handle: StepResult | StepFailure) -> StepResult | StepFailure:
+        return handle
+
+    def probe(self, token_id: int) -> StepResult | StepFailure:
+        return self.submit(StepMessage(-1, (Segment(-1, self.probe_slot, 0, 1),)), [token_id])
+
+    def dead_stages(self) -> list[int]:
+        return []
+
+    def replace(self, indices: list[int]) -> None:
+        raise NotImplementedError("in-process stages do not die")
+
+    def reconnect(self) -> None:
+        pass
+
+    def stats(self) -> list[dict]:
+        return [s.stats() for s in self.stages]
+
+    def shutdown(self) -> None:
+        self.stages = []

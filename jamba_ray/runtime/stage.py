@@ -1,0 +1,214 @@
+"""One pipeline stage: its slice of Jamba and its state pool. Runs in a Ray actor or in-process."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from ..config.spec import canonical_dtype
+from ..engine.messages import StepMessage, StepResult
+from ..errors import StageFailedError
+from ..model.checkpoint import load_slice, resolve
+from ..model.decode_graphs import DecodeGraphs
+from ..model.quant import quantize_slice
+from ..model.slice import SliceModel
+from ..model.state_pool import StatePool
+from .last_stage import SamplingTable
+from .transport import Handoff, PeerLink, free_address
+from .wire import pack, unpack
+
+
+@dataclass(frozen=True, slots=True)
+class StageSpec:
+    """What a stage needs to build itself."""
+
+    model: str
+    index: int
+    start: int
+    end: int
+    num_stages: int
+    slots: int  # state slots, the probe slot included (the last one)
+    max_len: int
+    dtype: str = "float32"
+    device: str = "cpu"
+    threads: int = 1
+    quantization: str | None = None  # "int8": weight-only, Mamba excluded
+    decode_graphs: bool = False  # fixed-shape decode steps, CUDA graphs on GPUs
+    eos_id: int | None = None
+
+    @property
+    def first(self) -> bool:
+        return self.index == 0
+
+    @property
+    def last(self) -> bool:
+        return self.index == self.num_stages - 1
+
+
+def stage_specs(config, model: str, plans, capacity, eos_id: int | None) -> list[StageSpec]:
+    """One spec per stage plan; the device is decided here, once."""
+    device = "cuda" if config.placement.num_gpus_per_stage else "cpu"
+    m, c = config.model, config.compute
+    return [StageSpec(model, p.index, p.start, p.end, len(plans), capacity.max_num_seqs + 1,
+                      capacity.max_model_len, m.dtype, device, c.threads_per_stage, m.quantization,
+                      c.decode_graphs, eos_id) for p in plans]
+
+
+class Stage:
+    def __init__(self, spec: StageSpec):
+        torch.set_num_threads(max(1, spec.threads))
+        if spec.device == "cuda" and not torch.cuda.is_available():
+            raise StageFailedError(f"stage {spec.index} was placed for CUDA but sees no GPU")
+        self.spec = spec
+        self.model, config = _load(spec)
+        dtype = getattr(torch, canonical_dtype(spec.dtype))
+        self.pool = StatePool(self.model.pool_shape(config, spec.slots, spec.max_len), dtype, spec.device)
+        self.graphs = None
+        if spec.decode_graphs:  # padding rows go to the last slot: the pipeline's probe slot
+            self.graphs = DecodeGraphs(self.model, self.pool, config, first=spec.first, device=spec.device,
+                                       dtype=dtype, scratch_slot=spec.slots - 1, max_batch=spec.slots - 1)
+        self.table = SamplingTable(spec.eos_id) if spec.last else None
+        self.link: PeerLink | None = None  # set by connect() when hidden states go point-to-point
+        self.trace: deque[tuple[int, float, float]] = deque(maxlen=4096)  # (step, start, end) wall
+        self.counters = {"steps": 0, "tokens": 0, "prefill_segments": 0, "prefill_tokens": 0,
+                         "busy_s": 0.0, "sampled_rows": 0}
+
+    def ready(self) -> dict:
+        return {"index": self.spec.index, "pid": os.getpid(), "node_id": _node_id()}
+
+    def rendezvous(self) -> str:
+        """Stage 0 hosts the group's rendezvous: an address on its own node."""
+        from ray.util import get_node_ip_address
+
+        return free_address(get_node_ip_address())
+
+    def connect(self, address: str) -> None:
+        """Join (again) the pipeline's group; hidden states then go point-to-point."""
+        old, self.link = self.link, None  # if joining fails, no half-closed link stays behind
+        if old is not None:
+            old.close()
+        self.link = PeerLink(self.spec.index, self.spec.num_stages, address, self.spec.device)
+
+    def forward(self, msg: StepMessage, x):
+        """Run this stage's layers on one micro-batch; state is read and written by slot.
+
+        `x` is token ids (first stage), or hidden states, or a `Handoff` when they come
+        point-to-point; the receive comes first and the send last, so a step that fails leaves the
+        link in step. The last stage returns a `StepResult`, the others their hidden states."""
+        t0, wall0 = time.perf_counter(), time.time()
+        x = self.link.recv(x) if isinstance(x, Handoff) else unpack(x).to(self.spec.device)
+        # Alone in the pipeline a stage may use all its threads; with k micro-batches in flight
+        # the k busy stages share the cores.
+        torch.set_num_threads(max(1, self.spec.threads // max(1, msg.in_flight)))
+        self._prepare(msg)
+        with torch.inference_mode():
+            out = self.graphs.run(msg, x) if self.graphs is not None else None
+            if out is None:  # not a decode-only micro-batch, or graphs are off
+                out = self.model(msg, x, self.pool)
+            if self.table is not None:
+                out = self._result(msg, out)
+        self._count(msg, t0, wall0)
+        if self.table is not None:
+            return out
+        if self.link is not None:
+            return self.link.send(out)
+        return pack(out.cpu())
+
+    def _prepare(self, msg: StepMessage) -> None:
+        """Forks first (copies of states as they stand), then fresh slots for new prefills."""
+        for f in msg.forks:
+            self.pool.fork(f.src, list(f.dsts), f.length)
+        if self.table is not None:
+            self.table.update(msg)
+        for s in msg.segments:
+            self.pool.check(s.slot, s.end)
+            if s.start == 0:
+                self.pool.start(s.slot)
+
+    def _result(self, msg: StepMessage, out) -> StepResult:
+        logits, scores = (out["logits"], out["scores"]) if isinstance(out, dict) else (out, None)
+        res = self.table.result(msg, logits.float(), scores)
+        self.counters["sampled_rows"] += len(res.samples)
+        return res
+
+    def _count(self, msg: StepMessage, t0: float, wall0: float) -> None:
+        for s in msg.segments:
+            if not s.is_decode:
+                self.counters["prefill_segments"] += s.start == 0
+                self.counters["prefill_tokens"] += s.length
+        self.counters["steps"] += 1
+        self.counters["tokens"] += msg.num_tokens
+        self.counters["busy_s"] += time.perf_counter() - t0
+        self.trace.append((msg.step_id, wall0, time.time()))
+
+    def stats(self) -> dict:
+        tensors = (*self.model.parameters(), *self.model.buffers())
+        return {
+            "stage": self.spec.index, "pid": os.getpid(), "layers": [self.spec.start, self.spec.end],
+            "param_bytes": sum(t.numel() * t.element_size() for t in tensors),
+            "pool_bytes": self.pool.nbytes(),
+            "transport": f"p2p/{self.link.backend}" if self.link else "object_store",
+            "p2p_sent": self.link.sent if self.link else 0,
+            "p2p_received": self.link.received if self.link else 0,
+            "p2p_bytes_sent": self.link.bytes_sent if self.link else 0,
+            "sampling_rows": len(self.table.rows) if self.table is not None else 0,
+            **(self.graphs.stats() if self.graphs else {}),
+            **self.counters,
+        }
+
+    def get_trace(self) -> list[tuple[int, float, float]]:
+        return list(self.trace)
+
+    def param_names(self) -> list[str]:
+        return [n for n, _ in self.model.named_parameters()]
+
+
+def _load(spec: StageSpec) -> tuple[SliceModel, object]:
+    """The stage's slice, holding exactly its own tensors (read from the shards that have them)."""
+    from transformers import JambaConfig
+
+    ckpt = resolve(spec.model)
+    config = JambaConfig.from_pretrained(ckpt.root)
+    config._experts_implementation = "eager"  # what from_pretrained picks on CPU
+    dtype = getattr(torch, canonical_dtype(spec.dtype))
+    tensors, _ = load_slice(ckpt, spec.start, spec.end, spec.first, spec.last, config.tie_word_embeddings)
+    labels = tensors["score.weight"].shape[0] if "score.weight" in tensors else 0
+    with torch.device("meta"):
+        model = SliceModel(config, spec.start, spec.end, spec.first, spec.last, labels)
+    if spec.last and "lm_head.weight" not in tensors:  # a tied head shares the embedding
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
+    if spec.last and not spec.first:
+        tensors.pop("model.embed_tokens.weight", None)
+    # Fresh (aligned) copies: a view into the file keeps its byte offset, and on CPU a matmul's
+    # bits can depend on its operand's alignment; numerics must not depend on shard layout.
+    tensors = {k: _owned(v, spec.device, _param_dtype(k, dtype)) for k, v in tensors.items()}
+    model.load_state_dict(tensors, strict=True, assign=True)
+    if spec.quantization == "int8":
+        quantize_slice(model)
+    return model.eval(), config
+
+
+def _owned(t: torch.Tensor, device: str, dtype: torch.dtype) -> torch.Tensor:
+    out = torch.empty(t.shape, dtype=dtype, device=device)
+    out.copy_(t)
+    return out
+
+
+def _param_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+    """Mamba's A_log and D stay fp32 below fp32, as in the reference checkpoints' use."""
+    if name.endswith(("mamba.A_log", "mamba.D")):
+        return torch.float32
+    return dtype
+
+
+def _node_id() -> str | None:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:
+        return None

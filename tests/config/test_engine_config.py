@@ -1,0 +1,33 @@
+"""Engine options that cannot run are refused when the config is built; CUDA kernels stay optional."""
+
+import pytest
+
+from jamba_ray.config import EngineConfig
+from jamba_ray.errors import ConfigError
+from jamba_ray.model.device import decode_kernels
+
+
+def test_float16_needs_a_gpu_stage():
+    with pytest.raises(ConfigError, match="float16 needs a GPU"):
+        EngineConfig.build("x", dtype="float16")
+    assert EngineConfig.build("x", dtype="float16", num_gpus_per_stage=1).model.dtype == "float16"
+
+
+def test_cuda_kernels_are_optional():
+    # mamba-ssm / causal-conv1d are the `cuda` extra: absent here, the PyTorch path runs instead.
+    assert decode_kernels() is None or len(decode_kernels()) == 2
+
+
+def test_only_known_quantization_is_accepted():
+    with pytest.raises(ConfigError, match="quantization"):
+        EngineConfig.build("x", quantization="int4")
+
+
+def test_decode_graphs_refuse_int8_weights():
+    with pytest.raises(ConfigError, match="decode_graphs needs unquantized weights"):
+        EngineConfig.build("x", quantization="int8", decode_graphs=True)
+
+
+def test_an_unknown_option_is_refused_by_name():
+    with pytest.raises(ConfigError, match="unknown engine option 'max_num_seq'"):
+        EngineConfig.build("x", max_num_seq=4)

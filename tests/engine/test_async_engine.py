@@ -1,0 +1,264 @@
+"""The engine on real stage actors: continuous batching, chunked prefill, forks, abort, streaming."""
+
+import asyncio
+import random
+
+import pytest
+
+from jamba_ray.engine.async_engine import AsyncEngine
+from jamba_ray.config.capacity import derive_capacity
+from jamba_ray.config import EngineConfig, ModelSpec
+from jamba_ray.errors import InvalidRequestError
+from jamba_ray.config.planner import plan
+from jamba_ray.engine.sampling_params import SamplingParams
+from tests.conftest import PROMPTS, STAGE_CPUS, hf_greedy
+
+GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+
+
+def config(path, **kw):
+    base = dict(model=path, num_stages=2, num_cpus_per_stage=STAGE_CPUS, max_num_seqs=8, max_model_len=256)
+    return EngineConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_ckpt, ray_session):
+    """One async engine for the module, chunked prefill on (4 tokens per micro-batch)."""
+    loop = asyncio.new_event_loop()
+    eng = loop.run_until_complete(_make(config(tiny_ckpt, max_batched_tokens=4)))
+    yield eng, loop
+    eng.shutdown()
+    loop.run_until_complete(asyncio.sleep(0.05))  # let the cancelled step loop unwind
+    loop.close()
+
+
+async def _make(cfg):
+    return AsyncEngine(cfg)
+
+
+async def collect(eng, prompt, params, rid=None):
+    outs = []
+    async for out in await eng.generate(prompt, params, rid):
+        outs.append(out)
+    return outs
+
+
+def merged(outs):
+    by = {}
+    for out in outs:
+        for o in out.outputs:
+            cur = by.setdefault(o.index, {"tokens": [], "text": "", "reason": None})
+            cur["tokens"] += o.token_ids
+            cur["text"] += o.text
+            cur["reason"] = o.finish_reason or cur["reason"]
+    return [by[i] for i in sorted(by)]
+
+
+async def slots_in_use(eng):
+    stats = await eng.stats()
+    return [s["slots_in_use"] for s in stats["stages"]], stats["slots_in_use"]
+
+
+def test_continuous_batching_random_arrivals_match_running_alone_and_hf(engine, tiny_ckpt):
+    eng, loop = engine
+    prompts = [p for p in PROMPTS for _ in range(3)]
+    rng = random.Random(0)
+
+    async def one(p):
+        await asyncio.sleep(rng.random() * 0.3)  # random arrival order and time
+        return merged(await collect(eng, p, GREEDY))[0]["tokens"]
+
+    async def all_():
+        return await asyncio.gather(*[one(p) for p in prompts])
+
+    got = loop.run_until_complete(all_())
+    for p, tokens in zip(prompts, got):
+        assert tokens == hf_greedy(tiny_ckpt, p, 8)[0]
+    assert loop.run_until_complete(slots_in_use(eng)) == ([0, 0], 0)
+
+
+def test_chunked_prefill_carries_state_exactly(engine, tiny_ckpt):
+    eng, loop = engine
+    long_prompt = PROMPTS[2] + PROMPTS[0] + PROMPTS[1]  # 29 tokens in chunks of 4
+    out = merged(loop.run_until_complete(collect(eng, long_prompt, GREEDY)))[0]
+    assert out["tokens"] == hf_greedy(tiny_ckpt, long_prompt, 8)[0]
+
+
+def test_seeded_sampling_is_reproducible_across_batch_compositions(engine):
+    eng, loop = engine
+    p = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, seed=1234)
+    alone = merged(loop.run_until_complete(collect(eng, PROMPTS[0], p)))[0]["tokens"]
+
+    async def crowded():
+        noise = SamplingParams(max_tokens=6, temperature=0.9)
+        tasks = [collect(eng, q, noise) for q in PROMPTS[1:]]
+        mine = collect(eng, PROMPTS[0], p)
+        return (await asyncio.gather(mine, *tasks))[0]
+
+    assert merged(loop.run_until_complete(crowded()))[0]["tokens"] == alone
+    unseeded = SamplingParams(max_tokens=10, temperature=1.0)
+    runs = {tuple(merged(loop.run_until_complete(collect(eng, PROMPTS[0], unseeded)))[0]["tokens"])
+            for _ in range(3)}
+    assert len(runs) > 1
+
+
+def test_n_samples_fork_the_state_after_one_prefill(engine, tiny_ckpt):
+    eng, loop = engine
+    before = loop.run_until_complete(eng.stats())
+    outs = merged(loop.run_until_complete(collect(eng, PROMPTS[3], SamplingParams(
+        n=3, max_tokens=8, temperature=0, ignore_eos=True))))
+    after = loop.run_until_complete(eng.stats())
+    greedy = hf_greedy(tiny_ckpt, PROMPTS[3], 8)[0]
+    assert [o["tokens"] for o in outs] == [greedy] * 3
+    for b, a in zip(before["stages"], after["stages"]):
+        assert a["prefill_segments"] - b["prefill_segments"] == 1  # the prompt ran once per stage
+    assert after["forks"] - before["forks"] == 2
+    sampled = merged(loop.run_until_complete(collect(eng, PROMPTS[3], SamplingParams(
+        n=3, max_tokens=8, temperature=1.0, seed=5))))
+    assert len({tuple(o["tokens"]) for o in sampled}) > 1
+
+
+def test_aborting_fifty_in_flight_requests_frees_every_slot(engine):
+    eng, loop = engine
+
+    async def run():
+        streams = [await eng.generate(PROMPTS[i % 4], SamplingParams(max_tokens=200, temperature=0.5,
+                                                                      ignore_eos=True)) for i in range(50)]
+        firsts = [await s.__anext__() for s in streams[:8]]  # some are decoding, most still queued
+        for s in streams:
+            await s.aclose()  # the client goes away: the request is aborted
+        await asyncio.sleep(0.5)
+        return firsts
+
+    firsts = loop.run_until_complete(run())
+    assert all(f.outputs for f in firsts)
+    assert loop.run_until_complete(slots_in_use(eng)) == ([0, 0], 0)
+
+
+def test_requests_beyond_capacity_queue_and_all_finish(engine):
+    eng, loop = engine
+
+    async def run():
+        return await asyncio.gather(*[collect(eng, PROMPTS[i % 4], GREEDY) for i in range(20)])
+
+    results = loop.run_until_complete(run())  # 20 requests, 8 slots
+    assert all(merged(r)[0]["reason"] == "length" and len(merged(r)[0]["tokens"]) == 8 for r in results)
+
+
+def test_streamed_deltas_add_up_to_the_decoded_output(engine):
+    eng, loop = engine
+    tok = eng.tokenizer
+    prompt = tok("café 東京 🙂").input_ids
+    outs = loop.run_until_complete(collect(eng, prompt, SamplingParams(max_tokens=24, temperature=1.0, seed=3)))
+    assert len(outs) > 2  # it streamed
+    full = "".join(o.outputs[0].text for o in outs if o.outputs)
+    tokens = [t for o in outs for c in o.outputs for t in c.token_ids]
+    assert full == tok.decode(tokens, skip_special_tokens=True)
+    assert outs[-1].finished and outs[-1].outputs[0].finish_reason in ("stop", "length")
+
+
+def test_stop_strings_end_the_text_before_the_stop(engine):
+    eng, loop = engine
+    full = merged(loop.run_until_complete(collect(eng, PROMPTS[0], GREEDY)))[0]["text"]
+    stop = full[3:6]
+    out = merged(loop.run_until_complete(collect(eng, PROMPTS[0], SamplingParams(
+        max_tokens=8, temperature=0, stop=[stop]))))[0]
+    assert out["reason"] == "stop" and out["text"] == full[: full.index(stop)]
+
+
+def test_logprobs_and_prompt_logprobs(engine, tiny_ckpt):
+    import torch
+
+    from tests.conftest import hf_model
+
+    eng, loop = engine
+    outs = loop.run_until_complete(collect(eng, PROMPTS[2], SamplingParams(
+        max_tokens=2, temperature=0, logprobs=3, prompt_logprobs=1)))
+    final = outs[-1]
+    with torch.no_grad():
+        ref = torch.log_softmax(hf_model(tiny_ckpt)(torch.tensor([PROMPTS[2]])).logits[0], -1)
+    assert final.prompt_logprobs[0] is None and len(final.prompt_logprobs) == len(PROMPTS[2])
+    for i, entry in enumerate(final.prompt_logprobs[1:], start=1):
+        assert entry[PROMPTS[2][i]] == pytest.approx(float(ref[i - 1, PROMPTS[2][i]]), abs=1e-4)
+    first = outs[0].outputs[0].logprobs[0]
+    assert len(first) in (3, 4)  # sampled token + top-3 (the sampled one is usually among them)
+
+
+SAMPLING_MIX = [
+    SamplingParams(max_tokens=6, temperature=0, logprobs=3, ignore_eos=True),
+    SamplingParams(max_tokens=8, temperature=1.0, top_p=0.9, seed=11, logprobs=1),
+    SamplingParams(max_tokens=8, temperature=0.7, top_k=5, min_p=0.05, seed=12),
+    SamplingParams(max_tokens=8, temperature=1.0, repetition_penalty=1.3, presence_penalty=0.5,
+                   frequency_penalty=0.3, seed=13),
+    SamplingParams(n=3, max_tokens=6, temperature=1.0, seed=14),  # forks sampled on the same row
+    SamplingParams(max_tokens=6, min_tokens=4, stop_token_ids=[7, 9], temperature=1.0, seed=15),
+    SamplingParams(max_tokens=3, temperature=0.8, seed=16, prompt_logprobs=1),  # logits still travel
+]
+
+
+def test_sampling_on_the_last_stage_gives_what_the_driver_gives(engine, tiny_ckpt):
+    """sample_on last_stage (the default): tokens and logprobs come back instead of logits."""
+    stage_eng, loop = engine
+    eng = loop.run_until_complete(_make(config(tiny_ckpt, max_batched_tokens=4, sample_on="driver")))
+
+    async def run(e):
+        return await asyncio.gather(*(collect(e, PROMPTS[i % 4], p) for i, p in enumerate(SAMPLING_MIX)))
+
+    try:
+        on_driver, on_stage = loop.run_until_complete(run(eng)), loop.run_until_complete(run(stage_eng))
+        stats, driver_stats = loop.run_until_complete(stage_eng.stats()), loop.run_until_complete(eng.stats())
+    finally:
+        eng.shutdown()
+    def logprobs(outs):
+        return [lp for out in outs for o in out.outputs for lp in (o.logprobs or [])]
+
+    for a, b in zip(on_driver, on_stage):
+        assert merged(b) == merged(a)
+        assert len(logprobs(a)) == len(logprobs(b))
+        for x, y in zip(logprobs(a), logprobs(b)):
+            assert x.keys() == y.keys() and all(abs(x[k] - y[k]) < 1e-5 for k in x)
+        for x, y in zip(a[-1].prompt_logprobs or [], b[-1].prompt_logprobs or []):  # batch shapes differ
+            assert x == y or (x.keys() == y.keys() and all(abs(x[k] - y[k]) < 1e-5 for k in x))
+    assert logprobs(on_stage[0]) and on_stage[-1][-1].prompt_logprobs
+    # every token the module's engine made so far was sampled on its last stage (and rows of sequences
+    # aborted meanwhile, which were dropped); none on the driver engine's
+    assert stats["stages"][-1]["sampled_rows"] >= stats["generated_tokens"] > 0
+    assert stats["stages"][0]["sampled_rows"] == 0 and stats["slots_in_use"] == 0
+    assert driver_stats["stages"][-1]["sampled_rows"] == 0
+
+
+def test_invalid_requests_raise_before_scheduling(engine):
+    eng, loop = engine
+
+    async def bad(prompt, params):
+        await eng.generate(prompt, params)
+
+    with pytest.raises(InvalidRequestError, match="maximum context length"):
+        loop.run_until_complete(bad(PROMPTS[0], SamplingParams(max_tokens=1000)))
+    with pytest.raises(InvalidRequestError, match="params must be"):
+        loop.run_until_complete(bad(PROMPTS[0], {"max_tokens": 3}))
+    assert loop.run_until_complete(slots_in_use(eng)) == ([0, 0], 0)
+
+
+def test_stages_overlap_on_consecutive_micro_batches(engine):
+    eng, loop = engine
+    import ray
+
+    many = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+
+    async def run():
+        await asyncio.gather(*[collect(eng, PROMPTS[i % 4], many) for i in range(8)])
+
+    loop.run_until_complete(run())
+    t0, t1 = (ray.get(s.get_trace.remote()) for s in eng.core.pipeline.stages)
+    overlaps = sum(1 for _, a0, a1 in t0[-100:] for _, b0, b1 in t1[-100:] if a0 < b1 and b0 < a1)
+    assert overlaps > 0, "stage 0 never worked while stage 1 did"
+
+
+def test_capacity_is_clamped_to_the_state_budget_with_a_reason(tiny_ckpt):
+    spec = ModelSpec.from_path(tiny_ckpt)
+    cfg = config(tiny_ckpt, max_num_seqs=1000, state_memory_gib=0.01, max_model_len=4096)
+    cap = derive_capacity(spec, cfg, plan(spec, 2))
+    assert cap.max_num_seqs < 1000 and cap.max_model_len == 2048
+    assert "clamped" in cap.note and "budget" in cap.note
+    assert cap.max_num_seqs * cap.bytes_per_seq <= 0.01 * 2**30
