@@ -11,6 +11,7 @@ Needs torch with CUDA and transformers; not Ray. Finishes in a few minutes on an
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import pickle
@@ -24,17 +25,21 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from jamba_ray.engine.messages import Segment, StepMessage  # noqa: E402
 from jamba_ray.model.decode_graphs import DecodeGraphs  # noqa: E402
 from jamba_ray.model.device import decode_kernels  # noqa: E402
 from jamba_ray.model.quant import quantize_slice  # noqa: E402
 from jamba_ray.model.slice import SliceModel  # noqa: E402
 from jamba_ray.model.state_pool import StatePool  # noqa: E402
-from jamba_ray.sequence import Segment, StepMessage  # noqa: E402
-from jamba_ray.stage import Stage, StageSpec  # noqa: E402
-from jamba_ray.wire import unpack  # noqa: E402
+from jamba_ray.runtime.stage import Stage, StageSpec  # noqa: E402
 
 PROMPTS = [[1, 5, 9, 200, 3, 77, 12], [1, 44, 8], [1] + list(range(300, 330))]
 DEV = "cuda"  # --cpu-smoke runs every step on the CPU with a small stage, to test this script
+
+
+def device_label() -> str:
+    """What the table's rows name as the device the checks ran on."""
+    return "CUDA" if DEV == "cuda" else "CPU"
 
 
 def cuda_time(fn, iters: int = 20, warmup: int = 3) -> float:
@@ -65,15 +70,29 @@ def tiny_checkpoint() -> Path:
     return path
 
 
+def last_logits(stages: list[Stage], msg: StepMessage, tokens) -> torch.Tensor:
+    """Run in-process stages on one message; the last stage's raw logits [rows, vocab], fp32 on
+    the CPU (the message asks for them: the last stage otherwise returns only what it sampled)."""
+    msg = dataclasses.replace(msg, return_logits=True)
+    x = torch.as_tensor(tokens)
+    for s in stages:
+        x = s.forward(msg, x)
+    return torch.from_numpy(x.logits)
+
+
 def parity(dtype: str) -> dict:
-    """Greedy tokens and logits of 2 CUDA stages vs HF JambaForCausalLM on CUDA (tiny preset)."""
+    """Greedy tokens and logits of 2 stages vs HF JambaForCausalLM, both on the check's device
+    (tiny preset)."""
     from transformers import JambaForCausalLM
 
     path = tiny_checkpoint()
     tdtype = getattr(torch, dtype)
     ref = JambaForCausalLM.from_pretrained(path, dtype=tdtype).to(DEV).eval()
     ref32 = ref if dtype == "float32" else JambaForCausalLM.from_pretrained(path).to(DEV).eval()
-    stages = [Stage(StageSpec(str(path), i, a, b, 2, 4, 128, dtype, DEV)) for i, (a, b) in enumerate([(0, 3), (3, 6)])]
+    stages = [
+        Stage(StageSpec(str(path), i, a, b, 2, 4, 128, dtype, DEV))
+        for i, (a, b) in enumerate([(0, 3), (3, 6)])
+    ]
     same, worst, ours32, hf32 = 0, 0.0, 0.0, 0.0  # the last two: distance to fp32 on our sequences
     for i, prompt in enumerate(PROMPTS):
         seq = list(prompt)
@@ -81,10 +100,7 @@ def parity(dtype: str) -> dict:
         msg = StepMessage(0, (Segment(i, i, 0, len(seq)),))
         ours = []
         for step in range(12):
-            h = x
-            for s in stages:
-                h = s.forward(msg, h)
-            h = unpack(h)
+            h = last_logits(stages, msg, x)
             with torch.no_grad():
                 want = ref(torch.tensor([seq], device=DEV)).logits[0, -1].float()
                 exact = ref32(torch.tensor([seq], device=DEV)).logits[0, -1]
@@ -96,26 +112,44 @@ def parity(dtype: str) -> dict:
             seq.append(tok)
             x, msg = torch.tensor([tok]), StepMessage(step + 1, (Segment(i, i, len(seq) - 1, 1),))
         same += all(ours)
-    return {"prompts_token_exact": f"{same}/{len(PROMPTS)}", "max_logit_diff": worst,
-            "ours_vs_fp32": ours32, "hf_vs_fp32": hf32}
+    return {
+        "prompts_token_exact": f"{same}/{len(PROMPTS)}",
+        "max_logit_diff": worst,
+        "ours_vs_fp32": ours32,
+        "hf_vs_fp32": hf32,
+    }
 
 
 def sampler_check() -> dict:
-    """The sampler on device logits (sample_on last_stage): greedy + penalties as on the CPU, seeded
-    draws reproducible on the device."""
-    from jamba_ray.sampler import RowInput, sample
-    from jamba_ray.sampling import SamplingParams
+    """The sampler on device logits (as the last stage samples): greedy + penalties as on the CPU,
+    seeded draws reproducible on the device."""
+    from jamba_ray.engine.sampling_params import SamplingParams
+    from jamba_ray.model.sampler import RowInput, sample
 
     logits = torch.randn(4, 65536, generator=torch.Generator().manual_seed(0))
-    greedy = [RowInput(SamplingParams(temperature=0, repetition_penalty=1.3, frequency_penalty=0.5, logprobs=2),
-                       1, 0, [1, 2, 3], [int(logits[i].argmax())]) for i in range(4)]
+    greedy = [
+        RowInput(
+            SamplingParams(
+                temperature=0, repetition_penalty=1.3, frequency_penalty=0.5, logprobs=2
+            ),
+            1,
+            0,
+            [1, 2, 3],
+            [int(logits[i].argmax())],
+        )
+        for i in range(4)
+    ]
     cpu = sample(logits, greedy, None)
     dev = sample(logits.to(DEV), greedy, None)
-    seeded = [RowInput(SamplingParams(temperature=0.8, top_p=0.9, seed=7), 7, i, [], []) for i in range(4)]
+    seeded = [
+        RowInput(SamplingParams(temperature=0.8, top_p=0.9, seed=7), 7, i, [], []) for i in range(4)
+    ]
     a, b = sample(logits.to(DEV), seeded, None), sample(logits.to(DEV), seeded, None)
-    return {"greedy_equal": [o.token for o in cpu] == [o.token for o in dev],
-            "logprob_diff": max(abs(x.logprob - y.logprob) for x, y in zip(cpu, dev)),
-            "seeded_reproducible": [o.token for o in a] == [o.token for o in b]}
+    return {
+        "greedy_equal": [o.token for o in cpu] == [o.token for o in dev],
+        "logprob_diff": max(abs(x.logprob - y.logprob) for x, y in zip(cpu, dev)),
+        "seeded_reproducible": [o.token for o in a] == [o.token for o in b],
+    }
 
 
 def graph_parity() -> dict:
@@ -123,40 +157,53 @@ def graph_parity() -> dict:
     path = tiny_checkpoint()
 
     def build(graphs):
-        return [Stage(StageSpec(str(path), i, a, b, 2, 4, 128, "bfloat16", DEV, decode_graphs=graphs))
-                for i, (a, b) in enumerate([(0, 3), (3, 6)])]
-
-    def run(stages, msg, tokens):
-        h = torch.tensor(tokens)
-        for s in stages:
-            h = s.forward(msg, h)
-        return unpack(h).float()
+        return [
+            Stage(StageSpec(str(path), i, a, b, 2, 4, 128, "bfloat16", DEV, decode_graphs=graphs))
+            for i, (a, b) in enumerate([(0, 3), (3, 6)])
+        ]
 
     eager, fixed = build(False), build(True)
     segs = tuple(Segment(i, i, 0, len(p)) for i, p in enumerate(PROMPTS))
     flat = [t for p in PROMPTS for t in p]
-    want = run(eager, StepMessage(0, segs), flat)
-    run(fixed, StepMessage(0, segs), flat)
+    want = last_logits(eager, StepMessage(0, segs), flat)
+    last_logits(fixed, StepMessage(0, segs), flat)
     lengths, worst, agree, total = [len(p) for p in PROMPTS], 0.0, 0, 0
     for step in range(1, 13):
         toks = [int(r.argmax()) for r in want]
         msg = StepMessage(step, tuple(Segment(i, i, lengths[i], 1) for i in range(len(PROMPTS))))
         lengths = [n + 1 for n in lengths]
-        want, got = run(eager, msg, toks), run(fixed, msg, toks)
+        want, got = last_logits(eager, msg, toks), last_logits(fixed, msg, toks)
         worst = max(worst, float((got - want).abs().max()))
         agree += int((got.argmax(-1) == want.argmax(-1)).sum())
         total += len(PROMPTS)
     st = fixed[0].stats()
-    return {"max_logit_diff": worst, "argmax_agree": f"{agree}/{total}",
-            **{k: st[k] for k in ("decode_graph_steps", "decode_graphs_captured", "decode_graphs_disabled")}}
+    return {
+        "max_logit_diff": worst,
+        "argmax_agree": f"{agree}/{total}",
+        **{
+            k: st[k]
+            for k in ("decode_graph_steps", "decode_graphs_captured", "decode_graphs_disabled")
+        },
+    }
 
 
 def jamba_stage_config():
     """One stage of a 4-stage Jamba-v0.1: layers 0-7 = 1 attention, 3 Mamba/MLP, 4 Mamba/MoE."""
     from transformers import JambaConfig
 
-    small = dict(hidden_size=256, intermediate_size=512, num_experts=4, num_attention_heads=8,
-                 num_key_value_heads=2, vocab_size=1024, mamba_dt_rank=16) if DEV == "cpu" else {}
+    small = (
+        dict(
+            hidden_size=256,
+            intermediate_size=512,
+            num_experts=4,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            vocab_size=1024,
+            mamba_dt_rank=16,
+        )
+        if DEV == "cpu"
+        else {}
+    )
     cfg = JambaConfig(num_hidden_layers=8, **small)  # Jamba-v0.1 sizes are the defaults
     cfg._experts_implementation = "eager"
     return cfg
@@ -169,7 +216,11 @@ def build_stage(cfg, dtype=torch.bfloat16) -> SliceModel:
     gen = torch.Generator(device=DEV).manual_seed(0)
     for name, p in model.named_parameters():
         if name.endswith("A_log"):
-            p.data.copy_(torch.log(torch.arange(1, p.shape[1] + 1, device=DEV, dtype=torch.float32)).expand_as(p))
+            p.data.copy_(
+                torch.log(
+                    torch.arange(1, p.shape[1] + 1, device=DEV, dtype=torch.float32)
+                ).expand_as(p)
+            )
         elif name.endswith(("norm.weight", ".D", "layernorm.weight")):
             p.data.fill_(1.0)
         else:
@@ -236,26 +287,39 @@ def hop_cost(hidden: int = 4096) -> dict:
 
 
 def int8_check(cfg) -> dict:
-    """int8 vs bf16 on the tiny model (logit / loglik deltas) and on the Jamba-sized stage (memory, speed)."""
+    """int8 vs bf16 on the tiny model (logit / loglik deltas) and on the Jamba-sized stage
+    (memory, speed)."""
     path = tiny_checkpoint()
     prompt = PROMPTS[2]
     msg = StepMessage(0, (Segment(0, 0, 0, len(prompt), logits="all"),))
     outs = {}
     for q in (None, "int8"):
         st = Stage(StageSpec(str(path), 0, 0, 6, 1, 2, 64, "bfloat16", DEV, quantization=q))
-        outs[q] = unpack(st.forward(msg, torch.tensor(prompt))).float()
+        outs[q] = last_logits([st], msg, prompt)
     lp = {q: torch.log_softmax(v, -1) for q, v in outs.items()}
     ll = {q: sum(float(v[i - 1, prompt[i]]) for i in range(1, len(prompt))) for q, v in lp.items()}
-    return {"tiny_max_logit_delta": float((outs[None] - outs["int8"]).abs().max()),
-            "tiny_loglik_bf16": ll[None], "tiny_loglik_int8": ll["int8"]}
+    return {
+        "tiny_max_logit_delta": float((outs[None] - outs["int8"]).abs().max()),
+        "tiny_loglik_bf16": ll[None],
+        "tiny_loglik_int8": ll["int8"],
+    }
 
 
 def graph_timing(model, cfg, batches=(1, 8, 64), max_len=2048) -> dict:
-    """The same decode steps through DecodeGraphs (one CUDA graph per batch), checked against eager."""
+    """The same decode steps through DecodeGraphs (one CUDA graph per batch), checked against
+    eager."""
     shape = model.pool_shape(cfg, max(batches) + 1, max_len)  # + the scratch slot for padding rows
     pool = StatePool(shape, torch.bfloat16, DEV)
-    graphs = DecodeGraphs(model, pool, cfg, first=False, device=DEV, dtype=torch.bfloat16,
-                          scratch_slot=max(batches), max_batch=max(batches))
+    graphs = DecodeGraphs(
+        model,
+        pool,
+        cfg,
+        first=False,
+        device=DEV,
+        dtype=torch.bfloat16,
+        scratch_slot=max(batches),
+        max_batch=max(batches),
+    )
     h = cfg.hidden_size
     with torch.inference_mode():
         prefill = StepMessage(0, tuple(Segment(i, i, 0, 16) for i in range(max(batches))))
@@ -280,7 +344,11 @@ def graph_timing(model, cfg, batches=(1, 8, 64), max_len=2048) -> dict:
                 graphs.run(msg, x)
 
         t = cuda_time(step)
-        out[b] = {"step_ms": t * 1e3, "tok_s": b / t, "max_diff_vs_eager": float((got - want).abs().max())}
+        out[b] = {
+            "step_ms": t * 1e3,
+            "tok_s": b / t,
+            "max_diff_vs_eager": float((got - want).abs().max()),
+        }
     out["stats"] = graphs.stats()
     return out
 
@@ -288,15 +356,23 @@ def graph_timing(model, cfg, batches=(1, 8, 64), max_len=2048) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    ap.add_argument("--cpu-smoke", action="store_true", help="run on the CPU with a small stage (tests the script)")
+    ap.add_argument(
+        "--cpu-smoke",
+        action="store_true",
+        help="run on the CPU with a small stage (tests the script)",
+    )
     a = ap.parse_args()
     global DEV
     DEV = "cpu" if a.cpu_smoke else "cuda"
     if DEV == "cuda" and not torch.cuda.is_available():
         raise SystemExit("gpu_check needs an NVIDIA GPU (torch.cuda.is_available() is False)")
     t0 = time.time()
-    r = {"device": torch.cuda.get_device_name() if DEV == "cuda" else "CPU (smoke run)", "torch": torch.__version__,
-         "mamba_kernels": decode_kernels() is not None}
+    r = {
+        "device": torch.cuda.get_device_name() if DEV == "cuda" else "CPU (smoke run)",
+        "device_kind": device_label(),
+        "torch": torch.__version__,
+        "mamba_kernels": decode_kernels() is not None,
+    }
     r["parity_fp32"] = parity("float32")
     r["parity_bf16"] = parity("bfloat16")
     r["graph_parity"] = graph_parity()
@@ -330,42 +406,67 @@ def _empty_cache() -> None:
 
 
 def render(r: dict) -> str:
-    lines = [f"GPU check on {r['device']} (torch {r['torch']}; mamba-ssm/causal-conv1d kernels: "
-             f"{'yes' if r['mamba_kernels'] else 'no, PyTorch path'}), {r['wall_s']:.0f} s", "",
-             "| check | result |", "|---|---|",
-             f"| parity vs HF on CUDA, fp32 (tiny, 2 stages, 12 greedy steps) | tokens exact {r['parity_fp32']['prompts_token_exact']}, max logit diff {r['parity_fp32']['max_logit_diff']:.2e} |",
-             f"| parity vs HF on CUDA, bf16 | tokens exact {r['parity_bf16']['prompts_token_exact']}, max logit diff {r['parity_bf16']['max_logit_diff']:.2e}; "
-             f"distance to fp32: ours {r['parity_bf16']['ours_vs_fp32']:.2e}, HF bf16 {r['parity_bf16']['hf_vs_fp32']:.2e} |",
-             f"| device copy bandwidth (read+write) | {r['copy_gbps']:.0f} GB/s |",
-             f"| Jamba-v0.1 stage (layers 0-7: 1 attn, 3 Mamba/MLP, 4 Mamba/MoE) weights | bf16 {r['stage_gib_bf16']:.2f} GiB, int8 {r['stage_gib_int8']:.2f} GiB |"]
+    on = r.get("device_kind", "CUDA")  # the device the checks ran on (older results: CUDA)
+    p32, p16 = r["parity_fp32"], r["parity_bf16"]
+    lines = [
+        f"GPU check on {r['device']} (torch {r['torch']}; mamba-ssm/causal-conv1d kernels: "
+        f"{'yes' if r['mamba_kernels'] else 'no, PyTorch path'}), {r['wall_s']:.0f} s",
+        "",
+        "| check | result |",
+        "|---|---|",
+        f"| parity vs HF on {on}, fp32 (tiny, 2 stages, 12 greedy steps) | tokens exact "
+        f"{p32['prompts_token_exact']}, max logit diff {p32['max_logit_diff']:.2e} |",
+        f"| parity vs HF on {on}, bf16 | tokens exact {p16['prompts_token_exact']}, max logit diff "
+        f"{p16['max_logit_diff']:.2e}; distance to fp32: ours {p16['ours_vs_fp32']:.2e}, "
+        f"HF bf16 {p16['hf_vs_fp32']:.2e} |",
+        f"| device copy bandwidth (read+write) | {r['copy_gbps']:.0f} GB/s |",
+        f"| Jamba-v0.1 stage (layers 0-7: 1 attn, 3 Mamba/MLP, 4 Mamba/MoE) weights | "
+        f"bf16 {r['stage_gib_bf16']:.2f} GiB, int8 {r['stage_gib_int8']:.2f} GiB |",
+    ]
     g = r["graph_parity"]
-    lines.append(f"| decode_graphs vs eager, bf16 (tiny, 3 prompts x 12 teacher-forced steps) | max logit diff "
-                 f"{g['max_logit_diff']:.2e}, argmax agree {g['argmax_agree']}; graph steps "
-                 f"{g['decode_graph_steps']}, captured {g['decode_graphs_captured']}, off: "
-                 f"{g['decode_graphs_disabled']} |")
+    lines.append(
+        f"| decode_graphs vs eager, bf16 (tiny, 3 prompts x 12 teacher-forced steps) | "
+        f"max logit diff {g['max_logit_diff']:.2e}, argmax agree {g['argmax_agree']}; graph steps "
+        f"{g['decode_graph_steps']}, captured {g['decode_graphs_captured']}, off: "
+        f"{g['decode_graphs_disabled']} |"
+    )
     sm = r["sampler"]
-    lines.append(f"| sampler on device logits (sample_on last_stage), vocab 65536 | greedy + penalties equal to CPU: "
-                 f"{sm['greedy_equal']} (logprob diff {sm['logprob_diff']:.1e}), seeded draws reproducible: "
-                 f"{sm['seeded_reproducible']} |")
+    lines.append(
+        f"| sampler on device logits (as on the last stage), vocab 65536 | "
+        f"greedy + penalties equal to CPU: {sm['greedy_equal']} "
+        f"(logprob diff {sm['logprob_diff']:.1e}), seeded draws reproducible: "
+        f"{sm['seeded_reproducible']} |"
+    )
     for kind in ("bf16", "int8"):
         for b, x in r[f"decode_{kind}"].items():
-            lines.append(f"| decode step, {kind}, batch {b} | {x['step_ms']:.2f} ms, {x['tok_s']:.0f} tok/s, "
-                         f"{x['gbps']:.0f} GB/s achieved ({x['gbps'] / r['copy_gbps']:.0%} of copy bandwidth) |")
+            lines.append(
+                f"| decode step, {kind}, batch {b} | {x['step_ms']:.2f} ms, "
+                f"{x['tok_s']:.0f} tok/s, {x['gbps']:.0f} GB/s achieved "
+                f"({x['gbps'] / r['copy_gbps']:.0%} of copy bandwidth) |"
+            )
         if kind == "bf16":
             g = r["decode_graphs_bf16"]
             for b, x in g.items():
                 if b != "stats":
                     eager = r["decode_bf16"][b]["step_ms"]
-                    lines.append(f"| decode step, bf16, batch {b}, decode_graphs | {x['step_ms']:.2f} ms "
-                                 f"({eager / x['step_ms']:.2f}x eager), {x['tok_s']:.0f} tok/s, max diff vs "
-                                 f"eager {x['max_diff_vs_eager']:.2e} |")
+                    lines.append(
+                        f"| decode step, bf16, batch {b}, decode_graphs | {x['step_ms']:.2f} ms "
+                        f"({eager / x['step_ms']:.2f}x eager), {x['tok_s']:.0f} tok/s, max diff vs "
+                        f"eager {x['max_diff_vs_eager']:.2e} |"
+                    )
             lines.append(f"| decode graphs | {g['stats']} |")
     q = r["int8_quality"]
-    lines.append(f"| int8 vs bf16 (tiny, 31-token prompt) | max logit delta {q['tiny_max_logit_delta']:.3f}, "
-                 f"loglik {q['tiny_loglik_bf16']:.3f} vs {q['tiny_loglik_int8']:.3f} |")
+    lines.append(
+        f"| int8 vs bf16 (tiny, 31-token prompt) | "
+        f"max logit delta {q['tiny_max_logit_delta']:.3f}, "
+        f"loglik {q['tiny_loglik_bf16']:.3f} vs {q['tiny_loglik_int8']:.3f} |"
+    )
     for rows, x in r["hop"].items():
-        lines.append(f"| hop of [{rows}, 4096] bf16 hidden states | via host (object-store path) {x['host_ms']:.3f} ms, "
-                     f"on device {x['device_ms']:.3f} ms |")
+        lines.append(
+            f"| hop of [{rows}, 4096] bf16 hidden states | "
+            f"via host (object-store path) {x['host_ms']:.3f} ms, "
+            f"on device {x['device_ms']:.3f} ms |"
+        )
     return "\n".join(lines)
 
 

@@ -1,4 +1,5 @@
-"""Stage-to-stage hop cost: hidden states through Ray's object store vs point-to-point (transport.py).
+"""Stage-to-stage hop cost: hidden states through Ray's object store vs point-to-point
+(runtime/transport.py).
 
     python benchmarks/hop.py [--device cpu|cuda] [--hidden 4096] [--iters 50] [--json]
 
@@ -34,19 +35,19 @@ class Peer:
     def address(self) -> str:
         from ray.util import get_node_ip_address
 
-        from jamba_ray.transport import free_address
+        from jamba_ray.runtime.transport import free_address
 
         return free_address(get_node_ip_address())
 
     def join(self, address: str) -> None:
-        from jamba_ray.transport import PeerLink
+        from jamba_ray.runtime.transport import PeerLink
 
         self.link = PeerLink(self.rank, 2, address, self.device)
 
     def make(self, rows: int, hidden: int, mode: str):
         import torch
 
-        from jamba_ray.wire import pack
+        from jamba_ray.runtime.wire import pack
 
         if mode == "control":
             return None
@@ -61,7 +62,7 @@ class Peer:
     def take(self, x, mode: str) -> int:
         import torch
 
-        from jamba_ray.wire import unpack
+        from jamba_ray.runtime.wire import unpack
 
         if mode == "control":
             return 0
@@ -94,15 +95,24 @@ def main() -> None:
     ray.init(include_dashboard=False, log_to_driver=False)
     gpus = 1 if a.device == "cuda" else 0
     if gpus and ray.cluster_resources().get("GPU", 0) < 2:
-        raise SystemExit("--device cuda needs 2 GPUs: NCCL does not connect two ranks on one device")
+        raise SystemExit(
+            "--device cuda needs 2 GPUs: NCCL does not connect two ranks on one device"
+        )
     actor = ray.remote(num_cpus=0.5, num_gpus=gpus)(Peer)
     a_, b_ = actor.remote(0, a.device), actor.remote(1, a.device)
     address = ray.get(a_.address.remote())
     ray.get([a_.join.remote(address), b_.join.remote(address)])
-    r = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {a.device}", "hidden": a.hidden, "rows": {}}
+    r = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {a.device}",
+        "hidden": a.hidden,
+        "rows": {},
+    }
     try:
         for rows in ROWS:
-            r["rows"][rows] = {m: measure(a_, b_, rows, a.hidden, m, a.iters) for m in ("control", "object_store", "p2p")}
+            r["rows"][rows] = {
+                m: measure(a_, b_, rows, a.hidden, m, a.iters)
+                for m in ("control", "object_store", "p2p")
+            }
     finally:
         ray.shutdown()
     if a.json:
@@ -110,12 +120,18 @@ def main() -> None:
         return
     backend = "NCCL" if a.device == "cuda" else "gloo"
     print(f"hop cost, [rows, {a.hidden}] bf16 hidden states between two actors; {r['machine']}\n")
-    print(f"| rows | MiB | control only (ms) | object store (ms) | p2p {backend} (ms) | data part: store / p2p (ms) |")
+    print(
+        f"| rows | MiB | control only (ms) | object store (ms) | p2p {backend} (ms) "
+        "| data part: store / p2p (ms) |"
+    )
     print("|---:|---:|---:|---:|---:|---:|")
     for rows, m in r["rows"].items():
         mib = rows * a.hidden * 2 / 2**20
-        print(f"| {rows} | {mib:.2f} | {m['control']:.3f} | {m['object_store']:.3f} | {m['p2p']:.3f} | "
-              f"{m['object_store'] - m['control']:.3f} / {m['p2p'] - m['control']:.3f} |")
+        print(
+            f"| {rows} | {mib:.2f} | {m['control']:.3f} | {m['object_store']:.3f} | "
+            f"{m['p2p']:.3f} | {m['object_store'] - m['control']:.3f} / "
+            f"{m['p2p'] - m['control']:.3f} |"
+        )
 
 
 if __name__ == "__main__":

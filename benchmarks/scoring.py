@@ -48,8 +48,15 @@ def hf_loop(path: Path, data: list[list[int]]) -> float:
 def ours(path: Path, data: list[list[int]], stages: int) -> float:
     from jamba_ray import LLM
 
-    llm = LLM(str(path), num_stages=stages, num_cpus_per_stage=1.0 / stages, threads_per_stage=os.cpu_count() or 1,
-              max_num_seqs=32, max_batched_tokens=512, max_model_len=1024)
+    llm = LLM(
+        str(path),
+        num_stages=stages,
+        num_cpus_per_stage=1.0 / stages,
+        threads_per_stage=os.cpu_count() or 1,
+        max_num_seqs=32,
+        max_batched_tokens=512,
+        max_model_len=1024,
+    )
     try:
         llm.score(data[:2])
         t0 = time.perf_counter()
@@ -66,8 +73,12 @@ def job(path: Path, n: int, stages: int) -> tuple[float, float]:
     lines = [ln for ln in corpus_text().splitlines() if ln.strip()]
     with tempfile.TemporaryDirectory() as d:
         src = Path(d) / "in.jsonl"
-        src.write_text("".join(json.dumps({"id": i, "text": lines[i % len(lines)]}) + "\n" for i in range(n)))
-        cfg = ScoreConfig(model=str(path), num_stages=stages, num_cpus_per_stage=0.5, max_num_seqs=32)
+        src.write_text(
+            "".join(json.dumps({"id": i, "text": lines[i % len(lines)]}) + "\n" for i in range(n))
+        )
+        cfg = ScoreConfig(
+            model=str(path), num_stages=stages, num_cpus_per_stage=0.5, max_num_seqs=32
+        )
         s = run_job(str(src), str(Path(d) / "out"), cfg, batch_size=16, progress=False)
     return s.tokens / s.wall_s, s.wall_s
 
@@ -85,8 +96,13 @@ def main() -> None:
 
     path = small_checkpoint()
     data = texts(a.texts, a.length, 4096)
-    r = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU fp32", "texts": a.texts,
-         "length": a.length, "stages": a.stages, "hf_tok_s": hf_loop(path, data)}
+    r = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU fp32",
+        "texts": a.texts,
+        "length": a.length,
+        "stages": a.stages,
+        "hf_tok_s": hf_loop(path, data),
+    }
     ray.init(include_dashboard=False, log_to_driver=False)
     try:
         r["ours_tok_s"] = ours(path, data, a.stages)
@@ -96,13 +112,20 @@ def main() -> None:
     if a.json:
         print(json.dumps(r, indent=1))
         return
-    print(f"scoring, small preset, {a.texts} texts x {a.length} tokens, {a.stages} stages; {r['machine']}\n")
+    print(
+        f"scoring, small preset, {a.texts} texts x {a.length} tokens, {a.stages} stages; "
+        f"{r['machine']}\n"
+    )
     print("| run | tokens/s | vs HF |\n|---|---:|---:|")
     print(f"| HF forward per text, plain loop | {r['hf_tok_s']:.0f} | 1.00x |")
-    print(f"| jamba-ray LLM.score (engine, chunked prefill, continuous batching) | {r['ours_tok_s']:.0f} | "
-          f"{r['ours_tok_s'] / r['hf_tok_s']:.2f}x |")
-    print(f"| jamba-ray Ray Data job end to end ({4 * a.texts} corpus rows, actor start-up included, "
-          f"{r['job_wall_s']:.0f} s) | {r['job_tok_s']:.0f} | {r['job_tok_s'] / r['hf_tok_s']:.2f}x |")
+    print(
+        f"| jamba-ray LLM.score (engine, chunked prefill, continuous batching) | "
+        f"{r['ours_tok_s']:.0f} | {r['ours_tok_s'] / r['hf_tok_s']:.2f}x |"
+    )
+    print(
+        f"| jamba-ray Ray Data job end to end ({4 * a.texts} corpus rows, actor start-up included, "
+        f"{r['job_wall_s']:.0f} s) | {r['job_tok_s']:.0f} | {r['job_tok_s'] / r['hf_tok_s']:.2f}x |"
+    )
 
 
 if __name__ == "__main__":

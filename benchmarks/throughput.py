@@ -1,7 +1,7 @@
 """Decode throughput of the jamba-ray pipeline vs transformers on the same checkpoint.
 
     python benchmarks/throughput.py [--stages 2] [--tokens 64] [--transport p2p] [--decode-graphs]
-                                    [--sample-on last_stage|driver] [--json]
+                                    [--json]
 
 Builds the `small` preset once (cached), then in one run measures: HF `generate` one request at
 a time and as a padded batch of 8; our pipeline one request at a time and with 8/32/64 concurrent
@@ -64,7 +64,7 @@ def hf_baseline(path: Path, ps: list[list[int]], tokens: int) -> dict:
 
 
 async def run_concurrent(engine, ps, tokens) -> dict:
-    from jamba_ray.sampling import SamplingParams
+    from jamba_ray.engine.sampling_params import SamplingParams
 
     params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
     ttft, tpot = [], []
@@ -92,25 +92,40 @@ async def run_concurrent(engine, ps, tokens) -> dict:
     after = await engine.stats()
     busy = [(a["busy_s"] - b["busy_s"]) / wall for a, b in zip(after["stages"], before["stages"])]
     return {
-        "tok_s": total / wall, "ttft_p50": pct(ttft, 0.5), "ttft_p99": pct(ttft, 0.99),
-        "tpot_p50": pct(tpot, 0.5), "tpot_p99": pct(tpot, 0.99), "busy": busy, "driver_cpu": driver,
+        "tok_s": total / wall,
+        "ttft_p50": pct(ttft, 0.5),
+        "ttft_p99": pct(ttft, 0.99),
+        "tpot_p50": pct(tpot, 0.5),
+        "tpot_p99": pct(tpot, 0.99),
+        "busy": busy,
+        "driver_cpu": driver,
     }
 
 
-async def ours(path: Path, stages: int, ps, tokens: int, concurrency: list[int], **engine_opts) -> dict:
-    from jamba_ray.async_engine import AsyncEngine
+async def ours(
+    path: Path, stages: int, ps, tokens: int, concurrency: list[int], **engine_opts
+) -> dict:
     from jamba_ray.config import EngineConfig
+    from jamba_ray.engine.async_engine import AsyncEngine
 
-    cfg = EngineConfig(model=str(path), num_stages=stages, max_num_seqs=max(concurrency),
-                       max_model_len=512, num_cpus_per_stage=1.0 / stages, threads_per_stage=os.cpu_count() or 1,
-                       **engine_opts)
+    cfg = EngineConfig.build(
+        str(path),
+        num_stages=stages,
+        max_num_seqs=max(concurrency),
+        max_model_len=512,
+        num_cpus_per_stage=1.0 / stages,
+        threads_per_stage=os.cpu_count() or 1,
+        **engine_opts,
+    )
     engine = AsyncEngine(cfg)
     try:
         await run_concurrent(engine, ps[:2], 4)  # warm-up
         res = {"batch1": None, "concurrent": {}}
         singles = [await run_concurrent(engine, [p], tokens) for p in ps[:4]]
-        res["batch1"] = {"tok_s": statistics.mean(s["tok_s"] for s in singles),
-                         "tpot_p50": statistics.median(s["tpot_p50"] for s in singles)}
+        res["batch1"] = {
+            "tok_s": statistics.mean(s["tok_s"] for s in singles),
+            "tpot_p50": statistics.median(s["tpot_p50"] for s in singles),
+        }
         for c in concurrency:
             res["concurrent"][c] = await run_concurrent(engine, ps[:c], tokens)
         return res
@@ -120,28 +135,31 @@ async def ours(path: Path, stages: int, ps, tokens: int, concurrency: list[int],
 
 def table(r: dict) -> str:
     hf1, hf8 = r["hf"]["hf_batch1_tok_s"], r["hf"]["hf_batch8_tok_s"]
+    b1 = r["ours"]["batch1"]
     lines = [
-        f"small preset, {r['stages']} stages, {r['tokens']} new tokens/request, prompt {r['prompt_len']} tokens, "
-        f"transport {r['transport']}, decode_graphs {r['decode_graphs']}, sample_on {r['sample_on']}; {r['machine']}",
+        f"small preset, {r['stages']} stages, {r['tokens']} new tokens/request, "
+        f"prompt {r['prompt_len']} tokens, transport {r['transport']}, "
+        f"decode_graphs {r['decode_graphs']}; {r['machine']}",
         "",
         "| run | tok/s | vs HF | TTFT p50 / p99 (s) | TPOT p50 / p99 (ms) | stage busy |",
         "|---|---:|---:|---:|---:|---:|",
         f"| HF generate, batch 1 (sequential) | {hf1:.1f} | 1.00x | | | |",
         f"| HF generate, padded batch 8 | {hf8:.1f} | 1.00x | | | |",
-        f"| jamba-ray, batch 1 | {r['ours']['batch1']['tok_s']:.1f} | {r['ours']['batch1']['tok_s'] / hf1:.2f}x vs HF b1 | | "
-        f"{r['ours']['batch1']['tpot_p50'] * 1e3:.1f} | |",
+        f"| jamba-ray, batch 1 | {b1['tok_s']:.1f} | {b1['tok_s'] / hf1:.2f}x vs HF b1 | | "
+        f"{b1['tpot_p50'] * 1e3:.1f} | |",
     ]
     for c, x in r["ours"]["concurrent"].items():
         busy = " / ".join(f"{b:.0%}" for b in x["busy"])
         lines.append(
             f"| jamba-ray, {c} concurrent | {x['tok_s']:.1f} | {x['tok_s'] / hf8:.2f}x vs HF b8 | "
-            f"{x['ttft_p50']:.2f} / {x['ttft_p99']:.2f} | {x['tpot_p50'] * 1e3:.1f} / {x['tpot_p99'] * 1e3:.1f} | {busy} |"
+            f"{x['ttft_p50']:.2f} / {x['ttft_p99']:.2f} | "
+            f"{x['tpot_p50'] * 1e3:.1f} / {x['tpot_p99'] * 1e3:.1f} | {busy} |"
         )
     return "\n".join(lines)
 
 
 def main() -> None:
-    from jamba_ray.config import SAMPLE_ON, TRANSPORTS
+    from jamba_ray.config.engine_config import TRANSPORTS
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--stages", type=int, default=2)
@@ -149,8 +167,11 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--concurrency", default="8,32,64")
     ap.add_argument("--transport", default="auto", choices=TRANSPORTS)
-    ap.add_argument("--decode-graphs", action="store_true", help="fixed-shape decode steps (CUDA graphs on GPUs)")
-    ap.add_argument("--sample-on", default="last_stage", choices=SAMPLE_ON)
+    ap.add_argument(
+        "--decode-graphs",
+        action="store_true",
+        help="fixed-shape decode steps (CUDA graphs on GPUs)",
+    )
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     import ray
@@ -161,14 +182,29 @@ def main() -> None:
     hf = hf_baseline(path, ps, a.tokens)
     ray.init(include_dashboard=False, log_to_driver=False)
     try:
-        mine = asyncio.run(ours(path, a.stages, ps, a.tokens, conc, transport=a.transport,
-                                decode_graphs=a.decode_graphs, sample_on=a.sample_on))
+        mine = asyncio.run(
+            ours(
+                path,
+                a.stages,
+                ps,
+                a.tokens,
+                conc,
+                transport=a.transport,
+                decode_graphs=a.decode_graphs,
+            )
+        )
     finally:
         ray.shutdown()
-    r = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU fp32", "stages": a.stages,
-         "tokens": a.tokens, "prompt_len": a.prompt_len, "transport": a.transport, "decode_graphs": a.decode_graphs,
-         "sample_on": a.sample_on,
-         "hf": hf, "ours": mine}
+    r = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU fp32",
+        "stages": a.stages,
+        "tokens": a.tokens,
+        "prompt_len": a.prompt_len,
+        "transport": a.transport,
+        "decode_graphs": a.decode_graphs,
+        "hf": hf,
+        "ours": mine,
+    }
     print(json.dumps(r, indent=1) if a.json else table(r))
 
 

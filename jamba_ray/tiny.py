@@ -21,18 +21,42 @@ CHAT_TEMPLATE = (
 PRESETS: dict[str, dict[str, Any]] = {
     # ~1M params: every layer kind (attention, Mamba, dense MLP, MoE) in 6 layers, for tests.
     "tiny": dict(
-        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
-        num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
-        attn_layer_period=3, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
-        mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, max_position_embeddings=2048,
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=4,
+        num_experts_per_tok=2,
+        attn_layer_period=3,
+        attn_layer_offset=1,
+        expert_layer_period=2,
+        expert_layer_offset=1,
+        mamba_d_state=8,
+        mamba_d_conv=4,
+        mamba_expand=2,
+        max_position_embeddings=2048,
         initializer_range=0.1,
     ),
     # ~48M params, shaped like the CPU baseline in the design notes, for benchmarks.
     "small": dict(
-        vocab_size=4096, hidden_size=512, intermediate_size=1024, num_hidden_layers=8,
-        num_attention_heads=8, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
-        attn_layer_period=8, attn_layer_offset=4, expert_layer_period=2, expert_layer_offset=1,
-        mamba_d_state=16, mamba_d_conv=4, mamba_expand=2, max_position_embeddings=4096,
+        vocab_size=4096,
+        hidden_size=512,
+        intermediate_size=1024,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        num_experts=4,
+        num_experts_per_tok=2,
+        attn_layer_period=8,
+        attn_layer_offset=4,
+        expert_layer_period=2,
+        expert_layer_offset=1,
+        mamba_d_state=16,
+        mamba_d_conv=4,
+        mamba_expand=2,
+        max_position_embeddings=4096,
     ),
 }
 
@@ -60,7 +84,8 @@ def corpus_text() -> str:
 
 
 def build_tokenizer(vocab_size: int):
-    """A byte-level BPE trained on the shipped corpus, padded with reserved tokens to `vocab_size`."""
+    """A byte-level BPE trained on the shipped corpus, padded with reserved tokens to
+    `vocab_size`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -89,7 +114,8 @@ def build_tokenizer(vocab_size: int):
 
 
 def init_tiny(out_dir: str | Path, spec: TinySpec = TinySpec()) -> Path:
-    """Write a random Jamba checkpoint (config, sharded safetensors + index, tokenizer) to `out_dir`."""
+    """Write a random Jamba checkpoint (config, sharded safetensors + index, tokenizer) to
+    `out_dir`."""
     import torch
     from transformers import JambaConfig, JambaForCausalLM, JambaForSequenceClassification
 

@@ -18,8 +18,11 @@ from jamba_ray.tiny import TinySpec, init_tiny
 
 # A second layout: attention on even layers, MoE every third layer, odd layer count.
 LAYOUT_B = (
-    ("num_hidden_layers", 5), ("attn_layer_period", 2), ("attn_layer_offset", 0),
-    ("expert_layer_period", 3), ("expert_layer_offset", 2),
+    ("num_hidden_layers", 5),
+    ("attn_layer_period", 2),
+    ("attn_layer_offset", 0),
+    ("expert_layer_period", 3),
+    ("expert_layer_offset", 2),
 )
 
 STAGE_CPUS = 0.25  # fractional CPUs so many stage actors fit the 2-core machine
@@ -70,10 +73,15 @@ def hf_greedy(path: str, prompt: list[int], steps: int):
     model = hf_model(path)
     with torch.no_grad():
         out = model.generate(
-            torch.tensor([prompt]), max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-            output_logits=True, return_dict_in_generate=True, pad_token_id=0,
+            torch.tensor([prompt]),
+            max_new_tokens=steps,
+            min_new_tokens=steps,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=0,
         )
-    return out.sequences[0, len(prompt):].tolist(), torch.cat(out.logits).float()
+    return out.sequences[0, len(prompt) :].tolist(), torch.cat(out.logits).float()
 
 
 PROMPTS = [

@@ -1,4 +1,5 @@
-"""A real two-node Ray cluster on this machine: stages land on different nodes, tokens stay exact."""
+"""A real two-node Ray cluster on this machine: stages land on different nodes, tokens stay
+exact."""
 
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ DRIVER = r"""
 import json, sys, ray
 from jamba_ray import LLM, SamplingParams
 ray.init(address=sys.argv[2])
-llm = LLM(sys.argv[1], num_stages=2, num_cpus_per_stage=0.5, placement_strategy="STRICT_SPREAD",
-          stage_resources=(("stage_host", 1.0),), max_num_seqs=4)
-outs = llm.generate(json.loads(sys.argv[3]), SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+llm = LLM(sys.argv[1], num_stages=2, num_cpus_per_stage=0.5, strategy="STRICT_SPREAD",
+          resources=(("stage_host", 1.0),), max_num_seqs=4)
+outs = llm.generate(json.loads(sys.argv[3]),
+                    SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
 nodes = [i["node_id"] for i in llm.engine.pipeline.info]
 print(json.dumps({"nodes": nodes, "tokens": [o.outputs[0].token_ids for o in outs]}))
 llm.shutdown()
@@ -56,16 +58,42 @@ def test_strict_spread_puts_stages_on_two_nodes_and_stays_token_exact(tiny_ckpt)
     address = f"127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_AUTH_MODE"] = "disabled"
-    common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", '--resources={"stage_host": 1}',
-              "--disable-usage-stats"]
+    common = [
+        "--node-ip-address=127.0.0.1",
+        "--num-cpus=1",
+        '--resources={"stage_host": 1}',
+        "--disable-usage-stats",
+    ]
     try:
-        subprocess.run(["ray", "start", "--head", f"--port={port}", "--include-dashboard=false",
-                        f"--temp-dir={temp_dir}", *common], env=env, check=True, capture_output=True,
-                       timeout=180)
-        subprocess.run(["ray", "start", f"--address={address}", *common], env=env, check=True,
-                       capture_output=True, timeout=180)
-        run = subprocess.run([sys.executable, "-c", DRIVER, tiny_ckpt, address, json.dumps(PROMPTS)], env=env,
-                             capture_output=True, text=True, timeout=600)
+        subprocess.run(
+            [
+                "ray",
+                "start",
+                "--head",
+                f"--port={port}",
+                "--include-dashboard=false",
+                f"--temp-dir={temp_dir}",
+                *common,
+            ],
+            env=env,
+            check=True,
+            capture_output=True,
+            timeout=180,
+        )
+        subprocess.run(
+            ["ray", "start", f"--address={address}", *common],
+            env=env,
+            check=True,
+            capture_output=True,
+            timeout=180,
+        )
+        run = subprocess.run(
+            [sys.executable, "-c", DRIVER, tiny_ckpt, address, json.dumps(PROMPTS)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert run.returncode == 0, run.stderr[-3000:]
         result = json.loads(run.stdout.strip().splitlines()[-1])
     finally:

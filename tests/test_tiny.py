@@ -32,8 +32,9 @@ def test_tokenizer_round_trips_and_has_a_chat_template(tiny_ckpt):
     assert ids[0] == tok.bos_token_id == 1 and tok.eos_token_id == 2 and tok.pad_token_id == 0
     assert tok.decode(ids, skip_special_tokens=True) == "hello café 東京"
     assert len(tok) == ModelSpec.from_path(tiny_ckpt).vocab_size
-    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
-                                   add_generation_prompt=True)
+    chat = tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert "hi" in chat and chat.endswith("<|assistant|>")
 
 

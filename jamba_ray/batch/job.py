@@ -12,8 +12,8 @@ from pathlib import Path
 
 from ray.data import ActorPoolStrategy
 
-from ..model.checkpoint import resolve
 from ..errors import InvalidRequestError
+from ..model.checkpoint import resolve
 from .scorer import PipelineScorer, ScoreConfig
 
 log = logging.getLogger(__name__)
@@ -31,8 +31,11 @@ class JobSummary:
     def line(self) -> str:
         rate = self.rows / self.wall_s if self.wall_s else 0.0
         tps = self.tokens / self.wall_s if self.wall_s else 0.0
-        return (f"rows {self.rows} (+{self.skipped} done before), tokens {self.tokens}, errors {self.errors}, "
-                f"wall {self.wall_s:.1f}s, {rate:.1f} rows/s, {tps:.0f} tokens/s")
+        return (
+            f"rows {self.rows} (+{self.skipped} done before), tokens {self.tokens}, "
+            f"errors {self.errors}, "
+            f"wall {self.wall_s:.1f}s, {rate:.1f} rows/s, {tps:.0f} tokens/s"
+        )
 
 
 def read_input(path: str):
@@ -51,14 +54,20 @@ def score(data, config: ScoreConfig, pipelines: int = 1, batch_size: int = 16, s
     id is in `skip_ids` are left out (resume).
     """
     if config.task == "classify" and "score.weight" not in resolve(config.model).weight_map():
-        raise InvalidRequestError("task 'classify' needs a checkpoint with a classification head (score.weight)")
+        raise InvalidRequestError(
+            "task 'classify' needs a checkpoint with a classification head (score.weight)"
+        )
     ds = read_input(data) if isinstance(data, (str, Path)) else data
     if skip_ids:
         done, col = frozenset(skip_ids), config.id_column
         ds = ds.filter(lambda row: row[col] not in done)
     return ds.map_batches(
-        PipelineScorer, fn_constructor_kwargs={"config": config}, batch_size=batch_size,
-        batch_format="pandas", compute=ActorPoolStrategy(size=pipelines), num_cpus=0.25,
+        PipelineScorer,
+        fn_constructor_kwargs={"config": config},
+        batch_size=batch_size,
+        batch_format="pandas",
+        compute=ActorPoolStrategy(size=pipelines),
+        num_cpus=0.25,
     )
 
 
@@ -76,8 +85,14 @@ def done_ids(out_dir: Path, id_column: str) -> set:
     return ids
 
 
-def run_job(input_path: str, output: str, config: ScoreConfig, pipelines: int = 1, batch_size: int = 16,
-            progress: bool = True) -> JobSummary:
+def run_job(
+    input_path: str,
+    output: str,
+    config: ScoreConfig,
+    pipelines: int = 1,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> JobSummary:
     """Score `input_path` into Parquet parts under `output`; a rerun skips rows already written."""
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
@@ -85,12 +100,15 @@ def run_job(input_path: str, output: str, config: ScoreConfig, pipelines: int = 
     resumable = config.id_column in ds_in.schema().names
     skip = done_ids(out, config.id_column) if resumable else set()
     if not resumable:
-        log.warning("input has no %r column: the job cannot resume, it rescores every row", config.id_column)
+        log.warning(
+            "input has no %r column: the job cannot resume, it rescores every row", config.id_column
+        )
     summary = JobSummary(skipped=len(skip))
     total = ds_in.count() - len(skip)
     t0 = time.perf_counter()
-    for batch in score(ds_in, config, pipelines, batch_size, skip).iter_batches(batch_size=None,
-                                                                                 batch_format="pandas"):
+    for batch in score(ds_in, config, pipelines, batch_size, skip).iter_batches(
+        batch_size=None, batch_format="pandas"
+    ):
         _write_part(out, batch)
         summary.parts += 1
         summary.rows += len(batch)
@@ -98,7 +116,9 @@ def run_job(input_path: str, output: str, config: ScoreConfig, pipelines: int = 
         summary.errors += int(batch["error"].notna().sum())
         summary.wall_s = time.perf_counter() - t0
         if progress:
-            print(f"\r[{summary.rows}/{total}] {summary.line()}", end="", file=sys.stderr, flush=True)
+            print(
+                f"\r[{summary.rows}/{total}] {summary.line()}", end="", file=sys.stderr, flush=True
+            )
     summary.wall_s = time.perf_counter() - t0
     if progress:
         print(file=sys.stderr)

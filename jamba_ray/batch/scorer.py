@@ -31,7 +31,9 @@ class ScoreConfig:
 
     def __post_init__(self) -> None:
         if self.task not in ("loglik", "classify", "generate"):
-            raise InvalidRequestError(f"unknown task {self.task!r}: use loglik, classify or generate")
+            raise InvalidRequestError(
+                f"unknown task {self.task!r}: use loglik, classify or generate"
+            )
         if self.too_long not in ("truncate", "error"):
             raise InvalidRequestError("too_long must be 'truncate' or 'error'")
         SamplingParams(**self.sampling)  # fail on bad flags before any actor starts
@@ -51,9 +53,14 @@ class PipelineScorer:
         from ..engine.llm import LLM
 
         self.cfg = config
-        self.llm = LLM(config.model, num_stages=config.num_stages, num_cpus_per_stage=config.num_cpus_per_stage,
-                       max_num_seqs=config.max_num_seqs, max_batched_tokens=config.max_batched_tokens,
-                       max_model_len=config.max_model_len)
+        self.llm = LLM(
+            config.model,
+            num_stages=config.num_stages,
+            num_cpus_per_stage=config.num_cpus_per_stage,
+            max_num_seqs=config.max_num_seqs,
+            max_batched_tokens=config.max_batched_tokens,
+            max_model_len=config.max_model_len,
+        )
         self.max_len = self.llm.engine.capacity.max_model_len
         self.tok = self.llm.tokenizer
 
@@ -79,9 +86,14 @@ class PipelineScorer:
 
     def _encode(self, text) -> tuple[list[int] | None, str | None]:
         if not isinstance(text, str) or not text:
-            return None, f"{self.cfg.text_column} must be a non-empty string, got {type(text).__name__}"
+            return (
+                None,
+                f"{self.cfg.text_column} must be a non-empty string, got {type(text).__name__}",
+            )
         ids = self.tok(text).input_ids
-        limit = self.max_len - (1 if self.cfg.task != "generate" else self.cfg.sampling.get("max_tokens", 16))
+        limit = self.max_len - (
+            1 if self.cfg.task != "generate" else self.cfg.sampling.get("max_tokens", 16)
+        )
         if len(ids) > limit:
             if self.cfg.too_long == "error":
                 return None, f"{len(ids)} tokens exceed the limit of {limit}"
@@ -101,13 +113,18 @@ class PipelineScorer:
             return [r for p in prompts for r in self._run([p])]
 
     def _loglik(self, prompts) -> list[dict]:
-        outs = self.llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0))
+        outs = self.llm.generate(
+            prompts, SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        )
         res = []
         for o in outs:
             lps = [e[t] for t, e in zip(o.prompt_token_ids[1:], o.prompt_logprobs[1:])]
             total = float(sum(lps))
-            row = {"logprob": total, "num_tokens": len(o.prompt_token_ids),
-                   "perplexity": math.exp(-total / len(lps)) if lps else None}
+            row = {
+                "logprob": total,
+                "num_tokens": len(o.prompt_token_ids),
+                "perplexity": math.exp(-total / len(lps)) if lps else None,
+            }
             if self.cfg.token_logprobs:
                 row["token_logprobs"] = lps
             res.append(row)
@@ -121,14 +138,26 @@ class PipelineScorer:
             m = max(logits)
             exp = [math.exp(x - m) for x in logits]
             probs = [e / sum(exp) for e in exp]
-            res.append({"label": int(max(range(len(probs)), key=probs.__getitem__)), "probs": probs,
-                        "logits": logits, "num_tokens": len(o.prompt_token_ids)})
+            res.append(
+                {
+                    "label": int(max(range(len(probs)), key=probs.__getitem__)),
+                    "probs": probs,
+                    "logits": logits,
+                    "num_tokens": len(o.prompt_token_ids),
+                }
+            )
         return res
 
     def _generate(self, prompts) -> list[dict]:
         outs = self.llm.generate(prompts, SamplingParams(**self.cfg.sampling))
-        return [{"completion": o.outputs[0].text, "finish_reason": o.outputs[0].finish_reason,
-                 "num_tokens": len(o.prompt_token_ids) + len(o.outputs[0].token_ids)} for o in outs]
+        return [
+            {
+                "completion": o.outputs[0].text,
+                "finish_reason": o.outputs[0].finish_reason,
+                "num_tokens": len(o.prompt_token_ids) + len(o.outputs[0].token_ids),
+            }
+            for o in outs
+        ]
 
     def __del__(self):
         try:

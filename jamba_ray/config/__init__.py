@@ -15,7 +15,17 @@ from .engine_config import (
 from .spec import ModelSpec, canonical_dtype, dtype_bytes
 
 __all__ = [
-    "AutoscalingConfig", "ComputeConfig", "EngineConfig", "ModelConfig", "PipelineConfig",
-    "PlacementConfig", "RecoveryConfig", "SchedulerConfig", "ServeConfig", "StateConfig",
-    "ModelSpec", "canonical_dtype", "dtype_bytes",
+    "AutoscalingConfig",
+    "ComputeConfig",
+    "EngineConfig",
+    "ModelConfig",
+    "PipelineConfig",
+    "PlacementConfig",
+    "RecoveryConfig",
+    "SchedulerConfig",
+    "ServeConfig",
+    "StateConfig",
+    "ModelSpec",
+    "canonical_dtype",
+    "dtype_bytes",
 ]

@@ -1,4 +1,5 @@
-"""One tree of frozen settings: each option is defined once, here, with its one default. Pure Python.
+"""One tree of frozen settings: each option is defined once, here, with its one default.
+Pure Python.
 
 `EngineConfig` nests the sections an engine needs; `PipelineConfig` adds the Serve front. The
 pipeline YAML (`pipeline_file.py`) is a pydantic mirror of this tree, and `LLM(...)`, the CLI and
@@ -62,7 +63,9 @@ class PlacementConfig:
     num_stages: int = 1
     stage_slices: tuple[tuple[int, int], ...] | None = None  # explicit [start, end) slices
     balance: str = "params"
-    num_cpus_per_stage: float | None = None  # None: an equal share of the CPUs Ray has free, at most 1
+    num_cpus_per_stage: float | None = (
+        None  # None: an equal share of the CPUs Ray has free, at most 1
+    )
     num_gpus_per_stage: float = 0.0
     strategy: str = "PACK"
     resources: tuple[tuple[str, float], ...] = ()  # custom Ray resources per stage
@@ -81,7 +84,9 @@ class PlacementConfig:
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.strategy not in STRATEGIES:
-            raise ConfigError(f"placement strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+            raise ConfigError(
+                f"placement strategy must be one of {STRATEGIES}, got {self.strategy!r}"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +119,9 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         if self.compute.decode_graphs and self.model.quantization:
-            raise ConfigError("decode_graphs needs unquantized weights: int8 experts route with a host sync")
+            raise ConfigError(
+                "decode_graphs needs unquantized weights: int8 experts route with a host sync"
+            )
         if self.placement.num_gpus_per_stage == 0 and self.model.dtype == "float16":
             raise ConfigError("float16 needs a GPU stage; use float32 or bfloat16 on CPU")
 
@@ -142,8 +149,14 @@ class EngineConfig:
         return replace(self, **changed)
 
 
-_SECTIONS = {"model": ModelConfig, "state": StateConfig, "scheduler": SchedulerConfig,
-             "placement": PlacementConfig, "compute": ComputeConfig, "recovery": RecoveryConfig}
+_SECTIONS = {
+    "model": ModelConfig,
+    "state": StateConfig,
+    "scheduler": SchedulerConfig,
+    "placement": PlacementConfig,
+    "compute": ComputeConfig,
+    "recovery": RecoveryConfig,
+}
 _OWNER = {f.name: name for name, cls in _SECTIONS.items() for f in fields(cls) if f.name != "path"}
 
 
@@ -166,7 +179,9 @@ class AutoscalingConfig:
     def serve_dict(self) -> dict[str, Any]:
         if self.max_replicas < self.min_replicas:
             raise ConfigError("autoscaling.max_replicas must be at least min_replicas")
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        return {
+            f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None
+        }
 
 
 @dataclass(frozen=True, slots=True)

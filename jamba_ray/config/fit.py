@@ -1,4 +1,5 @@
-"""Memory fit check: weights + state pool + activations per stage against its device. Pure Python."""
+"""Memory fit check: weights + state pool + activations per stage against its device.
+Pure Python."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ from dataclasses import dataclass
 from ..errors import ConfigError
 from .capacity import derive_capacity
 from .engine_config import EngineConfig
-from .spec import ModelSpec, dtype_bytes
 from .planner import StagePlan, embed_params, ffn_params, head_params, human_bytes, mixer_params
+from .spec import ModelSpec, dtype_bytes
 
 GiB = 2**30
 
@@ -30,7 +31,9 @@ def quantized_layer_bytes(spec: ModelSpec, layer: int, dtype: str) -> int:
     return q + 2 * h * b
 
 
-def stage_weight_bytes(spec: ModelSpec, p: StagePlan, dtype: str, quantization: str | None, last: bool) -> int:
+def stage_weight_bytes(
+    spec: ModelSpec, p: StagePlan, dtype: str, quantization: str | None, last: bool
+) -> int:
     if quantization is None:
         return p.param_bytes
     b = dtype_bytes(dtype)
@@ -43,7 +46,10 @@ def stage_weight_bytes(spec: ModelSpec, p: StagePlan, dtype: str, quantization: 
 def activation_bytes(spec: ModelSpec, tokens: int, dtype: str, last: bool) -> int:
     """Peak per micro-batch: the chunk's scan states (fp32), projections, and the logits (last)."""
     b, di = dtype_bytes(dtype), spec.d_inner
-    per_token = di * spec.mamba_d_state * 4 * 3 + (4 * di + 3 * spec.intermediate_size + 4 * spec.hidden_size) * b
+    per_token = (
+        di * spec.mamba_d_state * 4 * 3
+        + (4 * di + 3 * spec.intermediate_size + 4 * spec.hidden_size) * b
+    )
     logits = tokens * spec.vocab_size * 4 * 2 if last else 0
     return tokens * per_token + logits
 
@@ -81,13 +87,18 @@ def fit_check(spec: ModelSpec, cfg: EngineConfig, plans: list[StagePlan]) -> lis
 
 
 def format_fit(fits: list[StageFit]) -> str:
-    rows = [f"{'stage':>5} {'weights':>11} {'state pool':>11} {'activations':>12} {'total':>11} {'device':>11}  fits",
-            "-" * 72]
+    rows = [
+        f"{'stage':>5} {'weights':>11} {'state pool':>11} {'activations':>12} "
+        f"{'total':>11} {'device':>11}  fits",
+        "-" * 72,
+    ]
     for f in fits:
         dev = human_bytes(f.device) if f.device else "-"
-        rows.append(f"{f.index:>5} {human_bytes(f.weights):>11} {human_bytes(f.pool):>11} "
-                    f"{human_bytes(f.activations):>12} {human_bytes(f.total):>11} {dev:>11}  "
-                    f"{'yes' if f.fits else 'NO'}")
+        rows.append(
+            f"{f.index:>5} {human_bytes(f.weights):>11} {human_bytes(f.pool):>11} "
+            f"{human_bytes(f.activations):>12} {human_bytes(f.total):>11} {dev:>11}  "
+            f"{'yes' if f.fits else 'NO'}"
+        )
     return "\n".join(rows)
 
 
@@ -99,5 +110,6 @@ def require_fit(fits: list[StageFit]) -> None:
             f"layout does not fit: stage {worst.index} needs {human_bytes(worst.total)} "
             f"(weights {human_bytes(worst.weights)}, state {human_bytes(worst.pool)}, activations "
             f"{human_bytes(worst.activations)}) but its device has {human_bytes(worst.device)}; "
-            "use more stages, int8 quantization, fewer sequences (max_num_seqs) or a shorter max_model_len"
+            "use more stages, int8 quantization, fewer sequences (max_num_seqs) "
+            "or a shorter max_model_len"
         )

@@ -20,7 +20,18 @@ def mixer_params(spec: ModelSpec, layer: int) -> int:
     di, n, r, k = spec.d_inner, spec.mamba_d_state, spec.mamba_dt_rank, spec.mamba_d_conv
     proj_bias = (2 * di + h) if spec.mamba_proj_bias else 0
     conv = di * k + (di if spec.mamba_conv_bias else 0)
-    return h * 2 * di + conv + di * (r + 2 * n) + (r * di + di) + di * n + di + di * h + r + 2 * n + proj_bias
+    return (
+        h * 2 * di
+        + conv
+        + di * (r + 2 * n)
+        + (r * di + di)
+        + di * n
+        + di
+        + di * h
+        + r
+        + 2 * n
+        + proj_bias
+    )
 
 
 def ffn_params(spec: ModelSpec, layer: int, active_only: bool = False) -> int:
@@ -47,7 +58,9 @@ def embed_params(spec: ModelSpec) -> int:
 
 def head_params(spec: ModelSpec) -> int:
     """Final norm plus lm_head (the head shares the embedding when tied)."""
-    return spec.hidden_size + (0 if spec.tie_word_embeddings else spec.vocab_size * spec.hidden_size)
+    return spec.hidden_size + (
+        0 if spec.tie_word_embeddings else spec.vocab_size * spec.hidden_size
+    )
 
 
 def total_params(spec: ModelSpec) -> int:
@@ -56,7 +69,8 @@ def total_params(spec: ModelSpec) -> int:
 
 
 def mamba_state_bytes(spec: ModelSpec, dtype: str, layers: range) -> int:
-    """Per-sequence conv + SSM state of the Mamba layers in `layers` (SSM kept in fp32 below fp32)."""
+    """Per-sequence conv + SSM state of the Mamba layers in `layers` (SSM kept in fp32 below
+    fp32)."""
     conv = spec.d_inner * spec.mamba_d_conv * dtype_bytes(dtype)
     ssm = spec.d_inner * spec.mamba_d_state * 4
     return sum(conv + ssm for i in layers if not spec.is_attention(i))
@@ -129,7 +143,9 @@ def validate_slices(slices: list[tuple[int, int]], num_layers: int) -> None:
             )
         expect = end
     if expect != num_layers:
-        raise ConfigError(f"stage slices {slices} cover {expect} layers, the model has {num_layers}")
+        raise ConfigError(
+            f"stage slices {slices} cover {expect} layers, the model has {num_layers}"
+        )
 
 
 def plan(
@@ -145,7 +161,9 @@ def plan(
         if stages is None or stages < 1:
             raise ConfigError(f"number of stages must be at least 1, got {stages}")
         if stages > n:
-            raise ConfigError(f"cannot cut {n} layers into {stages} stages: more stages than layers")
+            raise ConfigError(
+                f"cannot cut {n} layers into {stages} stages: more stages than layers"
+            )
         slices = split_balanced(stage_costs(spec, balance), stages)
     slices = [tuple(s) for s in slices]
     validate_slices(slices, n)
@@ -184,17 +202,22 @@ def human_bytes(n: float) -> str:
 
 def format_plan(spec: ModelSpec, stages: list[StagePlan]) -> str:
     """A per-stage table as `jamba-ray plan` prints it."""
-    head = f"{'stage':>5}  {'layers':<10} {'params':>14} {'weights':>11} {'mamba state/seq':>16} {'KV/token':>10}  kinds"
+    head = (
+        f"{'stage':>5}  {'layers':<10} {'params':>14} {'weights':>11} "
+        f"{'mamba state/seq':>16} {'KV/token':>10}  kinds"
+    )
     rows = [head, "-" * len(head)]
     for s in stages:
         kinds = " ".join(f"{j}:{spec.layer_code(j)}" for j in s.layers)
         rows.append(
-            f"{s.index:>5}  [{s.start:>2}, {s.end:>2})   {s.params:>14,} {human_bytes(s.param_bytes):>11} "
-            f"{human_bytes(s.mamba_state_bytes):>16} {human_bytes(s.kv_bytes_per_token):>10}  {kinds}"
+            f"{s.index:>5}  [{s.start:>2}, {s.end:>2})   {s.params:>14,} "
+            f"{human_bytes(s.param_bytes):>11} {human_bytes(s.mamba_state_bytes):>16} "
+            f"{human_bytes(s.kv_bytes_per_token):>10}  {kinds}"
         )
     total = sum(s.params for s in stages)
     rows.append(
-        f"total: {total:,} params ({total / 1e9:.2f}B), {human_bytes(sum(s.param_bytes for s in stages))}; "
+        f"total: {total:,} params ({total / 1e9:.2f}B), "
+        f"{human_bytes(sum(s.param_bytes for s in stages))}; "
         f"mamba state/seq {human_bytes(sum(s.mamba_state_bytes for s in stages))}; "
         f"KV/token {human_bytes(sum(s.kv_bytes_per_token for s in stages))}"
     )

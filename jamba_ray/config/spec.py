@@ -10,14 +10,24 @@ from typing import Any
 
 from ..errors import ConfigError
 
-DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "int8": 1}
+DTYPE_BYTES = {
+    "float32": 4,
+    "fp32": 4,
+    "bfloat16": 2,
+    "bf16": 2,
+    "float16": 2,
+    "fp16": 2,
+    "int8": 1,
+}
 
 
 def dtype_bytes(dtype: str) -> int:
     try:
         return DTYPE_BYTES[dtype]
     except KeyError:
-        raise ConfigError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPE_BYTES)}") from None
+        raise ConfigError(
+            f"unknown dtype {dtype!r}; expected one of {sorted(DTYPE_BYTES)}"
+        ) from None
 
 
 def canonical_dtype(dtype: str) -> str:
@@ -125,4 +135,6 @@ class ModelSpec:
 
     def layer_code(self, layer: int) -> str:
         """Short label like 'A/MoE' or 'M/MLP' for tables."""
-        return ("A" if self.is_attention(layer) else "M") + ("/MoE" if self.is_moe(layer) else "/MLP")
+        return ("A" if self.is_attention(layer) else "M") + (
+            "/MoE" if self.is_moe(layer) else "/MLP"
+        )

@@ -71,8 +71,13 @@ class AsyncEngine:
     def tokenizer(self):
         return self.core.tokenizer
 
-    async def generate(self, prompt: str | list[int], params: SamplingParams,
-                       request_id: str | None = None, task: str = "generate") -> RequestStream:
+    async def generate(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        task: str = "generate",
+    ) -> RequestStream:
         """Validate and queue now (errors raise here), then stream deltas until finished.
 
         Closing the stream early (client gone, task cancelled) aborts the request.
@@ -107,7 +112,9 @@ class AsyncEngine:
             except Exception as e:  # a bug outside any one request: end them all, keep serving
                 log.exception("engine step failed")
                 for rid in list(core.outputs.requests):
-                    core.fail_request(rid, StageFailedError(f"engine step failed: {type(e).__name__}"))
+                    core.fail_request(
+                        rid, StageFailedError(f"engine step failed: {type(e).__name__}")
+                    )
                 core.in_flight.clear()
 
     @property
@@ -115,7 +122,7 @@ class AsyncEngine:
         return self.core.recovery.pending
 
     async def probe(self, timeout_s: float = 60.0) -> None:
-        """A one-token forward through every stage on the reserved probe slot; raises if any fails."""
+        """A one-token forward through every stage on the probe slot; raises if any fails."""
         if self.recovering:  # stages are being replaced or reconnected: a probe now would race that
             raise StageFailedError("the pipeline is recovering from a stage failure")
         core = self.core
@@ -133,8 +140,11 @@ class AsyncEngine:
 
     def model_card(self) -> dict:
         core = self.core
-        return {"max_model_len": core.capacity.max_model_len, "stages": core.pipeline.num_stages,
-                "max_num_seqs": core.capacity.max_num_seqs}
+        return {
+            "max_model_len": core.capacity.max_model_len,
+            "stages": core.pipeline.num_stages,
+            "max_num_seqs": core.capacity.max_num_seqs,
+        }
 
     def shutdown(self) -> None:
         if self._task is not None:

@@ -22,8 +22,13 @@ class EngineClient(Protocol):
     @property
     def recovering(self) -> bool: ...
 
-    async def generate(self, prompt: str | list[int], params: SamplingParams,
-                       request_id: str | None = None, task: str = "generate") -> RequestStreamLike:
+    async def generate(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        task: str = "generate",
+    ) -> RequestStreamLike:
         """Validate and queue (errors raise here), then stream delta outputs until finished."""
 
     def abort(self, request_id: str) -> None: ...

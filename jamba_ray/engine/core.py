@@ -49,31 +49,48 @@ class EngineCore:
         self.has_classifier = "score.weight" in ckpt.weight_map()
         self.tokenizer = load_tokenizer(ckpt.root)
         make_pipeline = make_pipeline or _backend(place.backend)
-        self.pipeline = make_pipeline(config, ckpt.repo_id or str(ckpt.root), self.plans, self.capacity,
-                                      self.spec.eos_token_id)
+        self.pipeline = make_pipeline(
+            config,
+            ckpt.repo_id or str(ckpt.root),
+            self.plans,
+            self.capacity,
+            self.spec.eos_token_id,
+        )
         self.scheduler = Scheduler(config.scheduler, self.capacity.max_num_seqs, len(self.plans))
-        self.outputs = OutputProcessor(self.tokenizer, self.spec.eos_token_id, self.capacity.max_model_len)
+        self.outputs = OutputProcessor(
+            self.tokenizer, self.spec.eos_token_id, self.capacity.max_model_len
+        )
         self.recovery = Recovery(self, config.recovery.max_stage_restarts)
         self.in_flight: deque[MicroBatch] = deque()
         self._next_seq = 0
         self.counters = {"forks": 0, "stage_restarts": 0, "isolated_failures": 0}
 
     # ---- requests ----------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams, sink: Sink,
-                    task: str = "generate") -> None:
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        sink: Sink,
+        task: str = "generate",
+    ) -> None:
         """Validate (raising InvalidRequestError / CapacityError) and queue a request."""
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError("params must be a SamplingParams")
         if request_id in self.outputs.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already running")
         if params.n > self.capacity.max_num_seqs:
-            raise InvalidRequestError(f"n={params.n} exceeds the {self.capacity.max_num_seqs} state slots")
+            raise InvalidRequestError(
+                f"n={params.n} exceeds the {self.capacity.max_num_seqs} state slots"
+            )
         if task == "classify" and not self.has_classifier:
             raise InvalidRequestError("this checkpoint has no classification head (score.weight)")
         ids = encode_prompt(self.tokenizer, prompt, self.spec.vocab_size)
         params = self._fit_max_tokens(params, len(ids))
         if self.scheduler.num_waiting >= self.config.scheduler.max_waiting:
-            raise CapacityError(f"{self.scheduler.num_waiting} requests already queued; retry later")
+            raise CapacityError(
+                f"{self.scheduler.num_waiting} requests already queued; retry later"
+            )
         seed = params.seed if params.seed is not None else random.getrandbits(62)
         seqs = [self._new_seq(request_id, i, ids, params, seed) for i in range(params.n)]
         seqs[0].forks, seqs[0].pooling = seqs[1:], task == "classify"
@@ -85,13 +102,16 @@ class EngineCore:
         room = limit - prompt_len
         if room < 1:
             raise InvalidRequestError(
-                f"prompt has {prompt_len} tokens; this model's maximum context length is {limit}")
+                f"prompt has {prompt_len} tokens; this model's maximum context length is {limit}"
+            )
         if params.max_tokens is None:
             return replace(params, max_tokens=room)
         if params.max_tokens > room:
             raise InvalidRequestError(
-                f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) exceeds this model's "
-                f"maximum context length of {limit} tokens")
+                f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) exceeds this "
+                "model's "
+                f"maximum context length of {limit} tokens"
+            )
         return params
 
     def _new_seq(self, request_id: str, index: int, ids: list[int], params, seed: int) -> Sequence:
@@ -156,8 +176,10 @@ class EngineCore:
                 self._land(seg, seq, result)
             except Exception as e:  # a bug in one request's postprocessing ends only that request
                 log.exception("postprocessing request %s failed", seq.request_id)
-                self.fail_request(seq.request_id, StageFailedError(
-                    f"postprocessing a step failed: {type(e).__name__}: {e}"))
+                self.fail_request(
+                    seq.request_id,
+                    StageFailedError(f"postprocessing a step failed: {type(e).__name__}: {e}"),
+                )
         for rid in dict.fromkeys(s.request_id for s in mb.seqs):
             self.outputs.emit(rid)
 
@@ -200,9 +222,11 @@ class EngineCore:
         return {
             "requests_running": len({s.request_id for s in self.scheduler.running}),
             "requests_waiting": self.scheduler.num_waiting,
-            "slots_in_use": slots.num_used, "slots_total": slots.num_slots,
+            "slots_in_use": slots.num_used,
+            "slots_total": slots.num_slots,
             "in_flight_micro_batches": len(self.in_flight),
-            **self.outputs.counters, **self.counters,
+            **self.outputs.counters,
+            **self.counters,
         }
 
     def shutdown(self) -> None:

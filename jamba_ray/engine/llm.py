@@ -19,8 +19,14 @@ class LLM:
     `config=EngineConfig(...)` gives the whole tree instead. Without a model: the tiny default.
     """
 
-    def __init__(self, model: str | None = None, num_stages: int = 1, *, config: EngineConfig | None = None,
-                 **options):
+    def __init__(
+        self,
+        model: str | None = None,
+        num_stages: int = 1,
+        *,
+        config: EngineConfig | None = None,
+        **options,
+    ):
         if config is None:
             if model is None:
                 from ..tiny import ensure_default_tiny
@@ -35,13 +41,18 @@ class LLM:
     def tokenizer(self):
         return self.engine.tokenizer
 
-    def generate(self, prompts: str | list[str] | list[list[int]],
-                 sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 task: str = "generate") -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts: str | list[str] | list[list[int]],
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        task: str = "generate",
+    ) -> list[RequestOutput]:
         """One finished output per prompt, in prompt order; all prompts run concurrently."""
         prompts = [prompts] if isinstance(prompts, str) else prompts
         if not isinstance(prompts, list) or not prompts:
-            raise InvalidRequestError("prompts must be a non-empty list of strings or token-id lists")
+            raise InvalidRequestError(
+                "prompts must be a non-empty list of strings or token-id lists"
+            )
         params = sampling_params or SamplingParams()
         per = params if isinstance(params, list) else [params] * len(prompts)
         if len(per) != len(prompts):
@@ -72,15 +83,20 @@ class LLM:
 
     def score(self, texts: list[str] | list[list[int]]) -> list[dict]:
         """Total and per-token log-probability of each text (tokens after the first)."""
-        outs = self.generate(texts, SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0))
+        outs = self.generate(
+            texts, SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        )
         res = []
         for o in outs:
             lps = [next(iter(d.values())) for d in o.prompt_logprobs[1:]]
-            res.append({"token_ids": o.prompt_token_ids, "token_logprobs": lps, "logprob": sum(lps)})
+            res.append(
+                {"token_ids": o.prompt_token_ids, "token_logprobs": lps, "logprob": sum(lps)}
+            )
         return res
 
     def classify(self, texts: list[str] | list[list[int]]) -> list[list[float]]:
-        """Classification-head logits per text (last-token pooling, as JambaForSequenceClassification)."""
+        """Classification-head logits per text (last-token pooling, as
+        JambaForSequenceClassification)."""
         outs = self.generate(texts, SamplingParams(max_tokens=1), task="classify")
         return [o.scores for o in outs]
 
@@ -96,7 +112,9 @@ def _collector(results: dict, request_id: str):
     def collect(out: RequestOutput | BaseException) -> None:
         cur = results.get(request_id)
         if isinstance(out, BaseException) or cur is None:
-            results[request_id] = out if isinstance(out, BaseException) else replace(out, delta=False)
+            results[request_id] = (
+                out if isinstance(out, BaseException) else replace(out, delta=False)
+            )
             return
         by_index = {o.index: o for o in cur.outputs}
         for o in out.outputs:

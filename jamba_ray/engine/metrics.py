@@ -58,24 +58,71 @@ class EngineMetrics:
 
         def metric(name, kind, help_text, value, extra=""):
             lines.extend([f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"])
-            lines.append(f"{name}{{{labels}{sep}{extra}}} {value}" if extra else f"{name}{lab} {value}")
+            lines.append(
+                f"{name}{{{labels}{sep}{extra}}} {value}" if extra else f"{name}{lab} {value}"
+            )
 
-        metric("jamba_ray_requests_running", "gauge", "Requests holding state slots.", stats["requests_running"])
-        metric("jamba_ray_requests_waiting", "gauge", "Requests queued for a free slot.", stats["requests_waiting"])
+        metric(
+            "jamba_ray_requests_running",
+            "gauge",
+            "Requests holding state slots.",
+            stats["requests_running"],
+        )
+        metric(
+            "jamba_ray_requests_waiting",
+            "gauge",
+            "Requests queued for a free slot.",
+            stats["requests_waiting"],
+        )
+
         def per_stage(name, kind, help_text, key):
             lines.extend([f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"])
             for s in stats.get("stages", []):
                 lines.append(f'{name}{{{labels}{sep}stage="{s["stage"]}"}} {s.get(key, 0)}')
 
-        per_stage("jamba_ray_slots_in_use", "gauge", "State slots held, per stage.", "slots_in_use")
-        per_stage("jamba_ray_stage_busy_seconds_total", "counter", "Time a stage spent computing.", "busy_s")
-        per_stage("jamba_ray_stage_p2p_sends_total", "counter", "Hidden-state sends over the p2p transport.",
-                  "p2p_sent")
-        per_stage("jamba_ray_stage_decode_graph_steps_total", "counter",
-                  "Decode steps run at fixed shapes (CUDA graph replays on GPUs).", "decode_graph_steps")
+        metric(
+            "jamba_ray_slots_in_use",
+            "gauge",
+            "State slots held (the same slots on every stage: the engine allocates them).",
+            stats["slots_in_use"],
+        )
+        per_stage(
+            "jamba_ray_stage_busy_seconds_total",
+            "counter",
+            "Time a stage spent computing.",
+            "busy_s",
+        )
+        per_stage(
+            "jamba_ray_stage_p2p_sends_total",
+            "counter",
+            "Hidden-state sends over the p2p transport.",
+            "p2p_sent",
+        )
+        per_stage(
+            "jamba_ray_stage_decode_graph_steps_total",
+            "counter",
+            "Decode steps run at fixed shapes (CUDA graph replays on GPUs).",
+            "decode_graph_steps",
+        )
         metric("jamba_ray_slots_total", "gauge", "State slots per stage.", stats["slots_total"])
-        metric("jamba_ray_generated_tokens_total", "counter", "Tokens generated.", stats["generated_tokens"])
-        metric("jamba_ray_requests_finished_total", "counter", "Requests finished.", stats["finished_requests"])
-        lines += self.ttft.render("jamba_ray_time_to_first_token_seconds", "Time to first token.", labels)
-        lines += self.tpot.render("jamba_ray_time_per_output_token_seconds", "Time per output token after the first.", labels)
+        metric(
+            "jamba_ray_generated_tokens_total",
+            "counter",
+            "Tokens generated.",
+            stats["generated_tokens"],
+        )
+        metric(
+            "jamba_ray_requests_finished_total",
+            "counter",
+            "Requests finished.",
+            stats["finished_requests"],
+        )
+        lines += self.ttft.render(
+            "jamba_ray_time_to_first_token_seconds", "Time to first token.", labels
+        )
+        lines += self.tpot.render(
+            "jamba_ray_time_per_output_token_seconds",
+            "Time per output token after the first.",
+            labels,
+        )
         return "\n".join(lines) + "\n"

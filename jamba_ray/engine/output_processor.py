@@ -1,4 +1,4 @@
-"""Per-request outputs: detokenizing, stop strings and tokens, deltas to the request's sink, metrics."""
+"""Per-request outputs: detokenizing, stop strings and tokens, deltas to each sink, metrics."""
 
 from __future__ import annotations
 
@@ -46,11 +46,27 @@ class OutputProcessor:
         self.metrics = EngineMetrics()
         self.counters = {"generated_tokens": 0, "finished_requests": 0}
 
-    def add(self, request_id: str, prompt, prompt_ids: list[int], params: SamplingParams,
-            seqs: list[Sequence], sink: Sink) -> RequestState:
-        trackers = [TextTracker(self.tokenizer, params.stop, params.skip_special_tokens) for _ in seqs]
-        state = RequestState(request_id, prompt if isinstance(prompt, str) else None, prompt_ids, params,
-                             seqs, trackers, sink)
+    def add(
+        self,
+        request_id: str,
+        prompt,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        seqs: list[Sequence],
+        sink: Sink,
+    ) -> RequestState:
+        trackers = [
+            TextTracker(self.tokenizer, params.stop, params.skip_special_tokens) for _ in seqs
+        ]
+        state = RequestState(
+            request_id,
+            prompt if isinstance(prompt, str) else None,
+            prompt_ids,
+            params,
+            seqs,
+            trackers,
+            sink,
+        )
         if params.prompt_logprobs is not None:
             state.prompt_logprobs = [None]
         self.requests[request_id] = state
@@ -79,7 +95,9 @@ class OutputProcessor:
         n = len(seq.output_ids)
         if hit_stop:
             return "stop"
-        if n >= p.min_tokens and ((token == self.eos_id and not p.ignore_eos) or token in p.stop_token_ids):
+        if n >= p.min_tokens and (
+            (token == self.eos_id and not p.ignore_eos) or token in p.stop_token_ids
+        ):
             return "stop"
         if n >= p.max_tokens or seq.length >= self.max_model_len:
             return "length"
@@ -112,13 +130,21 @@ class OutputProcessor:
         outputs = [state.pending[i] for i in sorted(state.pending)]
         state.pending = {}
         finished = state.finished
-        out = RequestOutput(state.request_id, state.prompt, state.prompt_ids, outputs, finished,
-                            state.prompt_logprobs if finished else None, scores=state.scores)
+        out = RequestOutput(
+            state.request_id,
+            state.prompt,
+            state.prompt_ids,
+            outputs,
+            finished,
+            state.prompt_logprobs if finished else None,
+            scores=state.scores,
+        )
         if finished:
             del self.requests[request_id]
             self.counters["finished_requests"] += 1
-            self.metrics.observe(state.arrival, state.first_token_at,
-                                 max(len(s.output_ids) for s in state.seqs))
+            self.metrics.observe(
+                state.arrival, state.first_token_at, max(len(s.output_ids) for s in state.seqs)
+            )
         state.sink(out)
 
     def fail(self, request_id: str, error: BaseException) -> None:

@@ -85,8 +85,12 @@ class Recovery:
         core.counters["isolated_failures"] += 1
         requests = list(dict.fromkeys(s.request_id for s in mb.seqs))
         if len(requests) == 1:
-            core.fail_request(requests[0], StageFailedError(
-                f"a pipeline stage failed to compute this request: {failure.error}"))
+            core.fail_request(
+                requests[0],
+                StageFailedError(
+                    f"a pipeline stage failed to compute this request: {failure.error}"
+                ),
+            )
         else:
             self._replay([s for s in mb.seqs if not s.aborted], suspect=True)
         # forks whose state copy rode in the failed message start over from their own tokens

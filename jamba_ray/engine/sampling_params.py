@@ -26,7 +26,9 @@ def _as_str_tuple(stop) -> tuple[str, ...]:
 def _as_int_tuple(ids, name: str) -> tuple[int, ...]:
     if ids is None:
         return ()
-    if isinstance(ids, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+    if isinstance(ids, (list, tuple)) and all(
+        isinstance(i, int) and not isinstance(i, bool) for i in ids
+    ):
         return tuple(ids)
     _fail(f"{name} must be a list of integers")
 
@@ -55,14 +57,18 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", _as_str_tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", _as_int_tuple(self.stop_token_ids, "stop_token_ids"))
+        object.__setattr__(
+            self, "stop_token_ids", _as_int_tuple(self.stop_token_ids, "stop_token_ids")
+        )
         self._check_counts()
         self._check_ranges()
 
     def _check_counts(self) -> None:
         if not isinstance(self.n, int) or self.n < 1:
             _fail(f"n must be at least 1, got {self.n}")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+        if self.max_tokens is not None and (
+            not isinstance(self.max_tokens, int) or self.max_tokens < 1
+        ):
             _fail(f"max_tokens must be at least 1, got {self.max_tokens}")
         if self.min_tokens < 0:
             _fail(f"min_tokens must be non-negative, got {self.min_tokens}")
@@ -96,4 +102,6 @@ class SamplingParams:
 
     @property
     def has_penalties(self) -> bool:
-        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+        return bool(
+            self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+        )

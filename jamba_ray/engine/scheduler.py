@@ -46,7 +46,9 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         """Queue a request's first sample; its other samples ride along in `seq.forks`."""
         if 1 + len(seq.forks) > self.slots.num_slots:
-            raise ValueError(f"n={1 + len(seq.forks)} exceeds the {self.slots.num_slots} state slots")
+            raise ValueError(
+                f"n={1 + len(seq.forks)} exceeds the {self.slots.num_slots} state slots"
+            )
         self.waiting.append(seq)
 
     def admit(self) -> None:
@@ -65,8 +67,9 @@ class Scheduler:
         ready = [s for s in self.running if not s.in_flight and not s.aborted]
         suspect = next((s for s in ready if s.suspect), None)
         if suspect is not None:  # alone, so that a failure again is its own
-            return self._build([(suspect, min(suspect.pending(), self.config.max_batched_tokens))],
-                               in_flight)
+            return self._build(
+                [(suspect, min(suspect.pending(), self.config.max_batched_tokens))], in_flight
+            )
         chosen = self._decodes(ready)
         budget = self.config.max_batched_tokens - len(chosen)
         for s in ready:
@@ -81,7 +84,9 @@ class Scheduler:
         consecutive slots let stages update state in place."""
         decoding = sum(_decoding(s) for s in self.running)
         cap = min(math.ceil(decoding / self.num_micro_batches), self.config.max_batched_tokens)
-        return [(s, 1) for s in sorted((s for s in ready if _decoding(s)), key=lambda s: s.slot)][:cap]
+        return [(s, 1) for s in sorted((s for s in ready if _decoding(s)), key=lambda s: s.slot)][
+            :cap
+        ]
 
     def _build(self, chosen: list[tuple[Sequence, int]], in_flight: int) -> MicroBatch:
         segments, tokens, admitted = [], [], []
@@ -95,8 +100,14 @@ class Scheduler:
         forks, self._forks = self._forks, []
         finished, self._finished = self._finished, []
         self._step += 1
-        msg = StepMessage(self._step, tuple(segments), tuple(f for f, _ in forks), tuple(admitted),
-                          tuple(finished), in_flight)
+        msg = StepMessage(
+            self._step,
+            tuple(segments),
+            tuple(f for f, _ in forks),
+            tuple(admitted),
+            tuple(finished),
+            in_flight,
+        )
         return MicroBatch(msg, [s for s, _ in chosen], tokens, [q for _, qs in forks for q in qs])
 
     # ---- what a landed micro-batch changes ---------------------------------------------------
@@ -113,7 +124,9 @@ class Scheduler:
         next message, before any segment of theirs."""
         forks, seq.forks = seq.forks, []
         if forks:
-            self._forks.append((Fork(seq.slot, tuple(f.slot for f in forks), seq.num_computed), forks))
+            self._forks.append(
+                (Fork(seq.slot, tuple(f.slot for f in forks), seq.num_computed), forks)
+            )
         for f in forks:
             f.num_computed = seq.num_computed
             self.running.append(f)
@@ -179,10 +192,16 @@ def _segment(seq: Sequence, n: int) -> Segment:
     """Which logit rows a segment needs and who samples from it: decided here, once."""
     start, end = seq.num_computed, seq.num_computed + n
     if seq.pooling:
-        return Segment(seq.seq_id, seq.slot, start, n, "score" if end >= len(seq.prompt_ids) else "none")
+        return Segment(
+            seq.seq_id, seq.slot, start, n, "score" if end >= len(seq.prompt_ids) else "none"
+        )
     # Samples only where the sequence's known tokens end (a replay also re-runs its outputs).
     samples = tuple(q.seq_id for q in (*seq.forks, seq)) if end >= seq.length else ()
     # Prompt logprobs are the request's, collected once: from its first sample.
-    wants_prompt = seq.in_prefill and seq.index == 0 and getattr(seq.params, "prompt_logprobs", None) is not None
+    wants_prompt = (
+        seq.in_prefill
+        and seq.index == 0
+        and getattr(seq.params, "prompt_logprobs", None) is not None
+    )
     logits = "all" if wants_prompt else "last" if samples else "none"
     return Segment(seq.seq_id, seq.slot, start, n, logits, samples)

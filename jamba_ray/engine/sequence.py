@@ -52,5 +52,11 @@ class Sequence:
         return self.length - self.num_computed
 
     def info(self) -> SeqInfo:
-        return SeqInfo(self.seq_id, self.params, self.seed, self.index, tuple(self.prompt_ids),
-                       tuple(self.output_ids))
+        return SeqInfo(
+            self.seq_id,
+            self.params,
+            self.seed,
+            self.index,
+            tuple(self.prompt_ids),
+            tuple(self.output_ids),
+        )

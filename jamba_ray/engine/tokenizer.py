@@ -20,7 +20,9 @@ def encode_prompt(tokenizer, prompt: str | list[int], vocab_size: int) -> list[i
             raise InvalidRequestError("prompt must not be empty")
         return tokenizer(prompt).input_ids
     if not isinstance(prompt, (list, tuple)) or not prompt:
-        raise InvalidRequestError("prompt must be a non-empty string or a non-empty list of token ids")
+        raise InvalidRequestError(
+            "prompt must be a non-empty string or a non-empty list of token ids"
+        )
     if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         raise InvalidRequestError("token-id prompts must contain only integers")
     bad = [t for t in prompt if not 0 <= t < vocab_size]
@@ -32,7 +34,8 @@ def encode_prompt(tokenizer, prompt: str | list[int], vocab_size: int) -> list[i
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas that never split a multi-byte character.
 
-    Decodes a short window of ids (from `prefix` to the end) and emits only what lies beyond the text
+    Decodes a short window of ids (from `prefix` to the end) and emits only what lies beyond the
+    text
     already emitted for that window, so each step costs O(window), not O(output).
     """
 
@@ -61,7 +64,8 @@ class IncrementalDetokenizer:
         return delta
 
     def flush(self) -> str:
-        """At the end of a sequence, emit what was held back (an incomplete character decodes as U+FFFD)."""
+        """At the end of a sequence, emit what was held back (an incomplete character decodes as
+        U+FFFD)."""
         after = self._decode(self.ids[self.prefix :])
         delta = after[len(self.window_text) :] if len(after) > len(self.window_text) else ""
         self.prefix = self.read = len(self.ids)

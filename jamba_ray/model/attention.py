@@ -29,8 +29,12 @@ def _decode(attn, q, k, v, lay, k_pool, v_pool):
     keys, values = lay.decode_kv(k_pool), lay.decode_kv(v_pool)  # [D, kvh, L, hd]
     mask = torch.arange(lay.kv_len, device=pos.device)[None, :] <= pos[:, None]  # [D, L]
     o = F.scaled_dot_product_attention(
-        q[rows][:, :, None], keys, values, attn_mask=mask[:, None, None, :],
-        scale=attn.scaling, enable_gqa=True,
+        q[rows][:, :, None],
+        keys,
+        values,
+        attn_mask=mask[:, None, None, :],
+        scale=attn.scaling,
+        enable_gqa=True,
     )  # [D, nh, 1, hd]
     return o[:, :, 0]
 

@@ -14,7 +14,9 @@ INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 METADATA = ["*.json", "*.jinja", "tokenizer*"]
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
-_EXPERT = re.compile(r"^(model\.layers\.\d+\.feed_forward\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
+_EXPERT = re.compile(
+    r"^(model\.layers\.\d+\.feed_forward\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +46,8 @@ class Checkpoint:
 
 
 def resolve(model: str | Path) -> Checkpoint:
-    """A local checkpoint directory, or a hub id whose metadata is fetched (shards are per stage)."""
+    """A local checkpoint directory, or a hub id whose metadata is fetched (shards are per
+    stage)."""
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
@@ -58,7 +61,8 @@ def resolve(model: str | Path) -> Checkpoint:
         root = snapshot_download(str(model), allow_patterns=METADATA)
     except Exception as e:  # offline, unknown repo, no network: all mean "not found" here
         raise ModelNotFoundError(
-            f"model {str(model)!r} is neither a local directory nor a reachable hub id ({type(e).__name__})"
+            f"model {str(model)!r} is neither a local directory nor a reachable hub id "
+            f"({type(e).__name__})"
         ) from None
     return Checkpoint(Path(root), repo_id=str(model))
 
@@ -66,7 +70,8 @@ def resolve(model: str | Path) -> Checkpoint:
 def slice_keys(
     names: list[str], start: int, end: int, first: bool, last: bool, tied: bool = False
 ) -> list[str]:
-    """The tensor names stage [start, end) needs: its layers, plus embedding (first) and head (last)."""
+    """The tensor names stage [start, end) needs: its layers, plus embedding (first) and head
+    (last)."""
     wanted = []
     for name in names:
         m = _LAYER.match(name)
@@ -101,7 +106,8 @@ def load_tensors(ckpt: Checkpoint, names: list[str]) -> dict:
 
 def merge_experts(tensors: dict) -> dict:
     """Per-expert `experts.E.{gate,up,down}_proj.weight` -> `experts.gate_up_proj` [E, 2I, H] and
-    `experts.down_proj` [E, H, I], as transformers stores them in memory. Merged input passes through."""
+    `experts.down_proj` [E, H, I], as transformers stores them in memory. Merged input passes
+    through."""
     import torch
 
     parts: dict[str, dict[int, dict[str, object]]] = defaultdict(lambda: defaultdict(dict))

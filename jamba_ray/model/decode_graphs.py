@@ -73,27 +73,46 @@ class Entry:
 
 
 class DecodeGraphs:
-    def __init__(self, model, pool, config, *, first: bool, device: str, dtype: torch.dtype,
-                 scratch_slot: int, max_batch: int):
+    def __init__(
+        self,
+        model,
+        pool,
+        config,
+        *,
+        first: bool,
+        device: str,
+        dtype: torch.dtype,
+        scratch_slot: int,
+        max_batch: int,
+    ):
         self.model, self.pool, self.config = model, pool, config
         self.first, self.device, self.dtype = first, device, dtype
         self.scratch_slot = scratch_slot
-        self.buckets = tuple(b for b in BATCH_BUCKETS if b < max_batch) + (bucket(max_batch, BATCH_BUCKETS) or max_batch,)
+        self.buckets = tuple(b for b in BATCH_BUCKETS if b < max_batch) + (
+            bucket(max_batch, BATCH_BUCKETS) or max_batch,
+        )
         self.entries: dict[tuple[int, int], Entry] = {}
         self.capture = device == "cuda"
         self.disabled: str | None = None  # why graphs were turned off, if they were
-        if self.capture and not (dtype == torch.bfloat16 and torch.cuda.get_device_capability() >= (9, 0)):
+        if self.capture and not (
+            dtype == torch.bfloat16 and torch.cuda.get_device_capability() >= (9, 0)
+        ):
             self.disabled = "CUDA graphs need bf16 on SM90+ (grouped_mm experts); decoding eagerly"
             log.warning("decode graphs off: %s", self.disabled)
-        self.mempool = torch.cuda.graph_pool_handle() if self.capture and not self.disabled else None
+        self.mempool = (
+            torch.cuda.graph_pool_handle() if self.capture and not self.disabled else None
+        )
         s = pool.shape
         # K+V gathered per row and position for one attention layer (none: nothing is gathered)
         self.kv_row_bytes = 2 * s.kv_heads * s.head_dim * pool.k.element_size() if s.n_attn else 0
         self.steps = 0
 
     def eligible(self, msg: StepMessage) -> bool:
-        return (self.disabled is None and len(msg.segments) <= self.buckets[-1]
-                and all(s.is_decode and s.logits != "score" for s in msg.segments))
+        return (
+            self.disabled is None
+            and len(msg.segments) <= self.buckets[-1]
+            and all(s.is_decode and s.logits != "score" for s in msg.segments)
+        )
 
     def _key(self, msg: StepMessage) -> tuple[int, int] | None:
         b = bucket(len(msg.segments), self.buckets)
@@ -142,7 +161,11 @@ class DecodeGraphs:
             try:
                 self._capture(entry)
             except torch.cuda.OutOfMemoryError:
-                log.warning("decode graph for batch %d, kv %d did not fit; that bucket decodes eagerly", b, kv_len)
+                log.warning(
+                    "decode graph for batch %d, kv %d did not fit; that bucket decodes eagerly",
+                    b,
+                    kv_len,
+                )
                 entry.eager = True
             except Exception as e:  # a kernel that cannot be captured: decode eagerly from now on
                 self.disabled = f"capture at batch {b}, kv {kv_len} failed: {type(e).__name__}: {e}"
@@ -166,7 +189,10 @@ class DecodeGraphs:
         entry.graph = graph
 
     def stats(self) -> dict:
-        return {"decode_graph_steps": self.steps, "decode_graph_shapes": len(self.entries),
-                "decode_graphs_captured": sum(e.graph is not None for e in self.entries.values()),
-                "decode_graph_eager_buckets": sum(e.eager for e in self.entries.values()),
-                "decode_graphs_disabled": self.disabled}
+        return {
+            "decode_graph_steps": self.steps,
+            "decode_graph_shapes": len(self.entries),
+            "decode_graphs_captured": sum(e.graph is not None for e in self.entries.values()),
+            "decode_graph_eager_buckets": sum(e.eager for e in self.entries.values()),
+            "decode_graphs_disabled": self.disabled,
+        }

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 
 
-
 @functools.cache
 def decode_kernels():
     """(causal_conv1d_update, selective_state_update) from causal-conv1d / mamba-ssm, or None."""

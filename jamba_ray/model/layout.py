@@ -11,7 +11,8 @@ from ..engine.messages import StepMessage
 
 @dataclass(frozen=True, slots=True)
 class Chunk:
-    """A prefill (or multi-token) segment: packed rows [row, row + n) at positions [start, start + n)."""
+    """A prefill (or multi-token) segment: packed rows [row, row + n) at positions
+    [start, start + n)."""
 
     slot: int
     row: int
@@ -25,7 +26,9 @@ class Layout:
     decode_slots: torch.Tensor  # [D]
     decode_pos: torch.Tensor  # [D] position of each decode token
     chunks: tuple[Chunk, ...]
-    decode_span: tuple[int, int] | None  # (first slot, count) when decode rows 0..D-1 hold consecutive slots
+    decode_span: (
+        tuple[int, int] | None
+    )  # (first slot, count) when decode rows 0..D-1 hold consecutive slots
     logit_rows: torch.Tensor  # [R]
     score_rows: torch.Tensor  # [C] rows for the classification head
     num_tokens: int
@@ -51,10 +54,23 @@ class Layout:
             return torch.tensor(x, dtype=torch.long, device=device)
 
         span = None
-        if slots and rows == list(range(len(rows))) and slots == list(range(slots[0], slots[0] + len(slots))):
+        if (
+            slots
+            and rows == list(range(len(rows)))
+            and slots == list(range(slots[0], slots[0] + len(slots)))
+        ):
             span = (slots[0], len(slots))
-        return cls(t(rows), t(slots), t(pos), tuple(chunks), span, t(msg.logit_rows()), t(msg.score_rows()),
-                   offset, max(pos, default=-1) + 1)
+        return cls(
+            t(rows),
+            t(slots),
+            t(pos),
+            tuple(chunks),
+            span,
+            t(msg.logit_rows()),
+            t(msg.score_rows()),
+            offset,
+            max(pos, default=-1) + 1,
+        )
 
     @classmethod
     def fixed_decode(cls, slots: torch.Tensor, pos: torch.Tensor, kv_len: int) -> Layout:
@@ -64,7 +80,8 @@ class Layout:
         return cls(rows, slots, pos, (), None, rows, empty, len(slots), kv_len)
 
     def decode_state(self, pool: torch.Tensor) -> torch.Tensor:
-        """The decode rows' slots of a per-layer state [S, ...]: a view when consecutive, else a copy."""
+        """The decode rows' slots of a per-layer state [S, ...]: a view when consecutive, else a
+        copy."""
         if self.decode_span is not None:
             first, n = self.decode_span
             return pool[first : first + n]

@@ -38,7 +38,9 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        return int8_matmul(x.reshape(-1, self.in_features), self.weight, self.scale).reshape(*lead, -1)
+        return int8_matmul(x.reshape(-1, self.in_features), self.weight, self.scale).reshape(
+            *lead, -1
+        )
 
 
 class Int8Experts(nn.Module):
@@ -50,7 +52,12 @@ class Int8Experts(nn.Module):
         self.act_fn = experts.act_fn
         gu, gu_s = quantize_rows(experts.gate_up_proj.data)  # [E, 2I, H], [E, 2I]
         down, down_s = quantize_rows(experts.down_proj.data)  # [E, H, I], [E, H]
-        for name, t in (("gate_up", gu), ("gate_up_scale", gu_s), ("down", down), ("down_scale", down_s)):
+        for name, t in (
+            ("gate_up", gu),
+            ("gate_up_scale", gu_s),
+            ("down", down),
+            ("down_scale", down_s),
+        ):
             self.register_buffer(name, t)
 
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
@@ -65,7 +72,8 @@ class Int8Experts(nn.Module):
 
 
 def quantize_slice(model: nn.Module) -> None:
-    """In place: attention projections and every MLP/MoE linear to int8; Mamba and router untouched."""
+    """In place: attention projections and every MLP/MoE linear to int8; Mamba and router
+    untouched."""
     for layer in model.model.layers.values():
         if isinstance(layer, JambaAttentionDecoderLayer):
             for name in ("q_proj", "k_proj", "v_proj", "o_proj"):

@@ -1,8 +1,8 @@
 """Logits -> next tokens (+ logprobs), one row per sequence, each row with its own parameters.
 
-Seeded rows draw from a generator keyed by (seed, sample index, step), so a row's tokens depend only
-on its own request, never on what else shares the batch. It runs where the logits are: on the driver,
-or on the last stage's device (`sample_on`); a seed gives the same tokens on the same kind of device.
+Seeded rows draw from a generator keyed by (seed, sample index, step), so a row's tokens depend
+only on its own request, never on what else shares the batch. It runs where the logits are: on the
+last stage's device; a seed gives the same tokens on the same kind of device.
 """
 
 from __future__ import annotations
@@ -89,6 +89,7 @@ def _mask_eos(logits: torch.Tensor, rows: list[RowInput], eos_id: int | None) ->
 def _draw(logits: torch.Tensor, rows: list[RowInput]) -> torch.Tensor:
     """Temperature, top-k, min-p and top-p filtering, then one draw per row: batched over the rows
     (per-row loops cost a sort and a dozen small ops each), except each row's own seeded uniform."""
+
     def per_row(values, dtype=torch.float32):
         return torch.tensor(values, dtype=dtype, device=logits.device)[:, None]
 
@@ -99,8 +100,11 @@ def _draw(logits: torch.Tensor, rows: list[RowInput]) -> torch.Tensor:
         kth = probs.sort(dim=-1, descending=True).values.gather(1, per_row(top_k, torch.long) - 1)
         probs = torch.where(probs < kth, 0.0, probs)
     if any(r.params.min_p > 0 for r in rows):
-        probs = torch.where(probs < per_row([r.params.min_p for r in rows]) * probs.amax(-1, keepdim=True),
-                            0.0, probs)
+        probs = torch.where(
+            probs < per_row([r.params.min_p for r in rows]) * probs.amax(-1, keepdim=True),
+            0.0,
+            probs,
+        )
     if any(r.params.top_p < 1 for r in rows):
         sorted_p, order = probs.sort(dim=-1, descending=True)
         cum = sorted_p.cumsum(-1)
@@ -108,7 +112,9 @@ def _draw(logits: torch.Tensor, rows: list[RowInput]) -> torch.Tensor:
         drop = cum - sorted_p >= top_p * cum[:, -1:]  # keep the smallest prefix reaching top_p
         probs = torch.zeros_like(probs).scatter(1, order, torch.where(drop, 0.0, sorted_p))
     # Inverse CDF: the first token whose cumulative probability passes the row's own uniform.
-    u = torch.cat([torch.rand(1, device=logits.device, generator=_generator(r, logits.device)) for r in rows])
+    u = torch.cat(
+        [torch.rand(1, device=logits.device, generator=_generator(r, logits.device)) for r in rows]
+    )
     cdf = probs.cumsum(-1)
     return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0].clamp(max=vocab - 1)
 

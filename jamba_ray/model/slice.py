@@ -23,7 +23,15 @@ from .state_pool import PoolShape, StatePool
 
 
 class SliceModel(nn.Module):
-    def __init__(self, config: JambaConfig, start: int, end: int, first: bool, last: bool, num_labels: int = 0):
+    def __init__(
+        self,
+        config: JambaConfig,
+        start: int,
+        end: int,
+        first: bool,
+        last: bool,
+        num_labels: int = 0,
+    ):
         super().__init__()
         self.start, self.end, self.first, self.last = start, end, first, last
         self.model = nn.Module()
@@ -38,7 +46,9 @@ class SliceModel(nn.Module):
         if last:
             self.model.final_layernorm = JambaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-            if num_labels:  # as JambaForSequenceClassification: score(final_norm(h)) at the last token
+            if (
+                num_labels
+            ):  # as JambaForSequenceClassification: score(final_norm(h)) at the last token
                 self.score = nn.Linear(config.hidden_size, num_labels, bias=False)
         # Each layer's index into the pool's Mamba or attention stacks.
         self.pool_index: dict[str, int] = {}
@@ -50,11 +60,19 @@ class SliceModel(nn.Module):
         self.n_mamba, self.n_attn = counts["mamba"], counts["attention"]
 
     def pool_shape(self, config: JambaConfig, slots: int, max_len: int) -> PoolShape:
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        head_dim = (
+            getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        )
         return PoolShape(
-            n_mamba=self.n_mamba, n_attn=self.n_attn, slots=slots, max_len=max_len,
-            d_inner=config.mamba_expand * config.hidden_size, d_conv=config.mamba_d_conv,
-            d_state=config.mamba_d_state, kv_heads=config.num_key_value_heads, head_dim=head_dim,
+            n_mamba=self.n_mamba,
+            n_attn=self.n_attn,
+            slots=slots,
+            max_len=max_len,
+            d_inner=config.mamba_expand * config.hidden_size,
+            d_conv=config.mamba_d_conv,
+            d_state=config.mamba_d_state,
+            kv_heads=config.num_key_value_heads,
+            head_dim=head_dim,
         )
 
     def forward(self, msg: StepMessage, x: torch.Tensor, pool: StatePool):

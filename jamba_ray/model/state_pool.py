@@ -21,7 +21,8 @@ class PoolShape:
 
 
 class StatePool:
-    """Mamba conv/SSM states `[n_mamba, slots, ...]` and KV `[n_attn, slots, kv_heads, max_len, hd]`.
+    """Mamba conv/SSM states `[n_mamba, slots, ...]` and KV
+    `[n_attn, slots, kv_heads, max_len, hd]`.
 
     The engine alone hands slots out and takes them back: the pool holds no ownership of its own.
     """
@@ -31,7 +32,9 @@ class StatePool:
         ssm_dtype = torch.float32  # the SSM state is kept in fp32 below fp32, as the reference does
         s = shape
         self.conv = torch.zeros(s.n_mamba, s.slots, s.d_inner, s.d_conv, dtype=dtype, device=device)
-        self.ssm = torch.zeros(s.n_mamba, s.slots, s.d_inner, s.d_state, dtype=ssm_dtype, device=device)
+        self.ssm = torch.zeros(
+            s.n_mamba, s.slots, s.d_inner, s.d_state, dtype=ssm_dtype, device=device
+        )
         kv = (s.n_attn, s.slots, s.kv_heads, s.max_len, s.head_dim)
         self.k = torch.zeros(kv, dtype=dtype, device=device)
         self.v = torch.zeros(kv, dtype=dtype, device=device)
@@ -43,12 +46,14 @@ class StatePool:
             raise ValueError(f"position {end} beyond the pool's max length {self.shape.max_len}")
 
     def start(self, slot: int) -> None:
-        """A fresh sequence takes `slot`: its Mamba state starts at zero (KV is masked by length)."""
+        """A fresh sequence takes `slot`: its Mamba state starts at zero (KV is masked by
+        length)."""
         self.conv[:, slot].zero_()
         self.ssm[:, slot].zero_()
 
     def fork(self, src: int, dsts: list[int], length: int) -> None:
-        """Copy `src`'s state after `length` tokens into each of `dsts` (n > 1 without re-prefill)."""
+        """Copy `src`'s state after `length` tokens into each of `dsts` (n > 1 without
+        re-prefill)."""
         for d in dsts:
             self.conv[:, d].copy_(self.conv[:, src])
             self.ssm[:, d].copy_(self.ssm[:, src])

@@ -1,1 +1,2 @@
-"""gRPC API: `jamba.proto` and its generated modules (regenerate with `python -m jamba_ray.proto.build`)."""
+"""gRPC API: `jamba.proto` and its generated modules (regenerate with
+`python -m jamba_ray.proto.build`)."""

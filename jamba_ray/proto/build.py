@@ -11,8 +11,13 @@ ROOT = Path(__file__).resolve().parents[2]
 def generate(out_dir: Path = ROOT) -> None:
     from grpc_tools import protoc
 
-    args = ["protoc", f"-I{ROOT}", f"--python_out={out_dir}", f"--grpc_python_out={out_dir}",
-            "jamba_ray/proto/jamba.proto"]
+    args = [
+        "protoc",
+        f"-I{ROOT}",
+        f"--python_out={out_dir}",
+        f"--grpc_python_out={out_dir}",
+        "jamba_ray/proto/jamba.proto",
+    ]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
 

@@ -36,7 +36,9 @@ class SamplingTable:
         for info in msg.admitted:  # (again, after a replay: the driver's tokens are the truth)
             self.rows[info.seq_id] = _Row(info, list(info.output_ids))
 
-    def result(self, msg: StepMessage, logits: torch.Tensor, scores: torch.Tensor | None) -> StepResult:
+    def result(
+        self, msg: StepMessage, logits: torch.Tensor, scores: torch.Tensor | None
+    ) -> StepResult:
         """logits [R, V] fp32 for msg.logit_rows(); scores [C, K] for msg.score_rows()."""
         res = StepResult(msg.step_id, logits=logits.cpu().numpy() if msg.return_logits else None)
         draws: list[tuple[int, int]] = []  # (logit row, seq id)
@@ -51,14 +53,16 @@ class SamplingTable:
                 score_row += 1
             draws += [(rows[-1], sid) for sid in seg.samples]
         if draws:
-            outs = sample(logits[[r for r, _ in draws]], [self.rows[s].input() for _, s in draws], self.eos_id)
+            outs = sample(
+                logits[[r for r, _ in draws]], [self.rows[s].input() for _, s in draws], self.eos_id
+            )
             for (_, sid), out in zip(draws, outs):
                 self.rows[sid].output_ids.append(out.token)
                 res.samples[sid] = out
         return res
 
     def _prompt_logprobs(self, res: StepResult, sid: int, start: int, logits: torch.Tensor) -> None:
-        """Entries for prompt positions start+1 .. (the logits of row j predict position start+j+1)."""
+        """Entries for prompt positions start+1 .. (row j's logits predict position start+j+1)."""
         row = self.rows.get(sid)  # (unregistered: a raw-logits request, or the probe)
         if row is None or row.info.params.prompt_logprobs is None:
             return
@@ -69,6 +73,8 @@ class SamplingTable:
         lp = torch.log_softmax(logits[: len(targets)], dim=-1)  # [n, V]
         ids = torch.tensor([prompt[t] for t in targets])
         chosen = lp.gather(1, ids[:, None])[:, 0].tolist()
-        entries = [{prompt[t]: c, **(top_logprobs(lp[j], k) or {})}
-                   for j, (t, c) in enumerate(zip(targets, chosen))]
+        entries = [
+            {prompt[t]: c, **(top_logprobs(lp[j], k) or {})}
+            for j, (t, c) in enumerate(zip(targets, chosen))
+        ]
         res.prompt_logprobs[sid] = (targets.start, entries)

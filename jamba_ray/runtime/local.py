@@ -16,8 +16,14 @@ from .stage import Stage, stage_specs
 
 
 class LocalPipeline:
-    def __init__(self, config: EngineConfig, model: str, plans: list[StagePlan], capacity: Capacity,
-                 eos_id: int | None):
+    def __init__(
+        self,
+        config: EngineConfig,
+        model: str,
+        plans: list[StagePlan],
+        capacity: Capacity,
+        eos_id: int | None,
+    ):
         self.stages = [Stage(spec) for spec in stage_specs(config, model, plans, capacity, eos_id)]
         self.num_stages = len(self.stages)
         self.probe_slot = capacity.max_num_seqs

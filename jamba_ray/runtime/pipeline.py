@@ -11,7 +11,11 @@ import os
 
 import numpy as np
 import ray
-from ray.util.placement_group import get_current_placement_group, placement_group, remove_placement_group
+from ray.util.placement_group import (
+    get_current_placement_group,
+    placement_group,
+    remove_placement_group,
+)
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ..config.capacity import Capacity
@@ -52,8 +56,14 @@ def stage_env() -> dict[str, str]:
 
 
 class RayPipeline:
-    def __init__(self, config: EngineConfig, model: str, plans: list[StagePlan], capacity: Capacity,
-                 eos_id: int | None):
+    def __init__(
+        self,
+        config: EngineConfig,
+        model: str,
+        plans: list[StagePlan],
+        capacity: Capacity,
+        eos_id: int | None,
+    ):
         ensure_ray()
         self.placement, self.num_stages = config.placement, len(plans)
         self.bundle = stage_bundle(config.placement, self.num_stages)
@@ -61,25 +71,37 @@ class RayPipeline:
         if self.placement.in_current_group:  # a Serve replica: bundle 0 holds the replica itself
             self.pg, self.offset = get_current_placement_group(), 1
             if self.pg is None:
-                raise StageFailedError("in_current_group is set but this process has no placement group")
+                raise StageFailedError(
+                    "in_current_group is set but this process has no placement group"
+                )
         else:
             require_feasible(self.bundle, self.num_stages, self.placement.strategy)
-            self.pg, self.offset = placement_group([self.bundle] * self.num_stages,
-                                                   strategy=self.placement.strategy), 0
+            self.pg, self.offset = (
+                placement_group([self.bundle] * self.num_stages, strategy=self.placement.strategy),
+                0,
+            )
             self._wait(self.pg.ready(), "the placement group for the stages")
         self.specs = stage_specs(config, model, plans, capacity, eos_id)
         self.probe_slot = capacity.max_num_seqs  # the extra slot every stage has
         self.stages = [self._start(spec) for spec in self.specs]
         self.info = self._wait([s.ready.remote() for s in self.stages], "stage start-up")
-        self.transport = choose(config.compute.transport, self.num_stages, self.specs[0].device,
-                                self.placement.num_gpus_per_stage)
+        self.transport = choose(
+            config.compute.transport,
+            self.num_stages,
+            self.specs[0].device,
+            self.placement.num_gpus_per_stage,
+        )
         self.reconnect()
 
     def _start(self, spec: StageSpec):
-        strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=spec.index + self.offset)
+        strategy = PlacementGroupSchedulingStrategy(
+            self.pg, placement_group_bundle_index=spec.index + self.offset
+        )
         return StageActor.options(
-            runtime_env={"env_vars": stage_env()}, num_cpus=self.bundle["CPU"],
-            num_gpus=self.bundle.get("GPU", 0), scheduling_strategy=strategy,
+            runtime_env={"env_vars": stage_env()},
+            num_cpus=self.bundle["CPU"],
+            num_gpus=self.bundle.get("GPU", 0),
+            scheduling_strategy=strategy,
             resources={k: v for k, v in self.bundle.items() if k not in ("CPU", "GPU")},
         ).remote(spec)
 
@@ -87,17 +109,21 @@ class RayPipeline:
         try:
             return ray.get(refs, timeout=self.timeout_s)
         except ray.exceptions.GetTimeoutError:
-            raise StageFailedError(f"timed out after {self.timeout_s:.0f}s waiting for {what}") from None
+            raise StageFailedError(
+                f"timed out after {self.timeout_s:.0f}s waiting for {what}"
+            ) from None
         except ray.exceptions.RayError as e:
             raise StageFailedError(f"{what} failed: {e}") from None
 
     def reconnect(self) -> None:
-        """p2p: every stage joins one fresh group (after a replacement, or a link that lost step)."""
+        """p2p: every stage joins one fresh group (after a replacement, or a link out of step)."""
         if self.transport != "p2p":
             return
         address = self._wait(call(self.stages[0].rendezvous), "the stages' rendezvous address")
-        self._wait([call(s.connect, address) for s in self.stages],
-                   "the stages' p2p group (transport: object_store runs without one)")
+        self._wait(
+            [call(s.connect, address) for s in self.stages],
+            "the stages' p2p group (transport: object_store runs without one)",
+        )
 
     # ---- the pipeline protocol -----------------------------------------------------------------
     def submit(self, msg: StepMessage, token_ids: list[int]):

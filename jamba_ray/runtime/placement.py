@@ -1,4 +1,4 @@
-"""What each stage reserves on the cluster, and a refusal at once when the cluster can never hold it.
+"""What each stage reserves on the cluster, and a refusal at once when the cluster never can.
 
 A placement group that cannot be placed waits forever (Ray keeps it pending for an autoscaler);
 a layout that asks more than the cluster has is refused here, naming the shortfall, instead.
@@ -24,8 +24,10 @@ def stage_bundle(place: PlacementConfig, num_stages: int) -> dict[str, float]:
         free = ray.available_resources().get("CPU", 0.0)
         cpus = min(1.0, math.floor(free / num_stages / MIN_SHARE) * MIN_SHARE)
         if cpus < MIN_SHARE:
-            raise ConfigError(f"{num_stages} stages need at least {MIN_SHARE} CPU each; Ray has "
-                              f"{free:g} CPUs free. Use fewer stages or set num_cpus_per_stage")
+            raise ConfigError(
+                f"{num_stages} stages need at least {MIN_SHARE} CPU each; Ray has "
+                f"{free:g} CPUs free. Use fewer stages or set num_cpus_per_stage"
+            )
     bundle = {"CPU": float(cpus), **dict(place.resources)}
     if place.num_gpus_per_stage:
         bundle["GPU"] = place.num_gpus_per_stage
@@ -48,5 +50,7 @@ def require_feasible(bundle: dict[str, float], num_stages: int, strategy: str) -
         else:
             have, where = sum(math.floor(x / amount) * amount for x in per_node), "in the cluster"
         if have + 1e-9 < need:
-            raise ConfigError(f"{num_stages} stages need {need:g} {res} ({amount:g} each) {where}; the "
-                              f"cluster has {have:g} usable. Use fewer stages or smaller reservations")
+            raise ConfigError(
+                f"{num_stages} stages need {need:g} {res} ({amount:g} each) {where}; the "
+                f"cluster has {have:g} usable. Use fewer stages or smaller reservations"
+            )

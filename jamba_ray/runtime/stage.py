@@ -53,9 +53,24 @@ def stage_specs(config, model: str, plans, capacity, eos_id: int | None) -> list
     """One spec per stage plan; the device is decided here, once."""
     device = "cuda" if config.placement.num_gpus_per_stage else "cpu"
     m, c = config.model, config.compute
-    return [StageSpec(model, p.index, p.start, p.end, len(plans), capacity.max_num_seqs + 1,
-                      capacity.max_model_len, m.dtype, device, c.threads_per_stage, m.quantization,
-                      c.decode_graphs, eos_id) for p in plans]
+    return [
+        StageSpec(
+            model,
+            p.index,
+            p.start,
+            p.end,
+            len(plans),
+            capacity.max_num_seqs + 1,
+            capacity.max_model_len,
+            m.dtype,
+            device,
+            c.threads_per_stage,
+            m.quantization,
+            c.decode_graphs,
+            eos_id,
+        )
+        for p in plans
+    ]
 
 
 class Stage:
@@ -66,16 +81,32 @@ class Stage:
         self.spec = spec
         self.model, config = _load(spec)
         dtype = getattr(torch, canonical_dtype(spec.dtype))
-        self.pool = StatePool(self.model.pool_shape(config, spec.slots, spec.max_len), dtype, spec.device)
+        self.pool = StatePool(
+            self.model.pool_shape(config, spec.slots, spec.max_len), dtype, spec.device
+        )
         self.graphs = None
         if spec.decode_graphs:  # padding rows go to the last slot: the pipeline's probe slot
-            self.graphs = DecodeGraphs(self.model, self.pool, config, first=spec.first, device=spec.device,
-                                       dtype=dtype, scratch_slot=spec.slots - 1, max_batch=spec.slots - 1)
+            self.graphs = DecodeGraphs(
+                self.model,
+                self.pool,
+                config,
+                first=spec.first,
+                device=spec.device,
+                dtype=dtype,
+                scratch_slot=spec.slots - 1,
+                max_batch=spec.slots - 1,
+            )
         self.table = SamplingTable(spec.eos_id) if spec.last else None
         self.link: PeerLink | None = None  # set by connect() when hidden states go point-to-point
         self.trace: deque[tuple[int, float, float]] = deque(maxlen=4096)  # (step, start, end) wall
-        self.counters = {"steps": 0, "tokens": 0, "prefill_segments": 0, "prefill_tokens": 0,
-                         "busy_s": 0.0, "sampled_rows": 0}
+        self.counters = {
+            "steps": 0,
+            "tokens": 0,
+            "prefill_segments": 0,
+            "prefill_tokens": 0,
+            "busy_s": 0.0,
+            "sampled_rows": 0,
+        }
 
     def ready(self) -> dict:
         return {"index": self.spec.index, "pid": os.getpid(), "node_id": _node_id()}
@@ -148,7 +179,9 @@ class Stage:
     def stats(self) -> dict:
         tensors = (*self.model.parameters(), *self.model.buffers())
         return {
-            "stage": self.spec.index, "pid": os.getpid(), "layers": [self.spec.start, self.spec.end],
+            "stage": self.spec.index,
+            "pid": os.getpid(),
+            "layers": [self.spec.start, self.spec.end],
             "param_bytes": sum(t.numel() * t.element_size() for t in tensors),
             "pool_bytes": self.pool.nbytes(),
             "transport": f"p2p/{self.link.backend}" if self.link else "object_store",
@@ -175,7 +208,9 @@ def _load(spec: StageSpec) -> tuple[SliceModel, object]:
     config = JambaConfig.from_pretrained(ckpt.root)
     config._experts_implementation = "eager"  # what from_pretrained picks on CPU
     dtype = getattr(torch, canonical_dtype(spec.dtype))
-    tensors, _ = load_slice(ckpt, spec.start, spec.end, spec.first, spec.last, config.tie_word_embeddings)
+    tensors, _ = load_slice(
+        ckpt, spec.start, spec.end, spec.first, spec.last, config.tie_word_embeddings
+    )
     labels = tensors["score.weight"].shape[0] if "score.weight" in tensors else 0
     with torch.device("meta"):
         model = SliceModel(config, spec.start, spec.end, spec.first, spec.last, labels)

@@ -1,6 +1,7 @@
 """How hidden states travel from one stage to the next.
 
-- `object_store`: a stage returns its hidden states and Ray hands them to the next stage. On GPUs that
+- `object_store`: a stage returns its hidden states and Ray hands them to the next stage. On GPUs
+  that
   is a device-to-host copy, the object store, and a host-to-device copy per hop.
 - `p2p`: the stages of one pipeline form a torch.distributed group (NCCL on GPUs, gloo on CPUs). A
   stage sends its hidden states straight to the next stage's device; only a small `Handoff` (shape,
@@ -36,8 +37,10 @@ def choose(transport: str, num_stages: int, device: str, gpus_per_stage: float =
     if transport == "auto":
         return "p2p" if own_gpu else "object_store"
     if transport == "p2p" and device == "cuda" and not own_gpu:
-        raise ConfigError("transport p2p on GPUs needs a whole GPU per stage (NCCL cannot connect two "
-                          "ranks on one device); use object_store for stages that share a GPU")
+        raise ConfigError(
+            "transport p2p on GPUs needs a whole GPU per stage (NCCL cannot connect two "
+            "ranks on one device); use object_store for stages that share a GPU"
+        )
     return transport
 
 
@@ -65,8 +68,12 @@ class PeerLink:
         self.backend = "nccl" if device == "cuda" else "gloo"
         device_id = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else None
         dist.init_process_group(
-            self.backend, init_method=address, rank=rank, world_size=world,
-            timeout=timedelta(seconds=timeout_s), device_id=device_id,
+            self.backend,
+            init_method=address,
+            rank=rank,
+            world_size=world,
+            timeout=timedelta(seconds=timeout_s),
+            device_id=device_id,
         )
         self._handshake()
         self.sent = self.received = self.bytes_sent = 0
@@ -85,7 +92,9 @@ class PeerLink:
 
     def send(self, t: torch.Tensor, max_pending: int = 8) -> Handoff:
         t = t.contiguous()
-        while self.pending and (self.pending[0][0].is_completed() or len(self.pending) >= max_pending):
+        while self.pending and (
+            self.pending[0][0].is_completed() or len(self.pending) >= max_pending
+        ):
             self.pending.popleft()[0].wait()
         self.pending.append((dist.isend(t, dst=self.rank + 1), t))
         handoff = Handoff(tuple(t.shape), str(t.dtype).removeprefix("torch."), self.sent)
@@ -96,7 +105,8 @@ class PeerLink:
     def recv(self, h: Handoff) -> torch.Tensor:
         if h.seq != self.received:
             raise StageFailedError(
-                f"stage {self.rank}: expected transfer #{self.received} from stage {self.rank - 1}, "
+                f"stage {self.rank}: expected transfer #{self.received} from stage "
+                f"{self.rank - 1}, "
                 f"got #{h.seq}; the link lost a message"
             )
         t = torch.empty(h.shape, dtype=getattr(torch, h.dtype), device=self.device)

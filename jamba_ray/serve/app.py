@@ -1,6 +1,8 @@
-"""The Serve application: one replica = one whole pipeline, behind a FastAPI ingress."""
+"""The Serve application: one replica = one whole pipeline, behind a FastAPI ingress.
 
-from __future__ import annotations
+(No `from __future__ import annotations` here: FastAPI reads the route annotations at runtime.
+Helpers the routes call are defined above the class: Serve pickles the ingress class by value.)
+"""
 
 import asyncio
 import json
@@ -31,8 +33,9 @@ from ..errors import (
 )
 from .errors import error_body, http_status, retry_headers
 from .grpc import GrpcMethods
-from .openai import Limits, OpenAIServing
+from .openai import OpenAIServing
 from .protocol import ChatCompletionRequest, CompletionRequest
+from .translate import Limits
 
 log = logging.getLogger("jamba_ray.serve")
 api = FastAPI(title="jamba-ray", description="OpenAI-compatible API over a Jamba stage pipeline")
@@ -72,6 +75,14 @@ async def _guard(events, timeout_s: float):
         await events.aclose()
 
 
+def _invalid(e: ValidationError) -> InvalidRequestError:
+    first = e.errors()[0]
+    where = ".".join(str(x) for x in first["loc"])
+    if first["type"] == "json_invalid":
+        return InvalidRequestError(f"the request body is not valid JSON: {first['msg']}")
+    return InvalidRequestError(f"invalid field '{where}': {first['msg']}", where or None)
+
+
 def api_key(env: str | None) -> str | None:
     """The key named by `serve.api_key_env`; a named but unset variable refuses to start (an
     unauthenticated server must never come up by accident)."""
@@ -79,7 +90,9 @@ def api_key(env: str | None) -> str | None:
         return None
     key = os.environ.get(env)
     if not key:
-        raise ConfigError(f"serve.api_key_env names {env}, but that environment variable is not set")
+        raise ConfigError(
+            f"serve.api_key_env names {env}, but that environment variable is not set"
+        )
     return key
 
 
@@ -98,8 +111,9 @@ class JambaServer(GrpcMethods):
         self.model_name = model_name
         self.max_body = opts.max_body_bytes
         self.timeout_s = opts.request_timeout_s
-        self.serving = OpenAIServing(self.engine, model_name, Limits(opts.max_prompt_tokens,
-                                                                     opts.max_tokens_limit))
+        self.serving = OpenAIServing(
+            self.engine, model_name, Limits(opts.max_prompt_tokens, opts.max_tokens_limit)
+        )
 
     # ---- plumbing ---------------------------------------------------------------------------
     async def _body(self, request: Request, model_cls):
@@ -115,8 +129,9 @@ class JambaServer(GrpcMethods):
         except ValidationError as e:
             raise _invalid(e) from None
         if req.model != self.model_name:
-            raise ModelNotFoundError(f"The model '{req.model}' does not exist; this server serves "
-                                     f"'{self.model_name}'")
+            raise ModelNotFoundError(
+                f"The model '{req.model}' does not exist; this server serves '{self.model_name}'"
+            )
         return req
 
     def _auth(self, header: str | None) -> None:
@@ -128,10 +143,13 @@ class JambaServer(GrpcMethods):
             req = await self._body(request, model_cls)
             if req.stream:
                 events = await streaming(req)
-                return StreamingResponse(_guard(events, self.timeout_s), media_type="text/event-stream",
-                                         headers={"Cache-Control": "no-cache"})
+                return StreamingResponse(
+                    _guard(events, self.timeout_s),
+                    media_type="text/event-stream",
+                    headers={"Cache-Control": "no-cache"},
+                )
             return JSONResponse(await asyncio.wait_for(unary(req), self.timeout_s))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return error_response(RequestTimeoutError("request timed out"))
         except Exception as e:
             return error_response(e)
@@ -139,13 +157,15 @@ class JambaServer(GrpcMethods):
     # ---- routes -----------------------------------------------------------------------------
     @api.post("/v1/completions")
     async def completions(self, request: Request):
-        return await self._respond(request, CompletionRequest, self.serving.completion,
-                                   self.serving.completion_stream)
+        return await self._respond(
+            request, CompletionRequest, self.serving.completion, self.serving.completion_stream
+        )
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
-        return await self._respond(request, ChatCompletionRequest, self.serving.chat,
-                                   self.serving.chat_stream)
+        return await self._respond(
+            request, ChatCompletionRequest, self.serving.chat, self.serving.chat_stream
+        )
 
     @api.get("/v1/models")
     async def models(self, request: Request):
@@ -153,8 +173,13 @@ class JambaServer(GrpcMethods):
             self._auth(request.headers.get("authorization"))
         except AuthenticationError as e:
             return error_response(e)
-        card = {"id": self.model_name, "object": "model", "created": 0, "owned_by": "jamba-ray",
-                "max_model_len": self.engine.model_card()["max_model_len"]}
+        card = {
+            "id": self.model_name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "jamba-ray",
+            "max_model_len": self.engine.model_card()["max_model_len"],
+        }
         return {"object": "list", "data": [card]}
 
     @api.get("/health")
@@ -163,8 +188,11 @@ class JambaServer(GrpcMethods):
         try:
             t0 = time.perf_counter()
             await self.engine.probe()
-            return {"status": "ok", "stages": self.engine.model_card()["stages"],
-                    "probe_s": time.perf_counter() - t0}
+            return {
+                "status": "ok",
+                "stages": self.engine.model_card()["stages"],
+                "probe_s": time.perf_counter() - t0,
+            }
         except Exception as e:
             return error_response(StageFailedError(f"health probe failed: {type(e).__name__}"))
 
@@ -189,14 +217,6 @@ class JambaServer(GrpcMethods):
             self.engine.shutdown()
         except Exception:
             pass
-
-
-def _invalid(e: ValidationError) -> InvalidRequestError:
-    first = e.errors()[0]
-    where = ".".join(str(x) for x in first["loc"])
-    if first["type"] == "json_invalid":
-        return InvalidRequestError(f"the request body is not valid JSON: {first['msg']}")
-    return InvalidRequestError(f"invalid field '{where}': {first['msg']}", where or None)
 
 
 def served_name(config: PipelineConfig) -> str:

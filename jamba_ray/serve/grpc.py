@@ -16,8 +16,21 @@ from .errors import grpc_status
 
 log = logging.getLogger("jamba_ray.serve.grpc")
 
-_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "min_tokens", "presence_penalty",
-           "frequency_penalty", "repetition_penalty", "logprobs", "ignore_eos", "n")
+_FIELDS = (
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "min_tokens",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "logprobs",
+    "ignore_eos",
+    "n",
+)
 
 
 def sampling_from_proto(opts: pb.SamplingOptions) -> SamplingParams:
@@ -33,14 +46,17 @@ def prompt_from_proto(req: pb.GenerateRequest) -> str | list[int]:
 
 
 def completion_proto(index: int, text: str, token_ids, finish_reason, logprobs) -> pb.Completion:
-    lps = [pb.TokenLogprob(token_id=t, logprob=e[t], top={k: v for k, v in e.items()})
-           for t, e in zip(token_ids, logprobs or [])]
-    return pb.Completion(index=index, text=text, token_ids=token_ids, finish_reason=finish_reason or "",
-                         logprobs=lps)
+    lps = [
+        pb.TokenLogprob(token_id=t, logprob=e[t], top={k: v for k, v in e.items()})
+        for t, e in zip(token_ids, logprobs or [])
+    ]
+    return pb.Completion(
+        index=index, text=text, token_ids=token_ids, finish_reason=finish_reason or "", logprobs=lps
+    )
 
 
 class GrpcMethods:
-    """Mixed into the Serve deployment; expects `self.engine`, `self.api_key` and `self.timeout_s`."""
+    """Mixed into the Serve deployment; expects `self.engine`, `self.api_key`, `self.timeout_s`."""
 
     def _grpc_fail(self, ctx, exc: BaseException):
         code, message = grpc_status(exc)
@@ -61,7 +77,9 @@ class GrpcMethods:
         try:
             self._grpc_auth(grpc_context)
             rid = request.request_id or f"grpc-{uuid.uuid4().hex}"
-            stream = await self.engine.generate(prompt_from_proto(request), sampling_from_proto(request.sampling), rid)
+            stream = await self.engine.generate(
+                prompt_from_proto(request), sampling_from_proto(request.sampling), rid
+            )
             acc: dict[int, CompletionOutput] = {}
             last = None
             async with _closing(stream):
@@ -69,10 +87,16 @@ class GrpcMethods:
                     last = out
                     for o in out.outputs:
                         accumulate(acc, o.index, o)
-            comps = [completion_proto(i, c.text, c.token_ids, c.finish_reason, c.logprobs)
-                     for i, c in sorted(acc.items())]
-            return pb.GenerateResponse(request_id=rid, completions=comps, prompt_token_ids=last.prompt_token_ids,
-                                       usage=_usage(last.prompt_token_ids, comps))
+            comps = [
+                completion_proto(i, c.text, c.token_ids, c.finish_reason, c.logprobs)
+                for i, c in sorted(acc.items())
+            ]
+            return pb.GenerateResponse(
+                request_id=rid,
+                completions=comps,
+                prompt_token_ids=last.prompt_token_ids,
+                usage=_usage(last.prompt_token_ids, comps),
+            )
         except Exception as e:
             self._grpc_fail(grpc_context, e)
             return pb.GenerateResponse()
@@ -81,20 +105,31 @@ class GrpcMethods:
         try:
             self._grpc_auth(grpc_context)
             rid = request.request_id or f"grpc-{uuid.uuid4().hex}"
-            stream = await self.engine.generate(prompt_from_proto(request), sampling_from_proto(request.sampling), rid)
+            stream = await self.engine.generate(
+                prompt_from_proto(request), sampling_from_proto(request.sampling), rid
+            )
             total = 0
             async with _closing(stream):
                 async for out in stream:
-                    deltas = [completion_proto(o.index, o.text, o.token_ids, o.finish_reason, o.logprobs)
-                              for o in out.outputs]
+                    deltas = [
+                        completion_proto(o.index, o.text, o.token_ids, o.finish_reason, o.logprobs)
+                        for o in out.outputs
+                    ]
                     total += sum(len(d.token_ids) for d in deltas)
-                    msg = pb.GenerateStreamResponse(request_id=rid, deltas=deltas, finished=out.finished)
+                    msg = pb.GenerateStreamResponse(
+                        request_id=rid, deltas=deltas, finished=out.finished
+                    )
                     if out.finished:
                         p = len(out.prompt_token_ids)
-                        msg.usage.CopyFrom(pb.Usage(prompt_tokens=p, completion_tokens=total, total_tokens=p + total))
+                        msg.usage.CopyFrom(
+                            pb.Usage(
+                                prompt_tokens=p, completion_tokens=total, total_tokens=p + total
+                            )
+                        )
                     yield msg
         except Exception as e:
-            # A stream carries its status only with a raise: Serve keeps the code set on the context.
+            # A stream carries its status only with a raise: Serve keeps the code set on the
+            # context.
             self._grpc_fail(grpc_context, e)
             raise _StatusSet(grpc_status(e)[1]) from None
 
@@ -104,7 +139,9 @@ class GrpcMethods:
             items = list(request.texts) + [list(t.ids) for t in request.token_ids]
             if not items:
                 raise InvalidRequestError("give texts or token_ids to score")
-            results = await asyncio.gather(*[self._score_one(x, request.return_token_logprobs) for x in items])
+            results = await asyncio.gather(
+                *[self._score_one(x, request.return_token_logprobs) for x in items]
+            )
             return pb.ScoreResponse(results=results)
         except Exception as e:
             self._grpc_fail(grpc_context, e)
@@ -119,15 +156,21 @@ class GrpcMethods:
                 last = out
         ids = last.prompt_token_ids
         lps = [e[t] for t, e in zip(ids[1:], last.prompt_logprobs[1:])]
-        return pb.ScoreResult(token_ids=ids, token_logprobs=lps if per_token else [], logprob=sum(lps),
-                              num_tokens=len(ids))
+        return pb.ScoreResult(
+            token_ids=ids,
+            token_logprobs=lps if per_token else [],
+            logprob=sum(lps),
+            num_tokens=len(ids),
+        )
 
     async def Health(self, request: pb.HealthRequest, grpc_context=None) -> pb.HealthResponse:
         try:
             await self.engine.probe()
             return pb.HealthResponse(status="ok", stages=self.engine.model_card()["stages"])
         except Exception as e:
-            self._grpc_fail(grpc_context, StageFailedError(f"health probe failed: {type(e).__name__}"))
+            self._grpc_fail(
+                grpc_context, StageFailedError(f"health probe failed: {type(e).__name__}")
+            )
             return pb.HealthResponse(status="unavailable")
 
 
@@ -150,4 +193,6 @@ class _closing:
 
 def _usage(prompt_ids, comps) -> pb.Usage:
     c = sum(len(x.token_ids) for x in comps)
-    return pb.Usage(prompt_tokens=len(prompt_ids), completion_tokens=c, total_tokens=len(prompt_ids) + c)
+    return pb.Usage(
+        prompt_tokens=len(prompt_ids), completion_tokens=c, total_tokens=len(prompt_ids) + c
+    )

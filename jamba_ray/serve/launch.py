@@ -26,8 +26,12 @@ def start(config: PipelineConfig, blocking: bool = False):
     serve.start(http_options={"host": opts.host, "port": opts.port}, grpc_options=grpc)
     app = deployment(config)
     handle = serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
-    log.info("serving on http://%s:%d%s", opts.host, opts.port,
-             f" and grpc {opts.host}:{opts.grpc_port}" if grpc else "")
+    log.info(
+        "serving on http://%s:%d%s",
+        opts.host,
+        opts.port,
+        f" and grpc {opts.host}:{opts.grpc_port}" if grpc else "",
+    )
     if blocking:
         import time
 
@@ -42,10 +46,14 @@ def serve_config(pipeline_path: str, pipeline: PipelineFile) -> dict:
     cfg = {
         "proxy_location": "EveryNode",
         "http_options": {"host": opts.host, "port": opts.port},
-        "applications": [{
-            "name": APP_NAME, "route_prefix": "/", "import_path": "jamba_ray.serve.app:build_app",
-            "args": {"config": pipeline_path},
-        }],
+        "applications": [
+            {
+                "name": APP_NAME,
+                "route_prefix": "/",
+                "import_path": "jamba_ray.serve.app:build_app",
+                "args": {"config": pipeline_path},
+            }
+        ],
     }
     if opts.grpc_port:
         cfg["grpc_options"] = {"port": opts.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]}

@@ -35,7 +35,9 @@ class _Request(BaseModel):
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(description="text, texts or token ids")
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="text, texts or token ids"
+    )
     max_tokens: int | None = 16
     logprobs: int | None = Field(None, description="top-k logprobs per token (0..20)")
     echo: bool = False

@@ -1,4 +1,5 @@
-"""Engine options that cannot run are refused when the config is built; CUDA kernels stay optional."""
+"""Engine options that cannot run are refused when the config is built; CUDA kernels stay
+optional."""
 
 import pytest
 

@@ -22,7 +22,12 @@ JAMBA = ModelSpec.from_path(ROOT / "pipelines" / "jamba-v0.1-config.json")
 
 def test_the_shipped_layouts_exist_and_validate():
     names = {p.stem for p in LAYOUTS}
-    assert {"tiny-cpu", "jamba-v0.1-bf16-4x80g", "jamba-v0.1-int8-2x80g", "jamba-v0.1-long-context"} <= names
+    assert {
+        "tiny-cpu",
+        "jamba-v0.1-bf16-4x80g",
+        "jamba-v0.1-int8-2x80g",
+        "jamba-v0.1-long-context",
+    } <= names
     for path in LAYOUTS:
         pf = PipelineFile.load(path)
         assert pf.name == path.stem
@@ -39,14 +44,17 @@ def test_int8_layout_keeps_mamba_in_bf16_and_long_context_is_256k():
     assert long.max_model_len == 262144 and long.max_num_seqs <= 8
 
 
-@pytest.mark.parametrize("text, field", [
-    ("name: x\nstages: two\n", "stages"),
-    ("name: x\nresources: {num_gpus: -1}\n", "resources.num_gpus"),
-    ("name: x\nplacement: EVERYWHERE\n", "placement"),
-    ("name: x\nmax_num_seqs: 0\n", "max_num_seqs"),
-    ("name: x\nquantization: int4\n", "quantization"),
-    ("name: x\nstate_pool: 3\n", "state_pool"),
-])
+@pytest.mark.parametrize(
+    "text, field",
+    [
+        ("name: x\nstages: two\n", "stages"),
+        ("name: x\nresources: {num_gpus: -1}\n", "resources.num_gpus"),
+        ("name: x\nplacement: EVERYWHERE\n", "placement"),
+        ("name: x\nmax_num_seqs: 0\n", "max_num_seqs"),
+        ("name: x\nquantization: int4\n", "quantization"),
+        ("name: x\nstate_pool: 3\n", "state_pool"),
+    ],
+)
 def test_a_bad_field_is_named_in_the_error(tmp_path, text, field):
     p = tmp_path / "bad.yaml"
     p.write_text(text)
@@ -80,10 +88,18 @@ def test_int8_halves_the_expert_weights_but_not_mamba():
 
 def test_a_layout_that_does_not_fit_is_refused(tmp_path, capsys):
     p = tmp_path / "one-gpu.yaml"
-    p.write_text(yaml.safe_dump({
-        "name": "one-gpu", "model": "ai21labs/Jamba-v0.1",
-        "config_json": str(ROOT / "pipelines" / "jamba-v0.1-config.json"), "dtype": "bf16", "stages": 1,
-        "resources": {"num_gpus": 1, "device_memory_gib": 80}}))
+    p.write_text(
+        yaml.safe_dump(
+            {
+                "name": "one-gpu",
+                "model": "ai21labs/Jamba-v0.1",
+                "config_json": str(ROOT / "pipelines" / "jamba-v0.1-config.json"),
+                "dtype": "bf16",
+                "stages": 1,
+                "resources": {"num_gpus": 1, "device_memory_gib": 80},
+            }
+        )
+    )
     assert main(["plan", "--config", str(p)]) == 2
     err = capsys.readouterr().err
     assert "does not fit" in err and "stage 0" in err
@@ -93,9 +109,13 @@ def test_the_engine_runs_the_same_fit_check_before_starting_stages(tiny_ckpt):
     from jamba_ray.engine.core import EngineCore
 
     with pytest.raises(ConfigError, match="does not fit"):
-        EngineCore(EngineConfig.build(tiny_ckpt, num_stages=2, device_memory_gib=0.001, backend="local"))
+        EngineCore(
+            EngineConfig.build(tiny_ckpt, num_stages=2, device_memory_gib=0.001, backend="local")
+        )
     spec = ModelSpec.from_path(tiny_ckpt)
-    require_fit(fit_check(spec, EngineConfig.build(tiny_ckpt, device_memory_gib=1.0), plan(spec, 2)))
+    require_fit(
+        fit_check(spec, EngineConfig.build(tiny_ckpt, device_memory_gib=1.0), plan(spec, 2))
+    )
 
 
 def test_serve_configs_are_accepted_by_rays_schema():
@@ -117,7 +137,10 @@ def test_the_rayservice_embeds_a_valid_serve_config_for_a_real_pipeline():
     pipeline = ROOT / app.args["config"].removeprefix("/app/")
     assert PipelineFile.load(pipeline).name == "jamba-v0.1-bf16-4x80g"
     groups = svc["spec"]["rayClusterConfig"]["workerGroupSpecs"]
-    assert groups[0]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    assert (
+        groups[0]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+        == "4"
+    )
 
 
 def test_cluster_launcher_yaml_parses():

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from jamba_ray.config import ModelSpec
-from jamba_ray.errors import ConfigError
 from jamba_ray.config.planner import format_plan, plan, split_balanced, total_params
+from jamba_ray.errors import ConfigError
 
 JAMBA = Path(__file__).parents[2] / "pipelines" / "jamba-v0.1-config.json"
 

@@ -22,7 +22,8 @@ def test_generate_matches_transformers_and_frees_every_slot(llm, tiny_ckpt):
         assert out.outputs[0].token_ids == ref
         assert out.outputs[0].finish_reason == "length" and out.finished
         assert out.outputs[0].text == llm.tokenizer.decode(ref, skip_special_tokens=True)
-    assert all(s["slots_in_use"] == 0 and s["slots_total"] == 8 for s in llm.stats())
+    stats = llm.stats()
+    assert stats["slots_in_use"] == 0 and stats["slots_total"] == 8 and len(stats["stages"]) == 2
 
 
 def test_string_prompts_are_tokenized_with_bos(llm):
@@ -38,8 +39,9 @@ def test_generation_stops_at_eos(llm, tiny_ckpt):
     # Find where greedy decoding goes, then make that token the stop token.
     first = llm.generate([PROMPTS[0]], SamplingParams(max_tokens=4, temperature=0))[0].outputs[0]
     stop_at = first.token_ids[2]
-    out = llm.generate([PROMPTS[0]], SamplingParams(max_tokens=10, temperature=0,
-                                                    stop_token_ids=[stop_at]))[0].outputs[0]
+    out = llm.generate(
+        [PROMPTS[0]], SamplingParams(max_tokens=10, temperature=0, stop_token_ids=[stop_at])
+    )[0].outputs[0]
     assert out.token_ids[-1] == stop_at and out.finish_reason == "stop"
     assert len(out.token_ids) == first.token_ids.index(stop_at) + 1
     assert params.max_tokens == 10 and eos == 2
@@ -52,7 +54,7 @@ def test_empty_prompt_list_and_empty_prompt_are_rejected(llm):
         llm.generate([""])
     with pytest.raises(InvalidRequestError, match="out of range"):
         llm.generate([[1, 10**6]])
-    assert all(s["slots_in_use"] == 0 for s in llm.stats())
+    assert llm.stats()["slots_in_use"] == 0
 
 
 def test_bad_models_and_layouts_fail_before_any_actor_starts(tmp_path, tiny_ckpt, ray_session):

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from jamba_ray.engine.sampling_params import SamplingParams
 from jamba_ray.errors import InvalidRequestError
 from jamba_ray.model.sampler import RowInput, sample
-from jamba_ray.engine.sampling_params import SamplingParams
 
 
 @pytest.mark.parametrize(
@@ -63,31 +63,50 @@ def test_seeded_rows_do_not_depend_on_their_neighbours():
 def test_top_k_min_p_and_top_p_restrict_the_support():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     for k, support in [(dict(top_k=1), {0}), (dict(top_p=0.7), {0, 1}), (dict(min_p=0.5), {0, 1})]:
-        seen = {sample(logits, [row(SamplingParams(**k), index=i)], None)[0].token for i in range(40)}
+        seen = {
+            sample(logits, [row(SamplingParams(**k), index=i)], None)[0].token for i in range(40)
+        }
         assert seen <= support
 
 
 def test_min_tokens_bans_eos_and_penalties_push_repeats_down():
     logits = torch.tensor([[0.0, 0.0, 5.0, 4.0]])
-    assert sample(logits, [row(SamplingParams(temperature=0, min_tokens=2))], eos_id=2)[0].token == 3
+    assert (
+        sample(logits, [row(SamplingParams(temperature=0, min_tokens=2))], eos_id=2)[0].token == 3
+    )
     rep = SamplingParams(temperature=0, frequency_penalty=2.0)
     assert sample(logits, [row(rep, output=[2])], None)[0].token == 3
     # repetition_penalty also covers the prompt (which holds token 2 here): 5 / 2 < 4
-    assert sample(logits, [row(SamplingParams(temperature=0, repetition_penalty=2.0))], None)[0].token == 3
+    assert (
+        sample(logits, [row(SamplingParams(temperature=0, repetition_penalty=2.0))], None)[0].token
+        == 3
+    )
 
 
 def test_draws_follow_the_filtered_distribution():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(4000, 4)
     rows = [row(SamplingParams(temperature=1.0, seed=3), index=i) for i in range(4000)]
-    counts = torch.bincount(torch.tensor([o.token for o in sample(logits, rows, None)]), minlength=4)
+    counts = torch.bincount(
+        torch.tensor([o.token for o in sample(logits, rows, None)]), minlength=4
+    )
     assert (counts / 4000 - torch.tensor([0.5, 0.3, 0.15, 0.05])).abs().max() < 0.03
 
 
 def test_rows_with_different_filters_in_one_batch_each_keep_their_own_support():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(4 * 40, 4)
-    kinds = [(dict(top_k=1), {0}), (dict(top_p=0.7), {0, 1}), (dict(min_p=0.5), {0, 1}), (dict(), {0, 1, 2, 3})]
+    kinds = [
+        (dict(top_k=1), {0}),
+        (dict(top_p=0.7), {0, 1}),
+        (dict(min_p=0.5), {0, 1}),
+        (dict(), {0, 1, 2, 3}),
+    ]
     rows = [row(SamplingParams(**k), index=i) for i in range(40) for k, _ in kinds]
     outs = sample(logits, rows, None)
     for j, (_, support) in enumerate(kinds):
         assert {o.token for o in outs[j::4]} <= support
-    assert {o.token for o in outs[3::4]} == {0, 1, 2, 3}  # unfiltered rows reach the whole vocabulary
+    assert {o.token for o in outs[3::4]} == {
+        0,
+        1,
+        2,
+        3,
+    }  # unfiltered rows reach the whole vocabulary

@@ -17,7 +17,9 @@ def scheduler(slots, micro_batches=1, **kw):
 
 def seq(i, prompt_len=4, n=1, rid=None):
     s = Sequence(i, rid or f"r{i}", 0, list(range(1, prompt_len + 1)), params=None, seed=0)
-    s.forks = [Sequence(100 + i * 10 + k, s.request_id, k, s.prompt_ids, None, 0) for k in range(1, n)]
+    s.forks = [
+        Sequence(100 + i * 10 + k, s.request_id, k, s.prompt_ids, None, 0) for k in range(1, n)
+    ]
     return s
 
 
@@ -30,10 +32,12 @@ def land(s: Scheduler, mb, sample=7):
 
 
 def test_bookkeeping_modules_import_neither_torch_nor_ray():
-    code = ("import sys; import jamba_ray.engine.scheduler, jamba_ray.engine.slots, "
-            "jamba_ray.engine.sampling_params, jamba_ray.engine.output_processor, "
-            "jamba_ray.config.planner, jamba_ray.config.capacity, jamba_ray.config.pipeline_file; "
-            "assert 'torch' not in sys.modules and 'ray' not in sys.modules, sorted(sys.modules)")
+    code = (
+        "import sys; import jamba_ray.engine.scheduler, jamba_ray.engine.slots, "
+        "jamba_ray.engine.sampling_params, jamba_ray.engine.output_processor, "
+        "jamba_ray.config.planner, jamba_ray.config.capacity, jamba_ray.config.pipeline_file; "
+        "assert 'torch' not in sys.modules and 'ray' not in sys.modules, sorted(sys.modules)"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -66,14 +70,19 @@ def test_long_prompts_are_chunked_by_the_token_budget_and_interleave_with_decode
     s.add(short)
     s.add(long)
     mb = s.schedule()
-    assert [(g.start, g.length, g.logits) for g in mb.message.segments] == [(0, 2, "last"), (0, 3, "none")]
+    assert [(g.start, g.length, g.logits) for g in mb.message.segments] == [
+        (0, 2, "last"),
+        (0, 3, "none"),
+    ]
     land(s, mb)
     mb = s.schedule()  # the short one decodes while the long one keeps prefilling
     assert [(g.seq_id, g.start, g.length) for g in mb.message.segments] == [(0, 2, 1), (1, 3, 4)]
     land(s, mb)
     mb = s.schedule()
     assert [(g.seq_id, g.start, g.length, g.logits) for g in mb.message.segments] == [
-        (0, 3, 1, "last"), (1, 7, 4, "none")]
+        (0, 3, 1, "last"),
+        (1, 7, 4, "none"),
+    ]
     land(s, mb)
     mb = s.schedule()
     assert mb.message.segments[1].logits == "last" and mb.message.segments[1].length == 1
@@ -115,10 +124,14 @@ def test_abort_frees_at_once_unless_in_flight():
     mb = s.schedule()
     s.add(c)
     assert s.abort("r2") == [c] and s.num_waiting == 0 and c.finish_reason == "abort"
-    assert s.abort("r0") == [a] and a.aborted and s.slots.num_used == 2  # in flight: held until it lands
+    assert (
+        s.abort("r0") == [a] and a.aborted and s.slots.num_used == 2
+    )  # in flight: held until it lands
     land(s, mb)
     s.finish(a, "abort")
-    assert s.slots.num_used == 1 and s.schedule().message.finished == (0,)  # the last stage forgets it
+    assert s.slots.num_used == 1 and s.schedule().message.finished == (
+        0,
+    )  # the last stage forgets it
 
 
 def test_a_suspect_sequence_runs_alone_until_its_known_tokens_ran():

@@ -2,9 +2,9 @@
 
 import pytest
 
-from jamba_ray.errors import InvalidRequestError
 from jamba_ray.engine.outputs import TextTracker
 from jamba_ray.engine.tokenizer import IncrementalDetokenizer, encode_prompt, load_tokenizer
+from jamba_ray.errors import InvalidRequestError
 
 TEXT = "hello café 東京 🙂 naïve"
 

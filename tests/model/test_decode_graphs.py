@@ -1,4 +1,5 @@
-"""Fixed-shape decode steps (CUDA graphs on GPUs) give the eager path's logits, whatever the batch."""
+"""Fixed-shape decode steps (CUDA graphs on GPUs) give the eager path's logits, whatever the
+batch."""
 
 import pytest
 import torch
@@ -12,8 +13,10 @@ BOUNDS = [(0, 3), (3, 6)]
 
 
 def stages(path, graphs: bool, slots=6, max_len=600):
-    return [Stage(StageSpec(path, i, a, b, len(BOUNDS), slots, max_len, decode_graphs=graphs))
-            for i, (a, b) in enumerate(BOUNDS)]
+    return [
+        Stage(StageSpec(path, i, a, b, len(BOUNDS), slots, max_len, decode_graphs=graphs))
+        for i, (a, b) in enumerate(BOUNDS)
+    ]
 
 
 def run(pipe, msg, tokens):
@@ -34,13 +37,17 @@ def test_padded_batches_odd_slots_and_growing_kv_match_the_eager_path(tiny_ckpt)
     msg = StepMessage(0, tuple(Segment(slot, slot, 0, len(p)) for slot, p in prompts.items()))
     flat = [t for p in prompts.values() for t in p]
     logits = run(eager, msg, flat)
-    torch.testing.assert_close(run(fixed, msg, flat), logits, atol=0, rtol=0)  # prefill: the same code
+    torch.testing.assert_close(
+        run(fixed, msg, flat), logits, atol=0, rtol=0
+    )  # prefill: the same code
     nxt = {slot: int(row.argmax()) for slot, row in zip(prompts, logits)}
     for step in range(1, 13):
         if step == 8:
             nxt.pop(0)  # a sequence finishes: the batch shrinks to another bucket
-        segs = tuple(Segment(slot, slot, len(seqs[slot]), 1, "none" if slot == 0 and step % 2 else "last")
-                     for slot in nxt)
+        segs = tuple(
+            Segment(slot, slot, len(seqs[slot]), 1, "none" if slot == 0 and step % 2 else "last")
+            for slot in nxt
+        )
         for slot, t in nxt.items():
             seqs[slot].append(t)
         msg = StepMessage(step, segs)
@@ -55,12 +62,29 @@ def test_padded_batches_odd_slots_and_growing_kv_match_the_eager_path(tiny_ckpt)
     assert all(s["decode_graph_steps"] == 12 and s["decode_graph_shapes"] == 3 for s in stats)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
-                    reason="CUDA graph capture needs an NVIDIA GPU of SM90+ (bf16 grouped_mm experts)")
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+    reason="CUDA graph capture needs an NVIDIA GPU of SM90+ (bf16 grouped_mm experts)",
+)
 def test_cuda_graphs_are_captured_and_replay_the_eager_logits(tiny_ckpt):
     def cuda_stages(graphs):
-        return [Stage(StageSpec(tiny_ckpt, i, a, b, len(BOUNDS), 4, 128, "bfloat16", "cuda", decode_graphs=graphs))
-                for i, (a, b) in enumerate(BOUNDS)]
+        return [
+            Stage(
+                StageSpec(
+                    tiny_ckpt,
+                    i,
+                    a,
+                    b,
+                    len(BOUNDS),
+                    4,
+                    128,
+                    "bfloat16",
+                    "cuda",
+                    decode_graphs=graphs,
+                )
+            )
+            for i, (a, b) in enumerate(BOUNDS)
+        ]
 
     eager, fixed = cuda_stages(False), cuda_stages(True)
     prompt = [1, 5, 9, 200, 3]
@@ -73,13 +97,21 @@ def test_cuda_graphs_are_captured_and_replay_the_eager_logits(tiny_ckpt):
         torch.testing.assert_close(got, want, atol=2e-2, rtol=0)
         tok = int(want[0].argmax())
     stats = [s.stats() for s in fixed]
-    assert all(s["decode_graphs_disabled"] is None and s["decode_graphs_captured"] == 1 for s in stats), stats
+    assert all(
+        s["decode_graphs_disabled"] is None and s["decode_graphs_captured"] == 1 for s in stats
+    ), stats
 
 
-@pytest.mark.parametrize("error, off", [(RuntimeError("operation not permitted when stream is capturing"), True),
-                                         (torch.cuda.OutOfMemoryError("out of memory"), False)])
+@pytest.mark.parametrize(
+    "error, off",
+    [
+        (RuntimeError("operation not permitted when stream is capturing"), True),
+        (torch.cuda.OutOfMemoryError("out of memory"), False),
+    ],
+)
 def test_a_failed_capture_falls_back_to_the_eager_path(error, off, tiny_ckpt):
-    """Any capture error turns graphs off for the stage; running out of memory only for that bucket."""
+    """Any capture error turns graphs off for the stage; running out of memory only for that
+    bucket."""
     eager, fixed = stages(tiny_ckpt, False), stages(tiny_ckpt, True)
 
     def refuse(entry):

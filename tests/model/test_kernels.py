@@ -25,7 +25,9 @@ from jamba_ray.model.kernels.reference import (  # noqa: E402
     ssm_update_ref,
 )
 
-pytestmark = pytest.mark.skipif(not kernels.available(), reason="no CUDA and TRITON_INTERPRET unset")
+pytestmark = pytest.mark.skipif(
+    not kernels.available(), reason="no CUDA and TRITON_INTERPRET unset"
+)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 POOL = 7
@@ -123,7 +125,9 @@ def test_varlen_scan_matches_reference(dtype):
 def test_scan_in_chunks_equals_one_pass():
     (u, dt, A, B, C, ssm, _, slots), kw = scan_case(torch.float32, [9], [4])
     whole = ssm.clone()
-    y_whole, _ = scan.varlen_scan(u, dt, A, B, C, whole, torch.tensor([0, 9], device=DEV), slots, **kw)
+    y_whole, _ = scan.varlen_scan(
+        u, dt, A, B, C, whole, torch.tensor([0, 9], device=DEV), slots, **kw
+    )
     parts = []
     for lo, hi in [(0, 4), (4, 9)]:  # the second chunk starts from the first one's state
         s = slice(lo, hi)
@@ -166,7 +170,9 @@ def test_empty_batches_leave_state_alone():
     before = ssm.clone()
     none = torch.zeros(0, dtype=torch.long, device=DEV)
     assert decode.ssm_update(u, dt, A, B, C, ssm, none, D=D, z=z).shape == (0, 40)
-    y, emitted = scan.varlen_scan(u, dt, A, B, C, ssm, torch.zeros(1, dtype=torch.long, device=DEV), none)
+    y, emitted = scan.varlen_scan(
+        u, dt, A, B, C, ssm, torch.zeros(1, dtype=torch.long, device=DEV), none
+    )
     assert y.shape == (0, 40) and emitted.shape == (0, 40, 8)
     assert torch.equal(ssm, before)
 
@@ -185,13 +191,17 @@ def test_wrappers_agree_either_way(monkeypatch, use_kernel):
     gen = torch.Generator().manual_seed(4)
     x, state = rand(2, 40, gen=gen), rand(POOL, 40, 4, gen=gen)
     w, slots, ref_state = rand(40, 4, gen=gen), torch.tensor([6, 2], device=DEV), state.clone()
-    close(kernels.conv_update(x, state, w, None, slots, silu=True),
-          conv_update_ref(x, ref_state, w, None, slots, silu=True))
+    close(
+        kernels.conv_update(x, state, w, None, slots, silu=True),
+        conv_update_ref(x, ref_state, w, None, slots, silu=True),
+    )
     u, dt, A, B, C, D, z = ssm_inputs(2, 40, 16, torch.float32, gen)
     ssm = rand(POOL, 40, 16, gen=gen)
     ref_ssm = ssm.clone()
-    close(kernels.ssm_update(u, dt, A, B, C, ssm, slots, D, z),
-          ssm_update_ref(u, dt, A, B, C, ref_ssm, slots, D, z))
+    close(
+        kernels.ssm_update(u, dt, A, B, C, ssm, slots, D, z),
+        ssm_update_ref(u, dt, A, B, C, ref_ssm, slots, D, z),
+    )
     close(ssm, ref_ssm)
 
 

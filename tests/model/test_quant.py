@@ -9,11 +9,15 @@ from tests.conftest import PROMPTS, stage_logits
 
 
 def stage(path, quantization=None, dtype="float32"):
-    return Stage(StageSpec(path, 0, 0, 6, 1, slots=2, max_len=64, dtype=dtype, quantization=quantization))
+    return Stage(
+        StageSpec(path, 0, 0, 6, 1, slots=2, max_len=64, dtype=dtype, quantization=quantization)
+    )
 
 
 def logits(st, prompt):
-    return stage_logits([st], StepMessage(1, (Segment(1, 0, 0, len(prompt), logits="all"),)), prompt)
+    return stage_logits(
+        [st], StepMessage(1, (Segment(1, 0, 0, len(prompt), logits="all"),)), prompt
+    )
 
 
 def test_row_quantization_round_trips_within_half_a_step():
@@ -33,7 +37,9 @@ def test_int8_stage_saves_memory_keeps_mamba_and_stays_close(tiny_ckpt):
     full, q = stage(tiny_ckpt), stage(tiny_ckpt, "int8")
     assert q.stats()["param_bytes"] < 0.6 * full.stats()["param_bytes"]
     mamba = q.model.model.layers["0"].mamba
-    assert mamba.in_proj.weight.dtype == torch.float32 and mamba.out_proj.weight.dtype == torch.float32
+    assert (
+        mamba.in_proj.weight.dtype == torch.float32 and mamba.out_proj.weight.dtype == torch.float32
+    )
     assert q.model.model.layers["1"].self_attn.q_proj.weight.dtype == torch.int8
     for prompt in PROMPTS:
         a, b = logits(full, prompt), logits(q, prompt)

@@ -1,24 +1,35 @@
 """Stage actors on Ray, token-exact with transformers for any number of stages (Petals-style)."""
 
 import pytest
-import ray
 import torch
 
-from jamba_ray.config import ModelSpec
-from jamba_ray.runtime.pipeline import Pipeline, Placement
+from jamba_ray.config import EngineConfig, ModelSpec
+from jamba_ray.config.capacity import Capacity
 from jamba_ray.config.planner import plan
 from jamba_ray.engine.messages import Segment, StepMessage
-from jamba_ray.runtime.wire import unpack
+from jamba_ray.runtime.pipeline import RayPipeline
 from tests.conftest import PROMPTS, STAGE_CPUS, hf_greedy
 
 STEPS = 12
 
 
-def greedy(pipe: Pipeline, prompts, steps):
+def pipeline(path, plans, slots, max_len, **options) -> RayPipeline:
+    cfg = EngineConfig.build(path, num_stages=len(plans), num_cpus_per_stage=STAGE_CPUS, **options)
+    return RayPipeline(cfg, path, plans, Capacity(slots, max_len, 0), eos_id=2)
+
+
+def logits_of(pipe: RayPipeline, msg: StepMessage, tokens: list[int]) -> torch.Tensor:
+    result = pipe.wait(pipe.submit(msg, tokens))
+    return torch.tensor(result.logits)
+
+
+def greedy(pipe: RayPipeline, prompts, steps):
     """Prefill all prompts in one micro-batch, then decode them together; returns tokens, logits."""
     seqs = [list(p) for p in prompts]
     segs = tuple(Segment(i, i, 0, len(p)) for i, p in enumerate(prompts))
-    logits = unpack(ray.get(pipe.submit(StepMessage(0, segs), [t for p in prompts for t in p])))
+    logits = logits_of(
+        pipe, StepMessage(0, segs, return_logits=True), [t for p in prompts for t in p]
+    )
     tokens, all_logits = [[] for _ in prompts], [[] for _ in prompts]
     for step in range(steps):
         for i, row in enumerate(logits):
@@ -27,7 +38,8 @@ def greedy(pipe: Pipeline, prompts, steps):
             seqs[i].append(tokens[i][-1])
         segs = tuple(Segment(i, i, len(s) - 1, 1) for i, s in enumerate(seqs))
         if step < steps - 1:
-            logits = unpack(ray.get(pipe.submit(StepMessage(step + 1, segs), [s[-1] for s in seqs])))
+            msg = StepMessage(step + 1, segs, return_logits=True)
+            logits = logits_of(pipe, msg, [s[-1] for s in seqs])
     return tokens, [torch.stack(rows) for rows in all_logits]
 
 
@@ -38,7 +50,12 @@ CASES = [  # (checkpoint layout, how to split it, transport, decode_graphs)
     ("a", dict(slices=[(0, 1), (1, 5), (5, 6)]), "object_store", False),  # uneven explicit split
     ("b", dict(stages=2), "object_store", False),
     ("b", dict(slices=[(0, 4), (4, 5)]), "object_store", False),
-    ("a", dict(stages=3), "p2p", False),  # hidden states over torch.distributed (gloo here, NCCL on GPUs)
+    (
+        "a",
+        dict(stages=3),
+        "p2p",
+        False,
+    ),  # hidden states over torch.distributed (gloo here, NCCL on GPUs)
     ("b", dict(slices=[(0, 4), (4, 5)]), "p2p", False),
     # fixed-shape decode steps (CUDA graphs on GPUs): padded batch, bucketed KV, grouped_mm experts
     ("a", dict(stages=2), "object_store", True),
@@ -46,14 +63,25 @@ CASES = [  # (checkpoint layout, how to split it, transport, decode_graphs)
 ]
 
 
-@pytest.mark.parametrize("layout, layout_kwargs, transport, graphs", CASES,
-                         ids=[f"{l}-{k}-{t}{'-graphs' if g else ''}" for l, k, t, g in CASES])
-def test_greedy_tokens_and_logits_match_transformers(layout, layout_kwargs, transport, graphs, tiny_ckpt,
-                                                     tiny_ckpt_b, ray_session):
+@pytest.mark.parametrize(
+    "layout, layout_kwargs, transport, graphs",
+    CASES,
+    ids=[f"{l}-{k}-{t}{'-graphs' if g else ''}" for l, k, t, g in CASES],
+)
+def test_greedy_tokens_and_logits_match_transformers(
+    layout, layout_kwargs, transport, graphs, tiny_ckpt, tiny_ckpt_b, ray_session
+):
     path = tiny_ckpt if layout == "a" else tiny_ckpt_b
     plans = plan(ModelSpec.from_path(path), **layout_kwargs)
-    pipe = Pipeline(path, plans, slots=len(PROMPTS), max_len=64, placement=Placement(num_cpus=STAGE_CPUS),
-                    transport=transport, decode_graphs=graphs)
+    pipe = pipeline(
+        path,
+        plans,
+        len(PROMPTS),
+        64,
+        transport=transport,
+        decode_graphs=graphs,
+        stage_slices=tuple(plan_slices(plans)),
+    )
     try:
         tokens, logits = greedy(pipe, PROMPTS, STEPS)
         for i, prompt in enumerate(PROMPTS):
@@ -69,18 +97,24 @@ def test_greedy_tokens_and_logits_match_transformers(layout, layout_kwargs, tran
             hidden = ModelSpec.from_path(path).hidden_size * 4  # fp32 bytes per token
             tokens_sent = sum(map(len, PROMPTS)) + len(PROMPTS) * (STEPS - 1)
             assert stats[0]["p2p_bytes_sent"] == hidden * tokens_sent
-        for s in stats if graphs else ():  # every decode step took the fixed-shape path, at one shape
+        for s in (
+            stats if graphs else ()
+        ):  # every decode step took the fixed-shape path, at one shape
             assert s["decode_graph_steps"] == STEPS - 1 and s["decode_graph_shapes"] == 1
-            assert s["decode_graphs_captured"] == 0 and s["decode_graphs_disabled"] is None  # CPU: eager
-        pipe.release(list(range(len(PROMPTS))))
-        assert all(s["slots_in_use"] == 0 for s in pipe.stats())
+            assert (
+                s["decode_graphs_captured"] == 0 and s["decode_graphs_disabled"] is None
+            )  # CPU: eager
     finally:
         pipe.shutdown()
 
 
+def plan_slices(plans):
+    return [(p.start, p.end) for p in plans]
+
+
 def test_stages_run_in_separate_processes(tiny_ckpt, ray_session):
     plans = plan(ModelSpec.from_path(tiny_ckpt), 2)
-    pipe = Pipeline(tiny_ckpt, plans, slots=2, max_len=32, placement=Placement(num_cpus=STAGE_CPUS))
+    pipe = pipeline(tiny_ckpt, plans, 2, 32)
     try:
         pids = {i["pid"] for i in pipe.info}
         assert len(pids) == 2

@@ -13,7 +13,9 @@ from tests.model.test_checkpoint import write_merged_copy
 
 def build(path, bounds, slots=4, max_len=128, dtype="float32"):
     n = len(bounds)
-    return [Stage(StageSpec(path, i, a, b, n, slots, max_len, dtype)) for i, (a, b) in enumerate(bounds)]
+    return [
+        Stage(StageSpec(path, i, a, b, n, slots, max_len, dtype)) for i, (a, b) in enumerate(bounds)
+    ]
 
 
 def prefill(seq_id, prompt, logits="all"):
@@ -30,7 +32,9 @@ def test_resident_parameters_are_exactly_the_slice(tiny_ckpt):
     plans = plan(spec, slices=[(0, 2), (2, 4), (4, 6)])
     for stage, p in zip(build(tiny_ckpt, [(0, 2), (2, 4), (4, 6)]), plans):
         assert stage.stats()["param_bytes"] == p.param_bytes
-        layers = {int(n.split(".")[2]) for n in stage.param_names() if n.startswith("model.layers.")}
+        layers = {
+            int(n.split(".")[2]) for n in stage.param_names() if n.startswith("model.layers.")
+        }
         assert layers == set(range(p.start, p.end))
         assert ("model.embed_tokens.weight" in stage.param_names()) == (p.index == 0)
         assert ("lm_head.weight" in stage.param_names()) == (p.index == 2)
@@ -46,17 +50,25 @@ def test_prefill_logits_match_transformers(tiny_ckpt):
 
 
 def test_bf16_tracks_fp32_at_least_as_closely_as_the_transformers_bf16_reference(tiny_ckpt):
-    """bf16 is not bit-compatible with HF's bf16 slow path (it adds the dt bias and reads the SSM state
-    in bf16; we keep dt, softplus and the state in fp32, as the mamba-ssm kernels do), so the check is
-    the distance of each to the fp32 reference."""
+    """bf16 is not bit-compatible with HF's bf16 slow path (it adds the dt bias and reads the SSM
+    state in bf16; we keep dt, softplus and the state in fp32, as the mamba-ssm kernels do), so the
+    check is the distance of each to the fp32 reference."""
     from transformers import JambaForCausalLM
 
     prompt = [1] + list(range(300, 330))
     with torch.no_grad():
         fp32 = hf_model(tiny_ckpt)(torch.tensor([prompt])).logits[0]
-        hf16 = JambaForCausalLM.from_pretrained(tiny_ckpt, dtype=torch.bfloat16).eval()(
-            torch.tensor([prompt])).logits[0].float()
-    ours = run(build(tiny_ckpt, [(0, 6)], slots=2, max_len=64, dtype="bfloat16"), prefill(1, prompt), prompt)
+        hf16 = (
+            JambaForCausalLM.from_pretrained(tiny_ckpt, dtype=torch.bfloat16)
+            .eval()(torch.tensor([prompt]))
+            .logits[0]
+            .float()
+        )
+    ours = run(
+        build(tiny_ckpt, [(0, 6)], slots=2, max_len=64, dtype="bfloat16"),
+        prefill(1, prompt),
+        prompt,
+    )
     ours_err, hf_err = (ours - fp32).abs(), (hf16 - fp32).abs()
     assert ours_err.max() <= hf_err.max() and ours_err.mean() <= hf_err.mean()
 
@@ -67,9 +79,14 @@ def test_merged_expert_format_loads_to_the_same_model(tiny_ckpt, tmp_path):
     merged = tmp_path / "merged"
     write_merged_copy(tiny_ckpt, merged)
     (a_stage,), (b_stage,) = build(tiny_ckpt, [(0, 6)]), build(str(merged), [(0, 6)])
-    a_params, b_params = dict(a_stage.model.named_parameters()), dict(b_stage.model.named_parameters())
+    a_params, b_params = (
+        dict(a_stage.model.named_parameters()),
+        dict(b_stage.model.named_parameters()),
+    )
     assert a_params.keys() == b_params.keys()
-    assert all(torch.equal(a_params[k], b_params[k]) for k in a_params)  # the same data, not two paths
+    assert all(
+        torch.equal(a_params[k], b_params[k]) for k in a_params
+    )  # the same data, not two paths
     prompt = PROMPTS[0]
     a = run([a_stage], prefill(1, prompt), prompt)
     b = run([b_stage], prefill(1, prompt), prompt)

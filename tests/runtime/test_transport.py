@@ -37,7 +37,9 @@ class Peer:
         self.link = PeerLink(self.rank, 2, address, "cpu", timeout_s=60)
 
     def send(self, rows: int, dtype: str):
-        return self.link.send(torch.arange(rows * 8, dtype=torch.float32).view(rows, 8).to(getattr(torch, dtype)))
+        return self.link.send(
+            torch.arange(rows * 8, dtype=torch.float32).view(rows, 8).to(getattr(torch, dtype))
+        )
 
     def recv(self, handoff):
         return self.link.recv(handoff).float().numpy()
@@ -66,15 +68,16 @@ def test_p2p_link_delivers_in_order_and_a_lost_message_fails_loudly(ray_session)
         ray.kill(b)
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL p2p between stages needs 2 NVIDIA GPUs")
+@pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason="NCCL p2p between stages needs 2 NVIDIA GPUs"
+)
 def test_nccl_link_between_two_gpu_stages(tiny_ckpt, ray_session):
     from jamba_ray.config import ModelSpec
-    from jamba_ray.runtime.pipeline import Pipeline, Placement
     from jamba_ray.config.planner import plan
-    from tests.test_pipeline import greedy
+    from tests.runtime.test_pipeline import greedy, pipeline
 
     plans = plan(ModelSpec.from_path(tiny_ckpt), 2)
-    pipe = Pipeline(tiny_ckpt, plans, slots=2, max_len=64, placement=Placement(num_cpus=STAGE_CPUS, num_gpus=1))
+    pipe = pipeline(tiny_ckpt, plans, 2, 64, num_gpus_per_stage=1)
     try:
         assert pipe.transport == "p2p"  # auto between GPU stages
         tokens, _ = greedy(pipe, [[1, 5, 9, 200]], 4)

@@ -7,7 +7,12 @@ from jamba_ray.runtime.wire import pack, unpack
 
 
 def test_round_trips_are_exact_for_every_dtype_we_send():
-    for t in (torch.randn(3, 5), torch.randn(2, 4).bfloat16(), torch.arange(7), torch.randn(4).half()):
+    for t in (
+        torch.randn(3, 5),
+        torch.randn(2, 4).bfloat16(),
+        torch.arange(7),
+        torch.randn(4).half(),
+    ):
         wire = pack(t)
         assert isinstance(wire, (np.ndarray, tuple))
         back = unpack(wire)

@@ -1,4 +1,4 @@
-"""One Serve instance per session: HTTP + gRPC proxies on loopback, the app on the tiny checkpoint."""
+"""One Serve instance per session: HTTP + gRPC proxies on loopback, the app on the tiny model."""
 
 from __future__ import annotations
 
@@ -40,20 +40,31 @@ class Served:
 
     def wait_idle(self, timeout: float = 60) -> dict:
         """Until no request runs or waits and every stage holds 0 slots."""
+
         def idle():
             s = self.stats()
-            ok = s["requests_running"] == 0 and s["requests_waiting"] == 0 and s["slots_in_use"] == 0
-            return s if ok and all(x["slots_in_use"] == 0 for x in s["stages"]) else None
+            ok = (
+                s["requests_running"] == 0 and s["requests_waiting"] == 0 and s["slots_in_use"] == 0
+            )
+            return s if ok else None
 
         return wait_for(idle, timeout, what="all slots free")
 
 
 def pipeline_for_tests(**overrides) -> PipelineFile:
-    base = PipelineFile.default().with_overrides(**{
-        "stages": 2, "resources.num_cpus": STAGE_CPUS, "serve.replica_cpus": 0.25,
-        "serve.served_model_name": MODEL, "max_num_seqs": 8, "serve.max_waiting": 24,
-        "max_batched_tokens": 64, "threads_per_stage": 1, "max_model_len": 512,
-    })
+    base = PipelineFile.default().with_overrides(
+        **{
+            "stages": 2,
+            "resources.num_cpus": STAGE_CPUS,
+            "serve.replica_cpus": 0.25,
+            "serve.served_model_name": MODEL,
+            "max_num_seqs": 8,
+            "serve.max_waiting": 24,
+            "max_batched_tokens": 64,
+            "threads_per_stage": 1,
+            "max_model_len": 512,
+        }
+    )
     return base.with_overrides(**overrides)
 
 
@@ -64,10 +75,16 @@ def served(tiny_ckpt, ray_session):
     from jamba_ray.serve.launch import start
 
     http_port, grpc_port = free_port(), free_port()
-    pipeline = pipeline_for_tests(**{"serve.port": http_port, "serve.grpc_port": grpc_port,
-                                     "serve.max_body_bytes": 64 * 1024, "serve.max_prompt_tokens": 300,
-                                     "serve.max_tokens_limit": 400})
-    start(pipeline, tiny_ckpt)
+    pipeline = pipeline_for_tests(
+        **{
+            "serve.port": http_port,
+            "serve.grpc_port": grpc_port,
+            "serve.max_body_bytes": 64 * 1024,
+            "serve.max_prompt_tokens": 300,
+            "serve.max_tokens_limit": 400,
+        }
+    )
+    start(pipeline.to_config(tiny_ckpt))
     s = Served(http_port, grpc_port)
     wait_for(lambda: requests.get(f"{s.base}/health", timeout=60).ok, 180, what="health")
     yield s

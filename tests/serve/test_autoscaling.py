@@ -23,12 +23,20 @@ def replicas() -> int:
 
 
 def test_load_adds_a_pipeline_and_idle_removes_it_without_failures(served, tiny_ckpt):
-    pipeline = pipeline_for_tests(**{
-        "stages": 1, "autoscaling.min_replicas": 1, "autoscaling.max_replicas": 2,
-        "autoscaling.target_ongoing_requests": 1, "autoscaling.upscale_delay_s": 0.5,
-        "autoscaling.downscale_delay_s": 4, "autoscaling.look_back_period_s": 11,
-    })
-    serve.run(deployment(pipeline, tiny_ckpt), name=APP, route_prefix=f"/{APP}", blocking=False)
+    pipeline = pipeline_for_tests(
+        **{
+            "stages": 1,
+            "autoscaling.min_replicas": 1,
+            "autoscaling.max_replicas": 2,
+            "autoscaling.target_ongoing_requests": 1,
+            "autoscaling.upscale_delay_s": 0.5,
+            "autoscaling.downscale_delay_s": 4,
+            "autoscaling.look_back_period_s": 11,
+        }
+    )
+    serve.run(
+        deployment(pipeline.to_config(tiny_ckpt)), name=APP, route_prefix=f"/{APP}", blocking=False
+    )
     url = f"{served.base}/{APP}/v1/completions"
     wait_for(lambda: replicas() == 1, 180, what="first replica")
     stop = threading.Event()
@@ -36,8 +44,16 @@ def test_load_adds_a_pipeline_and_idle_removes_it_without_failures(served, tiny_
 
     def load(max_tokens: int):
         while not stop.is_set():
-            r = requests.post(url, json={"model": MODEL, "prompt": "scale", "max_tokens": max_tokens,
-                                         "ignore_eos": True}, timeout=300)
+            r = requests.post(
+                url,
+                json={
+                    "model": MODEL,
+                    "prompt": "scale",
+                    "max_tokens": max_tokens,
+                    "ignore_eos": True,
+                },
+                timeout=300,
+            )
             statuses.append(r.status_code)
 
     try:

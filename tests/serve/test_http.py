@@ -28,12 +28,16 @@ def reference(tiny_ckpt, ray_session):
     llm = LLM(tiny_ckpt, num_stages=1, num_cpus_per_stage=STAGE_CPUS, max_num_seqs=4)
     try:
         outs = llm.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0))
-        chat_text = llm.tokenizer.apply_chat_template([{"role": "user", "content": "hi there"}],
-                                                      add_generation_prompt=True, tokenize=False)
+        chat_text = llm.tokenizer.apply_chat_template(
+            [{"role": "user", "content": "hi there"}], add_generation_prompt=True, tokenize=False
+        )
         chat_ids = llm.tokenizer(chat_text, add_special_tokens=False).input_ids
         chat = llm.generate([chat_ids], SamplingParams(max_tokens=12, temperature=0))[0]
-        return {"completions": [o.outputs[0].text for o in outs], "chat": chat.outputs[0].text,
-                "ids": [o.outputs[0].token_ids for o in outs]}
+        return {
+            "completions": [o.outputs[0].text for o in outs],
+            "chat": chat.outputs[0].text,
+            "ids": [o.outputs[0].token_ids for o in outs],
+        }
     finally:
         llm.shutdown()
 
@@ -54,55 +58,109 @@ def test_completion_matches_llm_generate(client, reference):
 def test_batch_of_prompts_and_token_ids(client, reference, served):
     r = client.completions.create(model=MODEL, prompt=PROMPTS, max_tokens=12, temperature=0)
     assert [c.text for c in sorted(r.choices, key=lambda c: c.index)] == reference["completions"]
-    tok_prompt = requests.post(f"{served.base}/v1/completions", json={
-        "model": MODEL, "prompt": [1, 261, 495], "max_tokens": 4, "temperature": 0}).json()
+    tok_prompt = requests.post(
+        f"{served.base}/v1/completions",
+        json={"model": MODEL, "prompt": [1, 261, 495], "max_tokens": 4, "temperature": 0},
+    ).json()
     assert tok_prompt["usage"]["prompt_tokens"] == 3
 
 
 def test_streaming_completion_matches_and_ends_with_done(client, reference, served):
-    stream = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=12, temperature=0,
-                                       stream=True, stream_options={"include_usage": True})
+    stream = client.completions.create(
+        model=MODEL,
+        prompt=PROMPTS[0],
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     assert text == reference["completions"][0]
     assert chunks[-1].usage.completion_tokens == 12
-    raw = requests.post(f"{served.base}/v1/completions", json={
-        "model": MODEL, "prompt": "hi", "max_tokens": 3, "stream": True}, stream=True)
+    raw = requests.post(
+        f"{served.base}/v1/completions",
+        json={"model": MODEL, "prompt": "hi", "max_tokens": 3, "stream": True},
+        stream=True,
+    )
     lines = [ln for ln in raw.iter_lines() if ln]
-    assert lines[-1] == b"data: [DONE]" and raw.headers["content-type"].startswith("text/event-stream")
+    assert lines[-1] == b"data: [DONE]" and raw.headers["content-type"].startswith(
+        "text/event-stream"
+    )
 
 
 def test_chat_uses_the_chat_template_streaming_and_not(client, reference):
     msgs = [{"role": "user", "content": "hi there"}]
     r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=12, temperature=0)
-    assert r.choices[0].message.content == reference["chat"] and r.choices[0].message.role == "assistant"
-    stream = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=12, temperature=0, stream=True)
-    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == reference["chat"]
+    assert (
+        r.choices[0].message.content == reference["chat"]
+        and r.choices[0].message.role == "assistant"
+    )
+    stream = client.chat.completions.create(
+        model=MODEL, messages=msgs, max_tokens=12, temperature=0, stream=True
+    )
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == reference["chat"]
+    )
 
 
 def test_n_seed_logprobs_echo_and_extra_sampling_fields(client, served):
-    r = client.completions.create(model=MODEL, prompt="hello", max_tokens=5, n=3, temperature=0.8, seed=7,
-                                  logprobs=2, extra_body={"top_k": 20, "min_p": 0.01, "repetition_penalty": 1.1,
-                                                          "min_tokens": 2, "ignore_eos": True})
-    again = client.completions.create(model=MODEL, prompt="hello", max_tokens=5, n=3, temperature=0.8, seed=7,
-                                      logprobs=2, extra_body={"top_k": 20, "min_p": 0.01,
-                                                              "repetition_penalty": 1.1, "min_tokens": 2,
-                                                              "ignore_eos": True})
+    r = client.completions.create(
+        model=MODEL,
+        prompt="hello",
+        max_tokens=5,
+        n=3,
+        temperature=0.8,
+        seed=7,
+        logprobs=2,
+        extra_body={
+            "top_k": 20,
+            "min_p": 0.01,
+            "repetition_penalty": 1.1,
+            "min_tokens": 2,
+            "ignore_eos": True,
+        },
+    )
+    again = client.completions.create(
+        model=MODEL,
+        prompt="hello",
+        max_tokens=5,
+        n=3,
+        temperature=0.8,
+        seed=7,
+        logprobs=2,
+        extra_body={
+            "top_k": 20,
+            "min_p": 0.01,
+            "repetition_penalty": 1.1,
+            "min_tokens": 2,
+            "ignore_eos": True,
+        },
+    )
     assert [c.text for c in r.choices] == [c.text for c in again.choices]
     assert len(r.choices) == 3 and all(len(c.logprobs.tokens) == 5 for c in r.choices)
-    echo = client.completions.create(model=MODEL, prompt="hello", max_tokens=2, temperature=0, echo=True,
-                                     logprobs=1)
+    echo = client.completions.create(
+        model=MODEL, prompt="hello", max_tokens=2, temperature=0, echo=True, logprobs=1
+    )
     assert echo.choices[0].text.startswith("hello")
     assert echo.choices[0].logprobs.token_logprobs[0] is None
-    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=3,
-                                          temperature=0, logprobs=True, top_logprobs=2)
+    chat = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "x"}],
+        max_tokens=3,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
     assert len(chat.choices[0].logprobs.content) == 3
     assert len(chat.choices[0].logprobs.content[0].top_logprobs) == 2
 
 
 def test_sixteen_concurrent_streaming_clients_all_complete(client, reference, served):
     def one(i):
-        s = client.completions.create(model=MODEL, prompt=PROMPTS[i % 4], max_tokens=12, temperature=0, stream=True)
+        s = client.completions.create(
+            model=MODEL, prompt=PROMPTS[i % 4], max_tokens=12, temperature=0, stream=True
+        )
         return "".join(c.choices[0].text for c in s if c.choices)
 
     with cf.ThreadPoolExecutor(16) as pool:
@@ -112,8 +170,18 @@ def test_sixteen_concurrent_streaming_clients_all_complete(client, reference, se
 
 
 def test_client_disconnect_mid_stream_aborts_and_frees_slots(served):
-    with requests.post(f"{served.base}/v1/completions", stream=True, timeout=60, json={
-            "model": MODEL, "prompt": "hello", "max_tokens": 400, "stream": True, "ignore_eos": True}) as r:
+    with requests.post(
+        f"{served.base}/v1/completions",
+        stream=True,
+        timeout=60,
+        json={
+            "model": MODEL,
+            "prompt": "hello",
+            "max_tokens": 400,
+            "stream": True,
+            "ignore_eos": True,
+        },
+    ) as r:
         seen = 0
         for line in r.iter_lines():
             seen += line.startswith(b"data: ")
@@ -149,12 +217,20 @@ def test_bad_input_gets_its_status_and_an_openai_error_body(served, body, status
 
 
 def test_malformed_json_and_oversized_bodies(served):
-    r = requests.post(f"{served.base}/v1/completions", data=b"{not json", timeout=30,
-                      headers={"content-type": "application/json"})
+    r = requests.post(
+        f"{served.base}/v1/completions",
+        data=b"{not json",
+        timeout=30,
+        headers={"content-type": "application/json"},
+    )
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
     big = json.dumps({"model": MODEL, "prompt": "a" * (200 * 1024)})
-    r = requests.post(f"{served.base}/v1/completions", data=big, timeout=30,
-                      headers={"content-type": "application/json"})
+    r = requests.post(
+        f"{served.base}/v1/completions",
+        data=big,
+        timeout=30,
+        headers={"content-type": "application/json"},
+    )
     assert r.status_code == 413 and "exceeds" in r.json()["error"]["message"]
     assert requests.get(f"{served.base}/health", timeout=60).ok
 
@@ -180,10 +256,16 @@ def test_health_probes_every_stage_and_metrics_are_prometheus(served, client):
     assert h["status"] == "ok" and h["stages"] == 2
     client.completions.create(model=MODEL, prompt="metrics", max_tokens=3)
     text = requests.get(f"{served.base}/metrics", timeout=30).text
-    for name in ("jamba_ray_requests_running", "jamba_ray_requests_waiting", 'jamba_ray_slots_in_use{stage="1"}',
-                 "jamba_ray_time_to_first_token_seconds_bucket", "jamba_ray_time_per_output_token_seconds_count",
-                 "jamba_ray_generated_tokens_total", 'jamba_ray_stage_p2p_sends_total{stage="0"} 0',
-                 'jamba_ray_stage_decode_graph_steps_total{stage="1"} 0'):  # object store, no graphs by default
+    for name in (
+        "jamba_ray_requests_running",
+        "jamba_ray_requests_waiting",
+        "jamba_ray_slots_in_use",
+        "jamba_ray_time_to_first_token_seconds_bucket",
+        "jamba_ray_time_per_output_token_seconds_count",
+        "jamba_ray_generated_tokens_total",
+        'jamba_ray_stage_p2p_sends_total{stage="0"} 0',
+        'jamba_ray_stage_decode_graph_steps_total{stage="1"} 0',
+    ):  # object store, no graphs by default
         assert name in text
     assert "# TYPE jamba_ray_time_to_first_token_seconds histogram" in text
     busy = re.search(r'jamba_ray_stage_busy_seconds_total\{.*stage="0"\} ([0-9.e-]+)', text)

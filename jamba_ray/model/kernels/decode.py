@@ -16,10 +16,27 @@ from .common import flat, fp32_state, same_device
 
 @triton.jit
 def _conv_update_kernel(
-    x_ptr, state_ptr, w_ptr, bias_ptr, slots_ptr, out_ptr, DI,
-    sx_b, sx_d, ss_s, ss_d, ss_k, sw_d, sw_k, so_b, so_d,
-    K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DI: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+    x_ptr,
+    state_ptr,
+    w_ptr,
+    bias_ptr,
+    slots_ptr,
+    out_ptr,
+    DI,
+    sx_b,
+    sx_d,
+    ss_s,
+    ss_d,
+    ss_k,
+    sw_d,
+    sw_k,
+    so_b,
+    so_d,
+    K: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_DI: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SILU: tl.constexpr,
 ):
     row = tl.program_id(0)
     d = tl.program_id(1) * BLOCK_DI + tl.arange(0, BLOCK_DI)  # [BLOCK_DI]
@@ -29,12 +46,16 @@ def _conv_update_kernel(
     slot = tl.load(slots_ptr + row).to(tl.int64)
     state = state_ptr + slot * ss_s + d[:, None] * ss_d  # [BLOCK_DI, 1] pointers
     # Shifted window: position k takes the old k+1; the last position takes the new input.
-    old = tl.load(state + (k[None, :] + 1) * ss_k, mask=dmask[:, None] & (k[None, :] < K - 1),
-                  other=0.0)  # [BLOCK_DI, BLOCK_K]
+    old = tl.load(
+        state + (k[None, :] + 1) * ss_k, mask=dmask[:, None] & (k[None, :] < K - 1), other=0.0
+    )  # [BLOCK_DI, BLOCK_K]
     x = tl.load(x_ptr + row * sx_b + d * sx_d, mask=dmask, other=0.0)  # [BLOCK_DI]
     window = tl.where(k[None, :] == K - 1, x[:, None].to(old.dtype), old)
-    w = tl.load(w_ptr + d[:, None] * sw_d + k[None, :] * sw_k, mask=dmask[:, None] & kmask[None, :],
-                other=0.0)
+    w = tl.load(
+        w_ptr + d[:, None] * sw_d + k[None, :] * sw_k,
+        mask=dmask[:, None] & kmask[None, :],
+        other=0.0,
+    )
     acc = tl.sum(window.to(tl.float32) * w.to(tl.float32), axis=1)  # [BLOCK_DI] fp32
     if HAS_BIAS:
         acc += tl.load(bias_ptr + d, mask=dmask, other=0.0).to(tl.float32)
@@ -47,10 +68,39 @@ def _conv_update_kernel(
 
 @triton.jit
 def _ssm_update_kernel(
-    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, ssm_ptr, slots_ptr, D_ptr, z_ptr, y_ptr, DI, N,
-    su_b, su_d, sdt_b, sdt_d, sA_d, sA_n, sB_b, sB_n, sC_b, sC_n,
-    ss_s, ss_d, ss_n, sz_b, sz_d, sy_b, sy_d,
-    BLOCK_DI: tl.constexpr, BLOCK_N: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+    u_ptr,
+    dt_ptr,
+    A_ptr,
+    B_ptr,
+    C_ptr,
+    ssm_ptr,
+    slots_ptr,
+    D_ptr,
+    z_ptr,
+    y_ptr,
+    DI,
+    N,
+    su_b,
+    su_d,
+    sdt_b,
+    sdt_d,
+    sA_d,
+    sA_n,
+    sB_b,
+    sB_n,
+    sC_b,
+    sC_n,
+    ss_s,
+    ss_d,
+    ss_n,
+    sz_b,
+    sz_d,
+    sy_b,
+    sy_d,
+    BLOCK_DI: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr,
 ):
     row = tl.program_id(0)
     d = tl.program_id(1) * BLOCK_DI + tl.arange(0, BLOCK_DI)  # [BLOCK_DI]
@@ -93,10 +143,22 @@ def conv_update(x, conv_state, weight, bias, slots, silu: bool = False, block_di
         return out
     blk = _block(di, block_di)
     _conv_update_kernel[(b, triton.cdiv(di, blk))](
-        x, conv_state, w, bias if bias is not None else w, slots, out, di,
-        *x.stride(), *conv_state.stride(), *w.stride(), *out.stride(),
-        K=k, BLOCK_K=triton.next_power_of_2(k), BLOCK_DI=blk,
-        HAS_BIAS=bias is not None, SILU=silu,
+        x,
+        conv_state,
+        w,
+        bias if bias is not None else w,
+        slots,
+        out,
+        di,
+        *x.stride(),
+        *conv_state.stride(),
+        *w.stride(),
+        *out.stride(),
+        K=k,
+        BLOCK_K=triton.next_power_of_2(k),
+        BLOCK_DI=blk,
+        HAS_BIAS=bias is not None,
+        SILU=silu,
     )
     return out
 
@@ -114,9 +176,29 @@ def ssm_update(u, dt, A, B, C, ssm, slots, D=None, z=None, block_di=None):
     blk = _block(di, block_di)
     zs = z.stride() if z is not None else (0, 0)
     _ssm_update_kernel[(b, triton.cdiv(di, blk))](
-        u, dt, A, B, C, ssm, slots, D if D is not None else u, z if z is not None else u, y, di, n,
-        *u.stride(), *dt.stride(), *A.stride(), *B.stride(), *C.stride(),
-        *ssm.stride(), *zs, *y.stride(),
-        BLOCK_DI=blk, BLOCK_N=triton.next_power_of_2(n), HAS_D=D is not None, HAS_Z=z is not None,
+        u,
+        dt,
+        A,
+        B,
+        C,
+        ssm,
+        slots,
+        D if D is not None else u,
+        z if z is not None else u,
+        y,
+        di,
+        n,
+        *u.stride(),
+        *dt.stride(),
+        *A.stride(),
+        *B.stride(),
+        *C.stride(),
+        *ssm.stride(),
+        *zs,
+        *y.stride(),
+        BLOCK_DI=blk,
+        BLOCK_N=triton.next_power_of_2(n),
+        HAS_D=D is not None,
+        HAS_Z=z is not None,
     )
     return y

@@ -1,4 +1,5 @@
-"""Plain torch versions of the Mamba kernels: the specification each Triton kernel is tested against.
+"""Plain torch versions of the Mamba kernels: the specification each Triton kernel is tested
+against.
 
 Same arithmetic as `mamba.py`'s torch path, except that every product and sum is taken in fp32 and
 the result rounded once to the output dtype (the kernels do the same; `mamba.py`'s conv works in
@@ -31,7 +32,8 @@ def conv_update_ref(x, conv_state, weight, bias, slots, silu: bool = False) -> t
 
 
 def _gate(y, u, D, z):
-    """y [.., DI] fp32: add the D skip and apply the SiLU gate, as `mamba_mix` does after the SSM."""
+    """y [.., DI] fp32: add the D skip and apply the SiLU gate, as `mamba_mix` does after the
+    SSM."""
     if D is not None:
         y = y + u * D.float()
     if z is not None:
@@ -40,7 +42,8 @@ def _gate(y, u, D, z):
 
 
 def _step(state, u, dt, A, B, C):
-    """One recurrence step for rows: state [R, DI, N], u/dt [R, DI], B/C [R, N] -> (state, y [R, DI])."""
+    """One recurrence step for rows: state [R, DI, N], u/dt [R, DI], B/C [R, N] ->
+    (state, y [R, DI])."""
     dA = torch.exp(dt[:, :, None] * A)  # [R, DI, N]
     dBu = dt[:, :, None] * B[:, None, :] * u[:, :, None]
     state = state * dA + dBu
@@ -57,7 +60,8 @@ def ssm_update_ref(u, dt, A, B, C, ssm, slots, D=None, z=None) -> torch.Tensor:
 
 
 def scan_ref(u, dt, A, B, C, ssm, cu_seqlens, slots, D=None, z=None, emit=None):
-    """Reference for `scan.varlen_scan`: same signature, return value and in-place effect on `ssm`."""
+    """Reference for `scan.varlen_scan`: same signature, return value and in-place effect on
+    `ssm`."""
     T, DI = u.shape
     rows = emit_rows(cu_seqlens, emit if emit is not None else []).tolist()
     emitted = torch.empty(len(rows), DI, A.shape[-1], dtype=torch.float32, device=u.device)

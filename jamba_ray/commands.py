@@ -1,0 +1,174 @@
+"""What each `jamba-ray` subcommand does; `cli.py` parses the arguments and calls these."""
+
+from __future__ import annotations
+
+import json
+
+from .errors import ConfigError
+
+
+def init_tiny(a) -> int:
+    from .tiny import TinySpec, init_tiny
+
+    out = init_tiny(a.dir, TinySpec(a.preset, a.seed, a.max_shard_size, a.classifier))
+    print(f"wrote a {a.preset} Jamba checkpoint to {out}")
+    return 0
+
+
+def plan(a) -> int:
+    from .config.planner import format_plan, plan
+    from .config.spec import ModelSpec
+
+    if a.config:
+        return plan_config(a.config)
+    if not a.model:
+        raise ConfigError("give --model DIR_OR_CONFIG or --config pipelines/X.yaml")
+    spec = ModelSpec.from_path(a.model)
+    slices = json.loads(a.slices) if a.slices else None
+    stages = plan(spec, a.stages, slices, a.dtype, a.balance)
+    print(format_plan(spec, stages))
+    return 0
+
+
+def plan_config(path: str) -> int:
+    """Partition + memory fit of a pipeline file; non-zero exit when a stage does not fit."""
+    from .config.fit import fit_check, format_fit, require_fit
+    from .config.pipeline_file import PipelineFile
+    from .config.planner import format_plan, plan
+    from .config.spec import ModelSpec
+
+    pf = PipelineFile.load(path)
+    spec = ModelSpec.from_path(pf.model_spec_source())
+    cfg = pf.to_config().engine
+    place, dtype = cfg.placement, cfg.model.dtype
+    slices = [tuple(s) for s in place.stage_slices] if place.stage_slices else None
+    plans = plan(spec, place.num_stages, slices, dtype, place.balance)
+    int8 = f", int8 weights (Mamba in {dtype})" if cfg.model.quantization else ""
+    print(f"pipeline {pf.name}: {pf.model or 'tiny default'}, {dtype}{int8}, {len(plans)} stages\n")
+    print(format_plan(spec, plans), end="\n\n")
+    fits = fit_check(spec, cfg, plans)
+    print(format_fit(fits))
+    require_fit(fits)
+    return 0
+
+
+def generate(a) -> int:
+    from .engine.llm import LLM
+    from .engine.sampling_params import SamplingParams
+
+    llm = LLM(
+        a.model,
+        num_stages=a.stages,
+        num_cpus_per_stage=a.cpus_per_stage,
+        dtype=a.dtype,
+        transport=a.transport,
+        decode_graphs=a.decode_graphs,
+    )
+    try:
+        params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, seed=a.seed)
+        for out in llm.generate(a.prompt, params):
+            c = out.outputs[0]
+            print(
+                json.dumps(
+                    {
+                        "prompt": out.prompt,
+                        "text": c.text,
+                        "token_ids": c.token_ids,
+                        "finish_reason": c.finish_reason,
+                    }
+                )
+            )
+    finally:
+        llm.shutdown()
+    return 0
+
+
+def pipeline_file(a):
+    from .config.pipeline_file import PipelineFile
+
+    base = PipelineFile.load(a.config) if a.config else PipelineFile.default()
+    return base.with_overrides(
+        **{
+            "stages": a.stages,
+            "transport": a.transport,
+            "decode_graphs": a.decode_graphs or None,
+            "serve.host": a.host,
+            "serve.port": a.port,
+            "serve.grpc_port": a.grpc_port,
+            "autoscaling.min_replicas": a.min_replicas,
+            "autoscaling.max_replicas": a.max_replicas,
+            "autoscaling.target_ongoing_requests": a.target_ongoing_requests,
+            "serve.served_model_name": a.served_model_name,
+            "serve.api_key_env": "JAMBA_RAY_API_KEY" if a.api_key else None,
+        }
+    )
+
+
+def serve(a) -> int:
+    import os
+
+    from .runtime.pipeline import ensure_ray
+    from .serve.launch import start
+
+    if a.api_key:
+        os.environ["JAMBA_RAY_API_KEY"] = a.api_key
+    pipeline = pipeline_file(a)
+    if a.no_grpc:
+        pipeline = pipeline.model_copy(
+            update={"serve": pipeline.serve.model_copy(update={"grpc_port": None})}
+        )
+    ensure_ray(a.address)
+    start(pipeline.to_config(a.model))
+    opts = pipeline.serve
+    print(
+        f"jamba-ray: serving on http://{opts.host}:{opts.port}/v1"
+        + (f" and gRPC {opts.host}:{opts.grpc_port}" if opts.grpc_port else "")
+        + " (Ctrl-C stops)",
+        flush=True,
+    )
+    import time
+
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        from ray import serve
+
+        serve.shutdown()
+    return 0
+
+
+def serve_config(a) -> int:
+    import yaml
+
+    from .config.pipeline_file import PipelineFile
+    from .serve.launch import serve_config
+
+    print(yaml.safe_dump(serve_config(a.config, PipelineFile.load(a.config)), sort_keys=False))
+    return 0
+
+
+def score(a) -> int:
+    from .batch import ScoreConfig, run_job
+    from .runtime.pipeline import ensure_ray
+
+    sampling = {"max_tokens": a.max_tokens, "temperature": a.temperature}
+    if a.seed is not None:
+        sampling["seed"] = a.seed
+    cfg = ScoreConfig(
+        model=a.model,
+        task=a.task,
+        text_column=a.text_column,
+        id_column=a.id_column,
+        num_stages=a.stages,
+        num_cpus_per_stage=a.cpus_per_stage,
+        too_long=a.too_long,
+        token_logprobs=a.token_logprobs,
+        max_model_len=a.max_model_len,
+        max_batched_tokens=a.max_batched_tokens,
+        sampling=sampling,
+    )
+    ensure_ray(a.address)
+    summary = run_job(a.input, a.output, cfg, pipelines=a.pipelines, batch_size=a.batch_size)
+    print(f"jamba-ray score: {summary.line()}; output in {a.output}")
+    return 0

@@ -1,0 +1,106 @@
+"""OpenAI request fields -> engine terms (SamplingParams, prompts, limits), and stream helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from ..engine.sampling_params import SamplingParams
+from ..errors import InvalidRequestError
+from .protocol import CompletionRequest
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_prompt_tokens: int | None = None
+    max_tokens_limit: int | None = None
+
+
+def sampling_params(
+    req, max_tokens: int | None, logprobs: int | None, prompt_logprobs=None
+) -> SamplingParams:
+    if req.logit_bias:
+        raise InvalidRequestError("logit_bias is not supported")
+    return SamplingParams(
+        n=req.n,
+        max_tokens=max_tokens,
+        temperature=req.temperature,
+        top_p=req.top_p,
+        top_k=req.top_k,
+        min_p=req.min_p,
+        seed=req.seed,
+        stop=req.stop,
+        stop_token_ids=req.stop_token_ids,
+        min_tokens=req.min_tokens,
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+        repetition_penalty=req.repetition_penalty,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
+        ignore_eos=req.ignore_eos,
+        skip_special_tokens=req.skip_special_tokens,
+    )
+
+
+def completion_prompts(req: CompletionRequest) -> list[str | list[int]]:
+    p = req.prompt
+    if isinstance(p, str):
+        return [p]
+    if not p:
+        raise InvalidRequestError("prompt must not be empty")
+    if all(isinstance(x, int) for x in p):
+        return [list(p)]
+    return list(p)
+
+
+def check_limits(limits: Limits, prompt_len: int, max_tokens: int | None) -> None:
+    if limits.max_prompt_tokens and prompt_len > limits.max_prompt_tokens:
+        raise InvalidRequestError(
+            f"prompt has {prompt_len} tokens, more than this server's limit of "
+            f"{limits.max_prompt_tokens}"
+        )
+    if limits.max_tokens_limit and max_tokens and max_tokens > limits.max_tokens_limit:
+        raise InvalidRequestError(
+            f"max_tokens={max_tokens} exceeds this server's limit of {limits.max_tokens_limit}"
+        )
+
+
+async def merge_streams(streams: list) -> AsyncIterator[tuple[int, object]]:
+    """Interleave several request streams: yields (prompt index, RequestOutput)."""
+    if len(streams) == 1:
+        async for out in streams[0]:
+            yield 0, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i, s):
+        try:
+            async for out in s:
+                await queue.put((i, out))
+        except BaseException as e:  # surfaced to the consumer below
+            await queue.put((i, e))
+        finally:
+            await queue.put((i, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    done = 0
+    try:
+        while done < len(streams):
+            i, item = await queue.get()
+            if item is None:
+                done += 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        for s in streams:
+            await s.aclose()
+
+
+def sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
