@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -11,6 +13,9 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # once, when it is first imported (torch and transformers may import it), so it is set first.
 if not os.path.exists("/dev/nvidia0"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The tiny default model goes to $JAMBA_RAY_CACHE (else ~/.cache/jamba-ray): a private one per run,
+# set before anything (Ray workers included) starts, so the suite writes nothing under ~/.cache.
+os.environ["JAMBA_RAY_CACHE"] = tempfile.mkdtemp(prefix="jamba-ray-test-cache-")
 
 import pytest
 
@@ -26,6 +31,12 @@ LAYOUT_B = (
 )
 
 STAGE_CPUS = 0.25  # fractional CPUs so many stage actors fit the 2-core machine
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache():
+    yield
+    shutil.rmtree(os.environ.pop("JAMBA_RAY_CACHE"), ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -84,6 +95,29 @@ def hf_greedy(path: str, prompt: list[int], steps: int):
     return out.sequences[0, len(prompt) :].tolist(), torch.cat(out.logits).float()
 
 
+TIE_MARGIN = 1e-4  # fp32 paths that differ in summation order agree to ~1e-6; closer calls are ties
+
+
+def steps_before_tie(top2) -> int:
+    """How many leading steps are clear calls: top2 [steps, 2] = the two best logits (or logprobs,
+    whose gaps are the same) of each step; counting stops at the first gap under TIE_MARGIN."""
+    gaps = [float(a - b) for a, b in top2]
+    return next((i for i, g in enumerate(gaps) if g < TIE_MARGIN), len(gaps))
+
+
+def hf_clear_greedy(path: str, prompt: list[int], steps: int) -> list[int]:
+    """HF's greedy tokens up to its first near-tie: what every correct compute path produces."""
+    ref, logits = hf_greedy(path, prompt, steps)
+    return ref[: steps_before_tie(logits.topk(2, dim=-1).values)]
+
+
+def assert_greedy_like_hf(path: str, prompt: list[int], tokens: list[int]) -> None:
+    """Our greedy tokens equal HF's, position by position, up to the first step where HF's top two
+    logits are within TIE_MARGIN: past a near-tie either choice is right, and the paths diverge."""
+    clear = hf_clear_greedy(path, prompt, len(tokens))
+    assert tokens[: len(clear)] == clear, f"{tokens} vs HF {clear} (clear calls only)"
+
+
 PROMPTS = [
     [1, 5, 9, 200, 3, 77, 12],
     [1, 44, 8],
@@ -103,3 +137,35 @@ def stage_logits(stages, msg, tokens):
     for s in stages:
         x = s.forward(msg, x)
     return torch.from_numpy(x.logits)
+
+
+BLOCK = 16  # KV block size the direct-stage tests use
+
+
+def table(slot: int, end: int, max_len: int) -> tuple[int, ...]:
+    """In tests that drive stages directly, each slot owns a fixed run of KV blocks."""
+    per = -(-max_len // BLOCK)
+    return tuple(range(slot * per, slot * per + -(-end // BLOCK)))
+
+
+def seg(seq_id: int, slot: int, start: int, length: int, logits="last", max_len: int = 128):
+    """A segment carrying its whole block table (as a new or resumed sequence's first does)."""
+    from jamba_ray.engine.messages import Segment
+
+    return Segment(seq_id, slot, start, length, logits, blocks=table(slot, start + length, max_len))
+
+
+def stage_spec(
+    path: str,
+    index: int,
+    start: int,
+    end: int,
+    num_stages: int,
+    slots: int = 4,
+    max_len: int = 128,
+    **kw,
+):
+    from jamba_ray.runtime.stage import StageSpec
+
+    blocks = slots * -(-max_len // BLOCK) + 1
+    return StageSpec(path, index, start, end, num_stages, slots, max_len, blocks, BLOCK, **kw)

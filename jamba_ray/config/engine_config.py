@@ -41,11 +41,17 @@ class ModelConfig:
 
 @dataclass(frozen=True, slots=True)
 class StateConfig:
-    state_memory_gib: float = 4.0  # per stage, for the Mamba state + KV of all slots
+    state_memory_gib: float = 4.0  # per stage: Mamba slots and checkpoints, then KV blocks
+    block_size: int = 16  # tokens per KV block
+    enable_prefix_caching: bool = True  # vLLM's name: reuse KV blocks and Mamba checkpoints
+    checkpoint_every: int = 512  # tokens between Mamba checkpoints inside a long prompt
+    num_checkpoints: int | None = None  # None: one per state slot
+    num_kv_blocks: int | None = None  # None: what the budget holds (vLLM's num_gpu_blocks_override)
 
     def __post_init__(self) -> None:
         if self.state_memory_gib <= 0:
             raise ConfigError(f"state_memory_gib must be positive, got {self.state_memory_gib}")
+        _positive(self, "block_size", "checkpoint_every")
 
 
 @dataclass(frozen=True, slots=True)

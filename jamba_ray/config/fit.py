@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import ConfigError
-from .capacity import derive_capacity
+from .capacity import derive_capacity, pool_bytes
 from .engine_config import EngineConfig
 from .planner import StagePlan, embed_params, ffn_params, head_params, human_bytes, mixer_params
 from .spec import ModelSpec, dtype_bytes
@@ -78,7 +78,7 @@ def fit_check(spec: ModelSpec, cfg: EngineConfig, plans: list[StagePlan]) -> lis
     fits = []
     for p in plans:
         last = p.index == len(plans) - 1
-        pool = cap.max_num_seqs * (p.mamba_state_bytes + p.kv_bytes_per_token * cap.max_model_len)
+        pool = pool_bytes(cap, p)
         act = activation_bytes(spec, cfg.scheduler.max_batched_tokens, model.dtype, last)
         act = max(act, int(place.activation_memory_gib * GiB))
         weights = stage_weight_bytes(spec, p, model.dtype, model.quantization, last)

@@ -21,6 +21,7 @@ from ..config.planner import plan
 from ..config.spec import ModelSpec
 from ..errors import CapacityError, InvalidRequestError, StageFailedError
 from ..model.checkpoint import resolve
+from .kv_cache import KVCache
 from .messages import Segment, StepFailure, StepResult
 from .output_processor import OutputProcessor, Sink
 from .pipeline_api import Pipeline
@@ -56,7 +57,9 @@ class EngineCore:
             self.capacity,
             self.spec.eos_token_id,
         )
-        self.scheduler = Scheduler(config.scheduler, self.capacity.max_num_seqs, len(self.plans))
+        cap, st = self.capacity, config.state
+        self.kv = KVCache(cap.num_blocks, cap.block_size, cap.num_checkpoints, st.checkpoint_every)
+        self.scheduler = Scheduler(config.scheduler, cap.max_num_seqs, self.kv, len(self.plans))
         self.outputs = OutputProcessor(
             self.tokenizer, self.spec.eos_token_id, self.capacity.max_model_len
         )
@@ -160,11 +163,19 @@ class EngineCore:
         After a failure nothing new goes out until every micro-batch in flight has landed."""
         while not self.recovery.pending and len(self.in_flight) < self.pipeline.num_stages:
             mb = self.scheduler.schedule(in_flight=len(self.in_flight) + 1)
+            self._restart_preempted()
             if mb is None:
                 break
             mb.handle = self.pipeline.submit(mb.message, mb.token_ids)
             self.in_flight.append(mb)
         return self.in_flight.popleft() if self.in_flight else None
+
+    def _restart_preempted(self) -> None:
+        """A preempted first sample recomputes its prompt, and with it its prompt logprobs."""
+        for seq in self.scheduler.preempted:
+            if seq.index == 0:
+                self.outputs.restart_prompt_logprobs(seq.request_id)
+        self.scheduler.preempted = []
 
     def postprocess(self, mb: MicroBatch, result: StepResult | StepFailure) -> None:
         """Fold a landed micro-batch into its sequences and requests."""
@@ -218,12 +229,21 @@ class EngineCore:
     # ---- introspection -----------------------------------------------------------------------
     def stats_local(self) -> dict:
         """Engine-side numbers only (no stage round trip)."""
-        slots = self.scheduler.slots
+        slots, blocks, prefix = self.scheduler.slots, self.kv.blocks, self.kv.prefix
         return {
             "requests_running": len({s.request_id for s in self.scheduler.running}),
             "requests_waiting": self.scheduler.num_waiting,
             "slots_in_use": slots.num_used,
             "slots_total": slots.num_slots,
+            "kv_blocks_in_use": blocks.num_used,
+            "kv_blocks_total": blocks.num_blocks,
+            "kv_blocks_cached": blocks.num_cached,
+            "block_size": blocks.block_size,
+            "prefix_checkpoints": prefix.num_checkpoints if prefix else 0,
+            "kv_blocks_held_by_checkpoints": prefix.num_held_blocks if prefix else 0,
+            "prefix_cache_queries": prefix.queries if prefix else 0,
+            "prefix_cache_hits": prefix.hits if prefix else 0,
+            "preemptions": self.scheduler.num_preemptions,
             "in_flight_micro_batches": len(self.in_flight),
             **self.outputs.counters,
             **self.counters,

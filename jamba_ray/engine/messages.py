@@ -21,7 +21,8 @@ class Segment:
     `start == 0` means the slot's state is fresh (a new prefill); otherwise the slot already holds
     the state after `start` tokens. `logits` says which rows the last stage turns into logits, and
     `samples` which sequences draw their next token from the segment's last row (the sequence
-    itself, and its forks when a prompt with n > 1 finishes).
+    itself, and its forks when a prompt with n > 1 finishes). Stages keep each sequence's KV block
+    table; a segment carries only the entries they do not have yet.
     """
 
     seq_id: int
@@ -30,6 +31,9 @@ class Segment:
     length: int
     logits: LogitsMode = "last"
     samples: tuple[int, ...] = ()
+    blocks: tuple[int, ...] = ()  # KV block table entries from `table_start` on (a delta)
+    table_start: int = 0  # 0: `blocks` is the whole table (a new, resumed or replayed sequence)
+    restore: int | None = None  # checkpoint restored into the slot first (a prefix-cache hit)
 
     @property
     def end(self) -> int:
@@ -47,11 +51,10 @@ class Segment:
 
 @dataclass(frozen=True, slots=True)
 class Fork:
-    """Copy the state of `src` after `length` tokens into each slot of `dsts` (n > 1)."""
+    """Copy the Mamba state of slot `src` into each slot of `dsts` (n > 1; KV blocks are shared)."""
 
     src: int
     dsts: tuple[int, ...]
-    length: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,13 +72,16 @@ class SeqInfo:
 
 @dataclass(frozen=True, slots=True)
 class StepMessage:
-    """One micro-batch: tokens are packed in segment order. Forks apply before the segments run."""
+    """One micro-batch: tokens are packed in segment order. The state operations apply first, in
+    this order: forgotten sequences, block copies, forks, checkpoint saves; then the segments."""
 
     step_id: int
     segments: tuple[Segment, ...]
     forks: tuple[Fork, ...] = ()
+    copies: tuple[tuple[int, int], ...] = ()  # KV blocks (src, dst): copy-on-write tails
+    saves: tuple[tuple[int, int], ...] = ()  # (slot, checkpoint): Mamba state kept for reuse
     admitted: tuple[SeqInfo, ...] = ()
-    finished: tuple[int, ...] = ()  # sequence ids the last stage forgets
+    finished: tuple[int, ...] = ()  # sequence ids the stages forget (block tables, sampling state)
     in_flight: int = 1  # micro-batches in flight with this one: stages share cores between them
     return_logits: bool = False  # raw [rows, vocab] logits back too (parity checks, benchmarks)
 

@@ -13,7 +13,6 @@ from .messages import StepFailure, StepMessage, StepResult
 
 class Pipeline(Protocol):
     num_stages: int
-    probe_slot: int  # a slot the scheduler never hands out, for health probes
 
     def submit(self, msg: StepMessage, token_ids: list[int]) -> object:
         """Queue one micro-batch through every stage; returns a handle on its result."""

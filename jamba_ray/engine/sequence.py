@@ -30,6 +30,11 @@ class Sequence:
     forks: list[Sequence] = field(default_factory=list)  # samples 1..n-1, waiting for this prefill
     registered: bool = False  # the last stage holds its SeqInfo (sent again after a replay)
     suspect: bool = False  # was in a micro-batch that failed to compute: runs alone until it lands
+    blocks: list[int] = field(default_factory=list)  # KV block table
+    hashes: list[int] = field(default_factory=list)  # chained hashes of its committed full blocks
+    blocks_sent: int = 0  # table entries the stages already hold
+    num_cached: int = 0  # prompt tokens resumed from the prefix cache
+    restore: int | None = None  # checkpoint to restore into the slot before its next segment
 
     @property
     def length(self) -> int:

@@ -1,4 +1,10 @@
-"""Jamba attention (no rotary embedding) over a packed batch, with KV kept in per-slot storage."""
+"""Jamba attention (no rotary embedding) over a packed batch, with KV in paged blocks.
+
+A block table maps a sequence's positions to blocks of `block_size` tokens: position p lives in
+block `table[p // block_size]` at offset `p % block_size`. Decode reads each row's own blocks up to
+its own length (`decode_ref`, the torch reference: no padding to the batch's longest row); the
+fixed-shape decode step (CUDA graphs) reads padded tables masked by position (`decode_padded`).
+"""
 
 from __future__ import annotations
 
@@ -9,51 +15,87 @@ from .layout import Layout
 
 
 def attend(attn, x: torch.Tensor, lay: Layout, k_pool: torch.Tensor, v_pool: torch.Tensor):
-    """x [T, H] -> [T, H]; k_pool/v_pool [S, kv_heads, max_len, hd] are this layer's slots."""
+    """x [T, H] -> [T, H]; k_pool/v_pool [blocks, kv_heads, block_size, hd] are this layer's."""
     t, hd = x.shape[0], attn.head_dim
     q = attn.q_proj(x).view(t, -1, hd)  # [T, nh, hd]
     k = attn.k_proj(x).view(t, -1, hd)  # [T, kvh, hd]
     v = attn.v_proj(x).view(t, -1, hd)
     out = torch.empty_like(q)
     if lay.num_decode:
-        out[lay.decode_rows] = _decode(attn, q, k, v, lay, k_pool, v_pool)
+        rows = lay.decode_rows
+        block, off = _decode_targets(lay)
+        k_pool[block, :, off] = k[rows]
+        v_pool[block, :, off] = v[rows]
+        decode = decode_padded if lay.decode_table is not None else decode_ref
+        out[rows] = decode(attn, q[rows], lay, k_pool, v_pool)
     for c in lay.chunks:
-        out[c.row : c.row + c.n] = _chunk(attn, q, k, v, c, k_pool, v_pool)
+        out[c.row : c.row + c.n] = _chunk(attn, q, k, v, c, lay.block_size, k_pool, v_pool)
     return attn.o_proj(out.reshape(t, -1))
 
 
-def _decode(attn, q, k, v, lay, k_pool, v_pool):
-    rows, slots, pos = lay.decode_rows, lay.decode_slots, lay.decode_pos
-    k_pool[slots, :, pos] = k[rows]
-    v_pool[slots, :, pos] = v[rows]
-    keys, values = lay.decode_kv(k_pool), lay.decode_kv(v_pool)  # [D, kvh, L, hd]
-    mask = torch.arange(lay.kv_len, device=pos.device)[None, :] <= pos[:, None]  # [D, L]
+def _decode_targets(lay: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """The block and offset each decode row writes its new K/V to."""
+    if lay.decode_table is None:
+        return lay.decode_wblock, lay.decode_woff
+    pos = lay.decode_pos  # fixed shapes: computed inside the step, from the buffers
+    block = lay.decode_table.gather(1, (pos // lay.block_size)[:, None])[:, 0]
+    return block, pos % lay.block_size
+
+
+def gather(pool: torch.Tensor, blocks: torch.Tensor, n: int) -> torch.Tensor:
+    """The first n positions held by `blocks` [NB]: [kvh, n, hd]."""
+    kv = pool[blocks]  # [NB, kvh, bs, hd]
+    return kv.transpose(0, 1).reshape(kv.shape[1], -1, kv.shape[3])[:, :n]
+
+
+def decode_ref(attn, q: torch.Tensor, lay: Layout, k_pool, v_pool) -> torch.Tensor:
+    """q [D, nh, hd] -> [D, nh, hd]: each row over its own positions [0, pos]."""
+    out = torch.empty_like(q)
+    for i, (blocks, p) in enumerate(zip(lay.decode_blocks, lay.decode_pos.tolist())):
+        keys, values = gather(k_pool, blocks, p + 1), gather(v_pool, blocks, p + 1)
+        o = F.scaled_dot_product_attention(
+            q[i][None, :, None], keys[None], values[None], scale=attn.scaling, enable_gqa=True
+        )  # [1, nh, 1, hd]
+        out[i] = o[0, :, 0]
+    return out
+
+
+def decode_padded(attn, q: torch.Tensor, lay: Layout, k_pool, v_pool) -> torch.Tensor:
+    """q [B, nh, hd] -> [B, nh, hd] at fixed shapes: tables [B, NB], masked by position."""
+    table, n, kvh = lay.decode_table, lay.kv_len, k_pool.shape[1]
+    b, nb = table.shape
+    keys = k_pool[table.reshape(-1)].view(b, nb, *k_pool.shape[1:])  # [B, NB, kvh, bs, hd]
+    values = v_pool[table.reshape(-1)].view(b, nb, *v_pool.shape[1:])
+    keys = keys.transpose(1, 2).reshape(b, kvh, n, -1)  # [B, kvh, NB*bs, hd]
+    values = values.transpose(1, 2).reshape(b, kvh, n, -1)
+    mask = torch.arange(n, device=q.device)[None, :] <= lay.decode_pos[:, None]  # [B, n]
     o = F.scaled_dot_product_attention(
-        q[rows][:, :, None],
+        q[:, :, None],
         keys,
         values,
         attn_mask=mask[:, None, None, :],
         scale=attn.scaling,
         enable_gqa=True,
-    )  # [D, nh, 1, hd]
+    )  # [B, nh, 1, hd]
     return o[:, :, 0]
 
 
-def _chunk(attn, q, k, v, c, k_pool, v_pool):
+def _chunk(attn, q, k, v, c, block_size: int, k_pool, v_pool):
     end = c.start + c.n
     rows = slice(c.row, c.row + c.n)
-    k_pool[c.slot, :, c.start : end] = k[rows].transpose(0, 1)
-    v_pool[c.slot, :, c.start : end] = v[rows].transpose(0, 1)
-    keys = k_pool[c.slot, :, :end][None]  # [1, kvh, end, hd]
-    values = v_pool[c.slot, :, :end][None]
+    positions = torch.arange(c.start, end, device=q.device)
+    block, off = c.blocks[positions // block_size], positions % block_size
+    k_pool[block, :, off] = k[rows]
+    v_pool[block, :, off] = v[rows]
+    keys = gather(k_pool, c.blocks, end)[None]  # [1, kvh, end, hd]
+    values = gather(v_pool, c.blocks, end)[None]
     query = q[rows].transpose(0, 1)[None]  # [1, nh, n, hd]
     if c.start == 0:
         o = F.scaled_dot_product_attention(
             query, keys, values, is_causal=True, scale=attn.scaling, enable_gqa=True
         )
     else:
-        qpos = torch.arange(c.start, end, device=q.device)
-        mask = torch.arange(end, device=q.device)[None, :] <= qpos[:, None]  # [n, end]
+        mask = torch.arange(end, device=q.device)[None, :] <= positions[:, None]  # [n, end]
         o = F.scaled_dot_product_attention(
             query, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=True
         )

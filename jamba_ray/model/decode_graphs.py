@@ -66,6 +66,7 @@ class Entry:
     x: torch.Tensor  # [B] token ids (first stage) or [B, H] hidden states
     slots: torch.Tensor  # [B]
     pos: torch.Tensor  # [B]
+    table: torch.Tensor  # [B, NB] block tables, padded with the scratch block
     layout: Layout
     out: torch.Tensor | None = None
     graph: object | None = None
@@ -83,11 +84,12 @@ class DecodeGraphs:
         device: str,
         dtype: torch.dtype,
         scratch_slot: int,
+        scratch_block: int,
         max_batch: int,
     ):
         self.model, self.pool, self.config = model, pool, config
         self.first, self.device, self.dtype = first, device, dtype
-        self.scratch_slot = scratch_slot
+        self.scratch_slot, self.scratch_block = scratch_slot, scratch_block
         self.buckets = tuple(b for b in BATCH_BUCKETS if b < max_batch) + (
             bucket(max_batch, BATCH_BUCKETS) or max_batch,
         )
@@ -119,7 +121,7 @@ class DecodeGraphs:
         kv = kv_bucket(max(s.start for s in msg.segments) + 1, self.pool.shape.max_len)
         return (b, kv) if b * kv * self.kv_row_bytes <= GRAPH_KV_BYTES else None
 
-    def run(self, msg: StepMessage, x: torch.Tensor) -> torch.Tensor | None:
+    def run(self, msg: StepMessage, x: torch.Tensor, tables: dict) -> torch.Tensor | None:
         """Hidden states [n, H], or logits [R, V] on the last stage, for a decode-only micro-batch;
         None when this micro-batch is not one (or graphs are off): the caller runs it eagerly."""
         key = self._key(msg) if self.eligible(msg) else None
@@ -134,6 +136,7 @@ class DecodeGraphs:
         entry.pos[:n].copy_(torch.tensor([s.start for s in msg.segments]))
         entry.slots[n:].fill_(self.scratch_slot)
         entry.pos[n:].zero_()
+        entry.table.copy_(self._tables(msg, tables, entry.table.shape))
         if entry.graph is not None:
             entry.graph.replay()
             out = entry.out
@@ -146,6 +149,12 @@ class DecodeGraphs:
             out = out[rows] if len(rows) < n else out
         return out.clone()  # the next replay overwrites the graph's output buffer
 
+    def _tables(self, msg: StepMessage, tables: dict, shape: tuple[int, int]) -> torch.Tensor:
+        """[B, NB]: each row's blocks, then the scratch block (masked: past the row's position)."""
+        rows = [tables[s.seq_id][: shape[1]] for s in msg.segments]
+        rows += [[]] * (shape[0] - len(rows))
+        return torch.tensor([r + [self.scratch_block] * (shape[1] - len(r)) for r in rows])
+
     def _step(self, entry: Entry) -> torch.Tensor:
         with static_experts(self.config):
             return self.model.run(entry.layout, entry.x, self.pool)
@@ -156,7 +165,10 @@ class DecodeGraphs:
         x = torch.zeros(shape, dtype=torch.long if self.first else self.dtype, device=dev)
         slots = torch.full((b,), self.scratch_slot, dtype=torch.long, device=dev)
         pos = torch.zeros(b, dtype=torch.long, device=dev)
-        entry = Entry(x, slots, pos, Layout.fixed_decode(slots, pos, kv_len))
+        bs = self.pool.shape.block_size
+        table = torch.full((b, -(-kv_len // bs)), self.scratch_block, dtype=torch.long, device=dev)
+        lay = Layout.fixed_decode(slots, pos, table, table[:, 0], bs)
+        entry = Entry(x, slots, pos, table, lay)
         if self.capture:
             try:
                 self._capture(entry)

@@ -12,12 +12,13 @@ from ..engine.messages import StepMessage
 @dataclass(frozen=True, slots=True)
 class Chunk:
     """A prefill (or multi-token) segment: packed rows [row, row + n) at positions
-    [start, start + n)."""
+    [start, start + n), its KV in `blocks` (its table up to position start + n)."""
 
     slot: int
     row: int
     n: int
     start: int
+    blocks: torch.Tensor  # [ceil((start + n) / block_size)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,31 +29,46 @@ class Layout:
     chunks: tuple[Chunk, ...]
     decode_span: (
         tuple[int, int] | None
-    )  # (first slot, count) when decode rows 0..D-1 hold consecutive slots
+    )  # (first slot, count) when rows 0..D-1 hold consecutive slots
     logit_rows: torch.Tensor  # [R]
     score_rows: torch.Tensor  # [C] rows for the classification head
     num_tokens: int
     kv_len: int = 0  # keys a decode row may attend to: max decode position + 1, known on the host
+    block_size: int = 16
+    decode_wblock: torch.Tensor | None = None  # [D] block each decode row writes its K/V into
+    decode_woff: torch.Tensor | None = None  # [D] offset in that block
+    decode_blocks: tuple[torch.Tensor, ...] = ()  # per decode row: its own blocks up to its length
+    decode_table: torch.Tensor | None = None  # [D, NB] fixed shapes only: padded tables, masked
 
     @property
     def num_decode(self) -> int:
         return len(self.decode_rows)
 
     @classmethod
-    def build(cls, msg: StepMessage, device: torch.device | str = "cpu") -> Layout:
-        rows, slots, pos, chunks, offset = [], [], [], [], 0
-        for s in msg.segments:
-            if s.is_decode:
-                rows.append(offset)
-                slots.append(s.slot)
-                pos.append(s.start)
-            else:
-                chunks.append(Chunk(s.slot, offset, s.length, s.start))
-            offset += s.length
+    def build(
+        cls,
+        msg: StepMessage,
+        tables: dict[int, list[int]],
+        block_size: int,
+        device: torch.device | str = "cpu",
+    ) -> Layout:
+        """`tables`: each sequence's KV block table, as the stage holds it."""
+        rows, slots, pos, chunks, own, offset = [], [], [], [], [], 0
 
         def t(x):
             return torch.tensor(x, dtype=torch.long, device=device)
 
+        for s in msg.segments:
+            table = tables[s.seq_id]
+            if s.is_decode:
+                rows.append(offset)
+                slots.append(s.slot)
+                pos.append(s.start)
+                own.append(table[: s.start // block_size + 1])
+            else:
+                blocks = t(table[: -(-s.end // block_size)])
+                chunks.append(Chunk(s.slot, offset, s.length, s.start, blocks))
+            offset += s.length
         span = None
         if (
             slots
@@ -70,14 +86,40 @@ class Layout:
             t(msg.score_rows()),
             offset,
             max(pos, default=-1) + 1,
+            block_size,
+            t([b[-1] for b in own]),
+            t([p % block_size for p in pos]),
+            tuple(t(b) for b in own),
         )
 
     @classmethod
-    def fixed_decode(cls, slots: torch.Tensor, pos: torch.Tensor, kv_len: int) -> Layout:
-        """B decode rows at fixed shapes: slots/positions are buffers filled before each run."""
+    def fixed_decode(
+        cls,
+        slots: torch.Tensor,
+        pos: torch.Tensor,
+        table: torch.Tensor,
+        wblock: torch.Tensor,
+        block_size: int,
+    ) -> Layout:
+        """B decode rows at fixed shapes: slots, positions, tables [B, NB] and the block each row
+        writes are buffers filled before each run; attention reads NB blocks, masked by position."""
         rows = torch.arange(len(slots), device=slots.device)
-        empty = rows[:0]
-        return cls(rows, slots, pos, (), None, rows, empty, len(slots), kv_len)
+        return cls(
+            rows,
+            slots,
+            pos,
+            (),
+            None,
+            rows,
+            rows[:0],
+            len(slots),
+            table.shape[1] * block_size,
+            block_size,
+            wblock,
+            pos % block_size,
+            (),
+            table,
+        )
 
     def decode_state(self, pool: torch.Tensor) -> torch.Tensor:
         """The decode rows' slots of a per-layer state [S, ...]: a view when consecutive, else a
@@ -86,13 +128,6 @@ class Layout:
             first, n = self.decode_span
             return pool[first : first + n]
         return pool[self.decode_slots]
-
-    def decode_kv(self, pool: torch.Tensor) -> torch.Tensor:
-        """The decode rows' first `kv_len` positions of a KV pool [S, kvh, max_len, hd]."""
-        if self.decode_span is not None:
-            first, n = self.decode_span
-            return pool[first : first + n, :, : self.kv_len]
-        return pool[self.decode_slots, :, : self.kv_len]  # gathers only kv_len positions
 
     def store_decode_state(self, pool: torch.Tensor, value: torch.Tensor) -> None:
         if self.decode_span is not None:

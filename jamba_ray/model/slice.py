@@ -59,15 +59,19 @@ class SliceModel(nn.Module):
             counts[kind] += 1
         self.n_mamba, self.n_attn = counts["mamba"], counts["attention"]
 
-    def pool_shape(self, config: JambaConfig, slots: int, max_len: int) -> PoolShape:
+    def pool_shape(self, config: JambaConfig, sizes) -> PoolShape:
+        """`sizes`: slots, blocks, block_size, checkpoints and max_len (a StageSpec)."""
         head_dim = (
             getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         )
         return PoolShape(
             n_mamba=self.n_mamba,
             n_attn=self.n_attn,
-            slots=slots,
-            max_len=max_len,
+            slots=sizes.slots,
+            blocks=sizes.blocks,
+            block_size=sizes.block_size,
+            checkpoints=sizes.checkpoints,
+            max_len=sizes.max_len,
             d_inner=config.mamba_expand * config.hidden_size,
             d_conv=config.mamba_d_conv,
             d_state=config.mamba_d_state,
@@ -75,10 +79,12 @@ class SliceModel(nn.Module):
             head_dim=head_dim,
         )
 
-    def forward(self, msg: StepMessage, x: torch.Tensor, pool: StatePool):
+    def forward(self, msg: StepMessage, x: torch.Tensor, pool: StatePool, tables: dict):
         """Token ids [T] (first stage) or hidden [T, H] -> hidden [T, H]; the last stage returns
-        logits [R, V], or {"logits", "scores" [C, K]} when rows ask for the classification head."""
-        return self.run(Layout.build(msg, device=x.device), x, pool)
+        logits [R, V], or {"logits", "scores" [C, K]} when rows ask for the classification head.
+        `tables`: each sequence's KV block table."""
+        lay = Layout.build(msg, tables, pool.shape.block_size, device=x.device)
+        return self.run(lay, x, pool)
 
     def run(self, lay: Layout, x: torch.Tensor, pool: StatePool):
         """The forward on a prepared layout (the decode graphs pass a fixed-shape one)."""

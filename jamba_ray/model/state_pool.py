@@ -1,4 +1,11 @@
-"""Preallocated per-sequence state of one stage's layers, addressed by integer slot handles."""
+"""Preallocated per-sequence state of one stage's layers, addressed by handles the engine gives.
+
+- Mamba conv/SSM state: one slot per running sequence, `[n_mamba, slots, d_inner, d_conv|d_state]`
+  (SSM in fp32), plus a pool of checkpoints of the same shape (prefix reuse).
+- KV: fixed-size blocks, `[n_attn, blocks, kv_heads, block_size, head_dim]`; a sequence's block
+  table maps its positions to blocks. Slots and blocks are sized independently.
+The engine alone hands handles out and takes them back: the pool holds no ownership of its own.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +19,10 @@ class PoolShape:
     n_mamba: int
     n_attn: int
     slots: int
-    max_len: int
+    blocks: int
+    block_size: int
+    checkpoints: int
+    max_len: int  # positions a sequence may reach
     d_inner: int
     d_conv: int
     d_state: int
@@ -21,44 +31,51 @@ class PoolShape:
 
 
 class StatePool:
-    """Mamba conv/SSM states `[n_mamba, slots, ...]` and KV
-    `[n_attn, slots, kv_heads, max_len, hd]`.
-
-    The engine alone hands slots out and takes them back: the pool holds no ownership of its own.
-    """
-
     def __init__(self, shape: PoolShape, dtype: torch.dtype, device: torch.device | str = "cpu"):
-        self.shape = shape
+        self.shape = s = shape
         ssm_dtype = torch.float32  # the SSM state is kept in fp32 below fp32, as the reference does
-        s = shape
-        self.conv = torch.zeros(s.n_mamba, s.slots, s.d_inner, s.d_conv, dtype=dtype, device=device)
-        self.ssm = torch.zeros(
-            s.n_mamba, s.slots, s.d_inner, s.d_state, dtype=ssm_dtype, device=device
-        )
-        kv = (s.n_attn, s.slots, s.kv_heads, s.max_len, s.head_dim)
+
+        def mamba(n: int, last: int, dt: torch.dtype) -> torch.Tensor:
+            return torch.zeros(s.n_mamba, n, s.d_inner, last, dtype=dt, device=device)
+
+        self.conv, self.ssm = mamba(s.slots, s.d_conv, dtype), mamba(s.slots, s.d_state, ssm_dtype)
+        self.ckpt_conv = mamba(s.checkpoints, s.d_conv, dtype)
+        self.ckpt_ssm = mamba(s.checkpoints, s.d_state, ssm_dtype)
+        kv = (s.n_attn, s.blocks, s.kv_heads, s.block_size, s.head_dim)
         self.k = torch.zeros(kv, dtype=dtype, device=device)
         self.v = torch.zeros(kv, dtype=dtype, device=device)
 
-    def check(self, slot: int, end: int) -> None:
+    def check(self, slot: int, end: int, table: list[int]) -> None:
         if not 0 <= slot < self.shape.slots:
             raise ValueError(f"slot {slot} outside the pool (0..{self.shape.slots - 1})")
         if end > self.shape.max_len:
             raise ValueError(f"position {end} beyond the pool's max length {self.shape.max_len}")
+        if len(table) * self.shape.block_size < end:
+            raise ValueError(f"a block table of {len(table)} blocks cannot hold {end} positions")
 
     def start(self, slot: int) -> None:
-        """A fresh sequence takes `slot`: its Mamba state starts at zero (KV is masked by
-        length)."""
+        """A fresh sequence takes `slot`: Mamba state starts at zero (KV is masked by position)."""
         self.conv[:, slot].zero_()
         self.ssm[:, slot].zero_()
 
-    def fork(self, src: int, dsts: list[int], length: int) -> None:
-        """Copy `src`'s state after `length` tokens into each of `dsts` (n > 1 without
-        re-prefill)."""
+    def fork(self, src: int, dsts: list[int]) -> None:
+        """Copy slot `src`'s Mamba state into each of `dsts` (n > 1 without re-prefill)."""
         for d in dsts:
             self.conv[:, d].copy_(self.conv[:, src])
             self.ssm[:, d].copy_(self.ssm[:, src])
-            self.k[:, d, :, :length].copy_(self.k[:, src, :, :length])
-            self.v[:, d, :, :length].copy_(self.v[:, src, :, :length])
+
+    def copy_block(self, src: int, dst: int) -> None:
+        self.k[:, dst].copy_(self.k[:, src])
+        self.v[:, dst].copy_(self.v[:, src])
+
+    def save(self, slot: int, ckpt: int) -> None:
+        self.ckpt_conv[:, ckpt].copy_(self.conv[:, slot])
+        self.ckpt_ssm[:, ckpt].copy_(self.ssm[:, slot])
+
+    def restore(self, ckpt: int, slot: int) -> None:
+        self.conv[:, slot].copy_(self.ckpt_conv[:, ckpt])
+        self.ssm[:, slot].copy_(self.ckpt_ssm[:, ckpt])
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.conv, self.ssm, self.k, self.v))
+        tensors = (self.conv, self.ssm, self.ckpt_conv, self.ckpt_ssm, self.k, self.v)
+        return sum(t.numel() * t.element_size() for t in tensors)

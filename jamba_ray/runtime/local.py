@@ -11,8 +11,8 @@ import numpy as np
 from ..config.capacity import Capacity
 from ..config.engine_config import EngineConfig
 from ..config.planner import StagePlan
-from ..engine.messages import Segment, StepFailure, StepMessage, StepResult
-from .stage import Stage, stage_specs
+from ..engine.messages import StepFailure, StepMessage, StepResult
+from .stage import Stage, probe_message, stage_specs
 
 
 class LocalPipeline:
@@ -24,9 +24,9 @@ class LocalPipeline:
         capacity: Capacity,
         eos_id: int | None,
     ):
-        self.stages = [Stage(spec) for spec in stage_specs(config, model, plans, capacity, eos_id)]
+        self.specs = stage_specs(config, model, plans, capacity, eos_id)
+        self.stages = [Stage(spec) for spec in self.specs]
         self.num_stages = len(self.stages)
-        self.probe_slot = capacity.max_num_seqs
 
     def submit(self, msg: StepMessage, token_ids: list[int]) -> StepResult | StepFailure:
         x = np.asarray(token_ids, dtype=np.int64)
@@ -44,7 +44,7 @@ class LocalPipeline:
         return handle
 
     def probe(self, token_id: int) -> StepResult | StepFailure:
-        return self.submit(StepMessage(-1, (Segment(-1, self.probe_slot, 0, 1),)), [token_id])
+        return self.submit(probe_message(self.specs[0]), [token_id])
 
     def dead_stages(self) -> list[int]:
         return []

@@ -21,10 +21,10 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from ..config.capacity import Capacity
 from ..config.engine_config import EngineConfig
 from ..config.planner import StagePlan
-from ..engine.messages import Segment, StepFailure, StepMessage, StepResult
+from ..engine.messages import StepFailure, StepMessage, StepResult
 from ..errors import StageFailedError
 from .placement import require_feasible, stage_bundle
-from .stage import Stage, StageSpec, stage_specs
+from .stage import Stage, StageSpec, probe_message, stage_specs
 from .transport import choose
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,6 @@ class RayPipeline:
             )
             self._wait(self.pg.ready(), "the placement group for the stages")
         self.specs = stage_specs(config, model, plans, capacity, eos_id)
-        self.probe_slot = capacity.max_num_seqs  # the extra slot every stage has
         self.stages = [self._start(spec) for spec in self.specs]
         self.info = self._wait([s.ready.remote() for s in self.stages], "stage start-up")
         self.transport = choose(
@@ -145,7 +144,7 @@ class RayPipeline:
             return StepFailure(_summary(e))
 
     def probe(self, token_id: int):
-        return self.submit(StepMessage(-1, (Segment(-1, self.probe_slot, 0, 1),)), [token_id])
+        return self.submit(probe_message(self.specs[0]), [token_id])
 
     def dead_stages(self, timeout_s: float = 10.0) -> list[int]:
         dead = []

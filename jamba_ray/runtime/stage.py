@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config.spec import canonical_dtype
-from ..engine.messages import StepMessage, StepResult
+from ..engine.messages import Segment, StepMessage, StepResult
 from ..errors import StageFailedError
 from ..model.checkpoint import load_slice, resolve
 from ..model.decode_graphs import DecodeGraphs
@@ -31,8 +31,11 @@ class StageSpec:
     start: int
     end: int
     num_stages: int
-    slots: int  # state slots, the probe slot included (the last one)
+    slots: int  # Mamba state slots, the probe slot included (the last one)
     max_len: int
+    blocks: int = 0  # KV blocks, the probe's scratch block included (the last one)
+    block_size: int = 16
+    checkpoints: int = 0  # Mamba checkpoints for prefix reuse
     dtype: str = "float32"
     device: str = "cpu"
     threads: int = 1
@@ -62,6 +65,9 @@ def stage_specs(config, model: str, plans, capacity, eos_id: int | None) -> list
             len(plans),
             capacity.max_num_seqs + 1,
             capacity.max_model_len,
+            capacity.num_blocks + 1,
+            capacity.block_size,
+            capacity.num_checkpoints,
             m.dtype,
             device,
             c.threads_per_stage,
@@ -73,6 +79,12 @@ def stage_specs(config, model: str, plans, capacity, eos_id: int | None) -> list
     ]
 
 
+def probe_message(spec: StageSpec) -> StepMessage:
+    """One token on the probe's own slot and block (the last of each): it touches no sequence."""
+    probe = Segment(-1, spec.slots - 1, 0, 1, "none", blocks=(spec.blocks - 1,))
+    return StepMessage(-1, (probe,), finished=(-1,))
+
+
 class Stage:
     def __init__(self, spec: StageSpec):
         torch.set_num_threads(max(1, spec.threads))
@@ -81,9 +93,7 @@ class Stage:
         self.spec = spec
         self.model, config = _load(spec)
         dtype = getattr(torch, canonical_dtype(spec.dtype))
-        self.pool = StatePool(
-            self.model.pool_shape(config, spec.slots, spec.max_len), dtype, spec.device
-        )
+        self.pool = StatePool(self.model.pool_shape(config, spec), dtype, spec.device)
         self.graphs = None
         if spec.decode_graphs:  # padding rows go to the last slot: the pipeline's probe slot
             self.graphs = DecodeGraphs(
@@ -94,9 +104,11 @@ class Stage:
                 device=spec.device,
                 dtype=dtype,
                 scratch_slot=spec.slots - 1,
+                scratch_block=spec.blocks - 1,
                 max_batch=spec.slots - 1,
             )
-        self.table = SamplingTable(spec.eos_id) if spec.last else None
+        self.sampling = SamplingTable(spec.eos_id) if spec.last else None
+        self.tables: dict[int, list[int]] = {}  # each sequence's KV block table
         self.link: PeerLink | None = None  # set by connect() when hidden states go point-to-point
         self.trace: deque[tuple[int, float, float]] = deque(maxlen=4096)  # (step, start, end) wall
         self.counters = {
@@ -137,32 +149,42 @@ class Stage:
         torch.set_num_threads(max(1, self.spec.threads // max(1, msg.in_flight)))
         self._prepare(msg)
         with torch.inference_mode():
-            out = self.graphs.run(msg, x) if self.graphs is not None else None
+            out = self.graphs.run(msg, x, self.tables) if self.graphs is not None else None
             if out is None:  # not a decode-only micro-batch, or graphs are off
-                out = self.model(msg, x, self.pool)
-            if self.table is not None:
+                out = self.model(msg, x, self.pool, self.tables)
+            if self.sampling is not None:
                 out = self._result(msg, out)
         self._count(msg, t0, wall0)
-        if self.table is not None:
+        if self.sampling is not None:
             return out
         if self.link is not None:
             return self.link.send(out)
         return pack(out.cpu())
 
     def _prepare(self, msg: StepMessage) -> None:
-        """Forks first (copies of states as they stand), then fresh slots for new prefills."""
+        """The state operations, in the message's order, then each segment's table and slot."""
+        for sid in msg.finished:
+            self.tables.pop(sid, None)
+        for src, dst in msg.copies:
+            self.pool.copy_block(src, dst)
         for f in msg.forks:
-            self.pool.fork(f.src, list(f.dsts), f.length)
-        if self.table is not None:
-            self.table.update(msg)
+            self.pool.fork(f.src, list(f.dsts))
+        for slot, ckpt in msg.saves:
+            self.pool.save(slot, ckpt)
+        if self.sampling is not None:
+            self.sampling.update(msg)
         for s in msg.segments:
-            self.pool.check(s.slot, s.end)
-            if s.start == 0:
+            kept = self.tables.get(s.seq_id, [])[: s.table_start]
+            table = self.tables[s.seq_id] = kept + list(s.blocks)
+            self.pool.check(s.slot, s.end, table)
+            if s.restore is not None:
+                self.pool.restore(s.restore, s.slot)
+            elif s.start == 0:
                 self.pool.start(s.slot)
 
     def _result(self, msg: StepMessage, out) -> StepResult:
         logits, scores = (out["logits"], out["scores"]) if isinstance(out, dict) else (out, None)
-        res = self.table.result(msg, logits.float(), scores)
+        res = self.sampling.result(msg, logits.float(), scores)
         self.counters["sampled_rows"] += len(res.samples)
         return res
 
@@ -188,7 +210,8 @@ class Stage:
             "p2p_sent": self.link.sent if self.link else 0,
             "p2p_received": self.link.received if self.link else 0,
             "p2p_bytes_sent": self.link.bytes_sent if self.link else 0,
-            "sampling_rows": len(self.table.rows) if self.table is not None else 0,
+            "sampling_rows": len(self.sampling.rows) if self.sampling is not None else 0,
+            "block_tables": len(self.tables),
             **(self.graphs.stats() if self.graphs else {}),
             **self.counters,
         }

@@ -6,7 +6,7 @@ from jamba_ray.config import EngineConfig
 from jamba_ray.engine.core import EngineCore
 from jamba_ray.engine.sampling_params import SamplingParams
 from jamba_ray.errors import StageFailedError
-from tests.conftest import PROMPTS, hf_greedy
+from tests.conftest import PROMPTS, assert_greedy_like_hf
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
 POISON = 499  # a token id the broken stage below refuses
@@ -43,10 +43,10 @@ def poison_first_stage(eng: EngineCore) -> None:
     stage = eng.pipeline.stages[0]
     real = stage.model.forward
 
-    def forward(msg, x, pool):
+    def forward(msg, x, *rest):
         if (x == POISON).any():
             raise RuntimeError("cannot compute this token")
-        return real(msg, x, pool)
+        return real(msg, x, *rest)
 
     stage.model.forward = forward
 
@@ -55,7 +55,7 @@ def test_in_process_stages_match_transformers(tiny_ckpt):
     eng = core(tiny_ckpt)
     got = run(eng, PROMPTS)
     for i, p in enumerate(PROMPTS):
-        assert got[f"r{i}"] == hf_greedy(tiny_ckpt, p, 6)[0]
+        assert_greedy_like_hf(tiny_ckpt, p, got[f"r{i}"])
     assert eng.stats_local()["slots_in_use"] == 0
 
 
@@ -67,8 +67,8 @@ def test_an_error_caused_by_one_request_fails_only_that_request(tiny_ckpt):
     prompts = [PROMPTS[0], PROMPTS[1] + [POISON], PROMPTS[3]]
     got = run(eng, prompts)
     assert isinstance(got["r1"], StageFailedError) and "cannot compute this token" in str(got["r1"])
-    assert got["r0"] == hf_greedy(tiny_ckpt, PROMPTS[0], 6)[0]
-    assert got["r2"] == hf_greedy(tiny_ckpt, PROMPTS[3], 6)[0]
+    assert_greedy_like_hf(tiny_ckpt, PROMPTS[0], got["r0"])
+    assert_greedy_like_hf(tiny_ckpt, PROMPTS[3], got["r2"])
     stats = eng.stats_local()
     assert (
         stats["slots_in_use"] == 0
@@ -91,7 +91,7 @@ def test_the_last_stage_forgets_finished_sequences(tiny_ckpt):
     last = eng.pipeline.stages[-1]
     # ids of the last sequences to finish ride out with the next message
     run(eng, [PROMPTS[0]], SamplingParams(max_tokens=1))
-    assert len(last.table.rows) <= 1
+    assert len(last.sampling.rows) <= 1 and len(last.tables) <= 1
 
 
 @pytest.mark.parametrize("n", [1, 3])
@@ -102,3 +102,52 @@ def test_classify_without_a_classification_head_is_refused_up_front(tiny_ckpt, n
     with pytest.raises(InvalidRequestError, match="classification head"):
         eng.add_request("c", PROMPTS[0], SamplingParams(n=n), lambda out: None, task="classify")
     assert not eng.has_work()
+
+
+def test_a_bad_request_is_refused_as_bad_even_when_the_queue_is_full(tiny_ckpt):
+    """Validation comes before the queue check: a client must learn its request is wrong (400),
+    not be told to retry a request that can never run (429)."""
+    from jamba_ray.errors import CapacityError, InvalidRequestError
+
+    eng = core(tiny_ckpt, max_waiting=1)
+    eng.add_request("queued", PROMPTS[0], GREEDY, lambda out: None)  # not scheduled: queue full
+    bad = [
+        ([1, 10**6], GREEDY, "out of range"),
+        ([1] * 200, GREEDY, "maximum context length"),
+        (PROMPTS[1], SamplingParams(max_tokens=500), "maximum context length"),
+        (PROMPTS[1], SamplingParams(n=7), "state slots"),
+    ]
+    for i, (prompt, params, words) in enumerate(bad):
+        with pytest.raises(InvalidRequestError, match=words):
+            eng.add_request(f"bad{i}", prompt, params, lambda out: None)
+    with pytest.raises(CapacityError, match="retry later"):
+        eng.add_request("good", PROMPTS[1], GREEDY, lambda out: None)
+    assert eng.scheduler.num_waiting == 1
+
+
+def test_prompt_logprobs_cover_every_position_even_when_the_prefix_is_cached(tiny_ckpt):
+    """Prompt log-probabilities need the logits of every prompt position, so a request that asks
+    for them must compute its whole prompt even when an earlier request left its prefix's state
+    cached. Checked against transformers (fp32 both: summation order only, ~1e-6)."""
+    import torch
+
+    from tests.conftest import hf_model
+
+    eng = core(tiny_ckpt)
+    run(eng, [PROMPTS[2]])  # leaves PROMPTS[2]'s state behind, as any earlier request may
+    prompt = PROMPTS[2] + [5, 6, 7]
+    got: list = []
+    eng.add_request(
+        "scored",
+        prompt,
+        SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0),
+        lambda out: got.append(out),
+    )
+    while eng.has_work():
+        eng.step()
+    lps = got[-1].prompt_logprobs
+    assert len(lps) == len(prompt) and lps[0] is None
+    with torch.no_grad():
+        ref = torch.log_softmax(hf_model(tiny_ckpt)(torch.tensor([prompt])).logits[0], -1)
+    for i in range(1, len(prompt)):
+        assert lps[i][prompt[i]] == pytest.approx(float(ref[i - 1, prompt[i]]), abs=1e-4), i

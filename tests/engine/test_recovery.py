@@ -10,9 +10,9 @@ import ray
 
 from jamba_ray.config import EngineConfig
 from jamba_ray.engine.async_engine import AsyncEngine
-from jamba_ray.engine.messages import Segment, StepMessage
 from jamba_ray.engine.sampling_params import SamplingParams
 from jamba_ray.errors import StageFailedError
+from jamba_ray.runtime.stage import probe_message
 from tests.conftest import PROMPTS, STAGE_CPUS
 
 GREEDY64 = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
@@ -195,7 +195,7 @@ def test_a_p2p_link_that_lost_a_message_fails_its_requests_then_is_re_formed(
             before = await stream_tokens(
                 eng, PROMPTS[0], SamplingParams(max_tokens=4, temperature=0)
             )
-            stray = StepMessage(-2, (Segment(-2, eng.core.pipeline.probe_slot, 0, 2),))
+            stray = probe_message(eng.core.pipeline.specs[0])
             await eng.core.pipeline.stages[0].forward.remote(
                 stray, np.array([1, 2])
             )  # never received

@@ -6,13 +6,15 @@ import sys
 import pytest
 
 from jamba_ray.config.engine_config import SchedulerConfig
+from jamba_ray.engine.kv_cache import KVCache
 from jamba_ray.engine.scheduler import Scheduler
 from jamba_ray.engine.sequence import Sequence
 from jamba_ray.engine.slots import SlotAllocator
 
 
-def scheduler(slots, micro_batches=1, **kw):
-    return Scheduler(SchedulerConfig(max_num_seqs=slots, **kw), slots, micro_batches)
+def scheduler(slots, micro_batches=1, blocks=64, block_size=4, checkpoints=0, **kw):
+    kv = KVCache(blocks, block_size, checkpoints, checkpoint_every=8)
+    return Scheduler(SchedulerConfig(max_num_seqs=slots, **kw), slots, kv, micro_batches)
 
 
 def seq(i, prompt_len=4, n=1, rid=None):
@@ -112,7 +114,10 @@ def test_n_samples_reserve_their_slots_and_join_after_prefill():
     forks = s.start_forks(parent)
     assert [f.num_computed for f in forks] == [4, 4] and len(s.running) == 3
     nxt = s.schedule()  # the state copy rides in the next message, before any fork's segment
-    assert [(f.src, f.dsts, f.length) for f in nxt.message.forks] == [(0, (1, 2), 4)]
+    assert [(f.src, f.dsts) for f in nxt.message.forks] == [(0, (1, 2))]
+    # the forks share the parent's full block and copy its partial one (4 tokens, blocks of 4:
+    # one full block, nothing partial)
+    assert forks[0].blocks == parent.blocks[:1] and nxt.message.copies == ()
     assert nxt.message.admitted == ()
 
 

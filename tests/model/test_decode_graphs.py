@@ -4,17 +4,17 @@ batch."""
 import pytest
 import torch
 
-from jamba_ray.engine.messages import Segment, StepMessage
+from jamba_ray.engine.messages import StepMessage
 from jamba_ray.model.decode_graphs import bucket, kv_bucket
-from jamba_ray.runtime.stage import Stage, StageSpec
-from tests.conftest import stage_logits
+from jamba_ray.runtime.stage import Stage
+from tests.conftest import seg, stage_logits, stage_spec
 
 BOUNDS = [(0, 3), (3, 6)]
 
 
 def stages(path, graphs: bool, slots=6, max_len=600):
     return [
-        Stage(StageSpec(path, i, a, b, len(BOUNDS), slots, max_len, decode_graphs=graphs))
+        Stage(stage_spec(path, i, a, b, len(BOUNDS), slots, max_len, decode_graphs=graphs))
         for i, (a, b) in enumerate(BOUNDS)
     ]
 
@@ -34,7 +34,7 @@ def test_padded_batches_odd_slots_and_growing_kv_match_the_eager_path(tiny_ckpt)
     # 256-key bucket while decoding; the second asks for no logits on some steps.
     prompts = {4: [1] + [7 + i % 300 for i in range(249)], 0: [1, 5, 9, 200], 2: [1, 44, 8]}
     seqs = {slot: list(p) for slot, p in prompts.items()}
-    msg = StepMessage(0, tuple(Segment(slot, slot, 0, len(p)) for slot, p in prompts.items()))
+    msg = StepMessage(0, tuple(seg(slot, slot, 0, len(p)) for slot, p in prompts.items()))
     flat = [t for p in prompts.values() for t in p]
     logits = run(eager, msg, flat)
     torch.testing.assert_close(
@@ -45,7 +45,7 @@ def test_padded_batches_odd_slots_and_growing_kv_match_the_eager_path(tiny_ckpt)
         if step == 8:
             nxt.pop(0)  # a sequence finishes: the batch shrinks to another bucket
         segs = tuple(
-            Segment(slot, slot, len(seqs[slot]), 1, "none" if slot == 0 and step % 2 else "last")
+            seg(slot, slot, len(seqs[slot]), 1, "none" if slot == 0 and step % 2 else "last")
             for slot in nxt
         )
         for slot, t in nxt.items():
@@ -70,7 +70,7 @@ def test_cuda_graphs_are_captured_and_replay_the_eager_logits(tiny_ckpt):
     def cuda_stages(graphs):
         return [
             Stage(
-                StageSpec(
+                stage_spec(
                     tiny_ckpt,
                     i,
                     a,
@@ -78,8 +78,8 @@ def test_cuda_graphs_are_captured_and_replay_the_eager_logits(tiny_ckpt):
                     len(BOUNDS),
                     4,
                     128,
-                    "bfloat16",
-                    "cuda",
+                    dtype="bfloat16",
+                    device="cuda",
                     decode_graphs=graphs,
                 )
             )
@@ -88,11 +88,11 @@ def test_cuda_graphs_are_captured_and_replay_the_eager_logits(tiny_ckpt):
 
     eager, fixed = cuda_stages(False), cuda_stages(True)
     prompt = [1, 5, 9, 200, 3]
-    msg = StepMessage(0, (Segment(0, 1, 0, len(prompt)),))
+    msg = StepMessage(0, (seg(0, 1, 0, len(prompt)),))
     tok = int(run(eager, msg, prompt)[0].argmax())
     run(fixed, msg, prompt)
     for step in range(1, 6):
-        msg = StepMessage(step, (Segment(0, 1, len(prompt) + step - 1, 1),))
+        msg = StepMessage(step, (seg(0, 1, len(prompt) + step - 1, 1),))
         want, got = run(eager, msg, [tok]), run(fixed, msg, [tok])
         torch.testing.assert_close(got, want, atol=2e-2, rtol=0)
         tok = int(want[0].argmax())
@@ -120,11 +120,11 @@ def test_a_failed_capture_falls_back_to_the_eager_path(error, off, tiny_ckpt):
     for st in fixed:  # as on a GPU whose kernels cannot be captured
         st.graphs.capture, st.graphs._capture = True, refuse
     prompt = [1, 5, 9, 200]
-    msg = StepMessage(0, (Segment(0, 0, 0, len(prompt)),))
+    msg = StepMessage(0, (seg(0, 0, 0, len(prompt)),))
     tok = int(run(eager, msg, prompt)[0].argmax())
     run(fixed, msg, prompt)
     for step in (1, 2):
-        msg = StepMessage(step, (Segment(0, 0, len(prompt) + step - 1, 1),))
+        msg = StepMessage(step, (seg(0, 0, len(prompt) + step - 1, 1),))
         want = run(eager, msg, [tok])
         torch.testing.assert_close(run(fixed, msg, [tok]), want, atol=1e-5, rtol=0)
         tok = int(want[0].argmax())
@@ -142,10 +142,10 @@ def test_buckets_whose_kv_gather_is_too_large_decode_eagerly(tiny_ckpt, monkeypa
     monkeypatch.setattr(decode_graphs, "GRAPH_KV_BYTES", 0)
     eager, fixed = stages(tiny_ckpt, False), stages(tiny_ckpt, True)
     prompt = [1, 5, 9, 200]
-    msg = StepMessage(0, (Segment(0, 0, 0, len(prompt)),))
+    msg = StepMessage(0, (seg(0, 0, 0, len(prompt)),))
     tok = int(run(eager, msg, prompt)[0].argmax())
     run(fixed, msg, prompt)
-    msg = StepMessage(1, (Segment(0, 0, len(prompt), 1),))
+    msg = StepMessage(1, (seg(0, 0, len(prompt), 1),))
     torch.testing.assert_close(run(fixed, msg, [tok]), run(eager, msg, [tok]), atol=1e-5, rtol=0)
     steps = [st.stats()["decode_graph_steps"] for st in fixed]
     assert steps == [0, 0]  # both stages hold an attention layer of the tiny layout

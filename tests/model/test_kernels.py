@@ -212,7 +212,8 @@ def test_matches_mamba_torch_path():
 
     gen = torch.Generator().manual_seed(5)
     slots = torch.tensor(SLOTS, device=DEV)
-    lay = Layout.fixed_decode(slots, torch.zeros_like(slots), kv_len=1)
+    table = torch.zeros(len(slots), 1, dtype=torch.long)  # (the Mamba path reads no KV)
+    lay = Layout.fixed_decode(slots, torch.zeros_like(slots), table, table[:, 0], block_size=16)
     x, conv = rand(3, 40, gen=gen), rand(POOL, 40, 4, gen=gen)
     w, bias, conv_t = rand(40, 1, 4, gen=gen), rand(40, gen=gen), conv.clone()
     close(decode.conv_update(x, conv, w, bias, slots), mamba.conv_step(x, conv_t, lay, w, bias))

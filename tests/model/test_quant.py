@@ -2,21 +2,21 @@
 
 import torch
 
-from jamba_ray.engine.messages import Segment, StepMessage
+from jamba_ray.engine.messages import StepMessage
 from jamba_ray.model.quant import Int8Linear, quantize_rows
-from jamba_ray.runtime.stage import Stage, StageSpec
-from tests.conftest import PROMPTS, stage_logits
+from jamba_ray.runtime.stage import Stage
+from tests.conftest import PROMPTS, seg, stage_logits, stage_spec
 
 
 def stage(path, quantization=None, dtype="float32"):
     return Stage(
-        StageSpec(path, 0, 0, 6, 1, slots=2, max_len=64, dtype=dtype, quantization=quantization)
+        stage_spec(path, 0, 0, 6, 1, slots=2, max_len=64, dtype=dtype, quantization=quantization)
     )
 
 
 def logits(st, prompt):
     return stage_logits(
-        [st], StepMessage(1, (Segment(1, 0, 0, len(prompt), logits="all"),)), prompt
+        [st], StepMessage(1, (seg(1, 0, 0, len(prompt), "all", max_len=64),)), prompt
     )
 
 

@@ -6,16 +6,17 @@ import torch
 from jamba_ray.config import EngineConfig, ModelSpec
 from jamba_ray.config.capacity import Capacity
 from jamba_ray.config.planner import plan
-from jamba_ray.engine.messages import Segment, StepMessage
+from jamba_ray.engine.messages import StepMessage
 from jamba_ray.runtime.pipeline import RayPipeline
-from tests.conftest import PROMPTS, STAGE_CPUS, hf_greedy
+from tests.conftest import BLOCK, PROMPTS, STAGE_CPUS, hf_greedy, seg
 
 STEPS = 12
 
 
 def pipeline(path, plans, slots, max_len, **options) -> RayPipeline:
     cfg = EngineConfig.build(path, num_stages=len(plans), num_cpus_per_stage=STAGE_CPUS, **options)
-    return RayPipeline(cfg, path, plans, Capacity(slots, max_len, 0), eos_id=2)
+    blocks = slots * -(-max_len // BLOCK)
+    return RayPipeline(cfg, path, plans, Capacity(slots, max_len, blocks, BLOCK), eos_id=2)
 
 
 def logits_of(pipe: RayPipeline, msg: StepMessage, tokens: list[int]) -> torch.Tensor:
@@ -26,7 +27,7 @@ def logits_of(pipe: RayPipeline, msg: StepMessage, tokens: list[int]) -> torch.T
 def greedy(pipe: RayPipeline, prompts, steps):
     """Prefill all prompts in one micro-batch, then decode them together; returns tokens, logits."""
     seqs = [list(p) for p in prompts]
-    segs = tuple(Segment(i, i, 0, len(p)) for i, p in enumerate(prompts))
+    segs = tuple(seg(i, i, 0, len(p), max_len=64) for i, p in enumerate(prompts))
     logits = logits_of(
         pipe, StepMessage(0, segs, return_logits=True), [t for p in prompts for t in p]
     )
@@ -36,7 +37,7 @@ def greedy(pipe: RayPipeline, prompts, steps):
             all_logits[i].append(row)
             tokens[i].append(int(row.argmax()))
             seqs[i].append(tokens[i][-1])
-        segs = tuple(Segment(i, i, len(s) - 1, 1) for i, s in enumerate(seqs))
+        segs = tuple(seg(i, i, len(s) - 1, 1, max_len=64) for i, s in enumerate(seqs))
         if step < steps - 1:
             msg = StepMessage(step + 1, segs, return_logits=True)
             logits = logits_of(pipe, msg, [s[-1] for s in seqs])

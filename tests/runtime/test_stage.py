@@ -6,21 +6,22 @@ import torch
 from jamba_ray.config import ModelSpec
 from jamba_ray.config.planner import plan
 from jamba_ray.engine.messages import Segment, StepMessage
-from jamba_ray.runtime.stage import Stage, StageSpec
-from tests.conftest import PROMPTS, hf_model, stage_logits
+from jamba_ray.runtime.stage import Stage
+from tests.conftest import PROMPTS, hf_model, seg, stage_logits, stage_spec
 from tests.model.test_checkpoint import write_merged_copy
 
 
 def build(path, bounds, slots=4, max_len=128, dtype="float32"):
     n = len(bounds)
     return [
-        Stage(StageSpec(path, i, a, b, n, slots, max_len, dtype)) for i, (a, b) in enumerate(bounds)
+        Stage(stage_spec(path, i, a, b, n, slots, max_len, dtype=dtype))
+        for i, (a, b) in enumerate(bounds)
     ]
 
 
 def prefill(seq_id, prompt, logits="all"):
     """A message running `prompt` from a fresh slot."""
-    return StepMessage(1, (Segment(seq_id, 0, 0, len(prompt), logits),))
+    return StepMessage(1, (seg(seq_id, 0, 0, len(prompt), logits),))
 
 
 def run(stages, msg, tokens):
@@ -97,6 +98,11 @@ def test_merged_expert_format_loads_to_the_same_model(tiny_ckpt, tmp_path):
 def test_slot_and_length_bounds_are_checked(tiny_ckpt):
     (stage,) = build(tiny_ckpt, [(0, 6)], slots=2, max_len=16)
     with pytest.raises(ValueError, match="outside the pool"):
-        stage.forward(StepMessage(1, (Segment(1, 5, 0, 2),)), torch.tensor([1, 2]))
+        stage.forward(StepMessage(1, (Segment(1, 5, 0, 2, blocks=(0,)),)), torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="max length"):
-        stage.forward(StepMessage(1, (Segment(1, 0, 0, 20),)), torch.tensor([1] * 20))
+        stage.forward(
+            StepMessage(1, (Segment(1, 0, 0, 20, blocks=(0, 1)),)), torch.tensor([1] * 20)
+        )
+    (stage,) = build(tiny_ckpt, [(0, 6)], slots=2, max_len=64)
+    with pytest.raises(ValueError, match="a block table of 1 blocks cannot hold 20 positions"):
+        stage.forward(StepMessage(1, (Segment(1, 0, 0, 20, blocks=(0,)),)), torch.tensor([1] * 20))

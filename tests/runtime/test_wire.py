@@ -20,8 +20,12 @@ def test_round_trips_are_exact_for_every_dtype_we_send():
 
 
 def test_dicts_and_read_only_buffers():
-    wire = pack({"logits": torch.randn(2, 3), "scores": torch.randn(2, 2)})
+    sent = {"logits": torch.randn(2, 3), "scores": torch.randn(2, 2).bfloat16(), "n": 3}
+    wire = pack(sent)
     wire["logits"].setflags(write=False)  # as the object store hands arrays out
     back = unpack(wire)
-    back["logits"] += 1  # a private copy: safe to modify
-    assert set(back) == {"logits", "scores"}
+    assert set(back) == set(sent) and back["n"] == 3
+    for k in ("logits", "scores"):
+        assert back[k].dtype == sent[k].dtype and torch.equal(back[k], sent[k])  # same bits
+    back["logits"] += 1  # a private copy: safe to modify, and the wire form is untouched
+    assert np.array_equal(wire["logits"], sent["logits"].numpy())

@@ -1,0 +1,124 @@
+"""Each sequence's KV block table and its Mamba checkpoints: growth, sharing, commits, resumes.
+
+Pure Python bookkeeping over `BlockAllocator` and `PrefixCache`; the state operations it decides
+(block copies, checkpoint saves) ride in the next step message, before any segment runs.
+"""
+
+from __future__ import annotations
+
+from .blocks import BlockAllocator, chain_hash
+from .prefix import PrefixCache
+from .sequence import Sequence
+
+
+class KVCache:
+    def __init__(
+        self, num_blocks: int, block_size: int, num_checkpoints: int, checkpoint_every: int
+    ):
+        self.blocks = BlockAllocator(num_blocks, block_size)
+        self.prefix = PrefixCache(self.blocks, num_checkpoints) if num_checkpoints else None
+        self.block_size, self.checkpoint_every = block_size, checkpoint_every
+        self.copies: list[tuple[int, int]] = []  # (src block, dst block), for the next message
+        self.saves: list[tuple[int, int]] = []  # (slot, checkpoint)
+
+    def take_ops(self) -> tuple[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...]]:
+        copies, saves, self.copies, self.saves = self.copies, self.saves, [], []
+        return tuple(copies), tuple(saves)
+
+    # ---- growth ------------------------------------------------------------------------------
+    def needed(self, seq: Sequence, end: int) -> int:
+        return max(0, self.blocks.blocks_for(end) - len(seq.blocks))
+
+    def grow(self, seq: Sequence, end: int) -> bool:
+        """Blocks for positions [0, end); False (and nothing taken) when too few are free."""
+        need = self.needed(seq, end)
+        if need > self.blocks.num_free:
+            return False
+        seq.blocks += self.blocks.allocate(need)
+        return True
+
+    def release(self, seq: Sequence) -> None:
+        self.blocks.free(seq.blocks)
+        seq.blocks, seq.hashes, seq.blocks_sent = [], [], 0
+
+    # ---- prefix reuse ------------------------------------------------------------------------
+    def resume(self, seq: Sequence) -> None:
+        """Start `seq` from its longest cached prefix, if any: shared full blocks, a copy of the
+        checkpoint's tail block, and the checkpoint restored into its slot by the stages."""
+        if self.prefix is None:
+            return
+        match = self.prefix.match(seq.prompt_ids + seq.output_ids)
+        if match is None:
+            return
+        cp = match.checkpoint
+        for b in match.blocks:
+            self.blocks.share(b)
+        seq.blocks = list(match.blocks)
+        if cp.tail_block is not None:
+            (own,) = self.blocks.allocate(1)
+            self.copies.append((cp.tail_block, own))
+            seq.blocks.append(own)
+        seq.hashes = list(match.hashes)
+        seq.num_computed = seq.num_cached = cp.length
+        seq.restore = cp.ckpt
+
+    def can_resume_all(self, seq: Sequence, reserve: int) -> bool:
+        """Room for the whole known sequence plus one block per fork, beyond `reserve`."""
+        need = self.blocks.blocks_for(seq.length) + len(seq.forks)
+        return need + reserve <= self.blocks.num_free
+
+    # ---- forks -------------------------------------------------------------------------------
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """`child` shares the parent's full blocks; its partial last block is a copy (written by
+        both from here on). `child.blocks` holds the one block reserved for it at admission."""
+        reserved = child.blocks
+        full = parent.num_computed // self.block_size
+        for b in parent.blocks[:full]:
+            self.blocks.share(b)
+        child.blocks = parent.blocks[:full]
+        if parent.num_computed % self.block_size:
+            self.copies.append((parent.blocks[full], reserved[0]))
+            child.blocks.append(reserved[0])
+        else:
+            self.blocks.free(reserved)
+        child.hashes, child.blocks_sent = list(parent.hashes), 0
+
+    # ---- after a segment ran -----------------------------------------------------------------
+    def landed(self, seq: Sequence, end: int) -> None:
+        """Full blocks become shareable; a checkpoint at the end of a prompt and every
+        `checkpoint_every` tokens inside it."""
+        tokens = None
+        while (len(seq.hashes) + 1) * self.block_size <= end:
+            tokens = tokens or seq.prompt_ids + seq.output_ids
+            i, bs = len(seq.hashes), self.block_size
+            h = chain_hash(
+                seq.hashes[-1] if seq.hashes else None, tuple(tokens[i * bs : (i + 1) * bs])
+            )
+            self.blocks.commit(seq.blocks[i], h)
+            seq.hashes.append(h)
+        if end == len(seq.prompt_ids) or (seq.in_prefill and end % self.checkpoint_every == 0):
+            self.save(seq, end)
+
+    def save(self, seq: Sequence, length: int) -> None:
+        if self.prefix is None or seq.slot is None or length < 1:
+            return
+        tail = seq.blocks[length // self.block_size] if length % self.block_size else None
+        ckpt = self.prefix.save(seq.prompt_ids + seq.output_ids, length, tail)
+        if ckpt is not None:
+            self.saves.append((seq.slot, ckpt))
+
+    def next_stop(self, seq: Sequence, end: int) -> int:
+        """Where a prefill chunk ending at `end` should stop: at the next checkpoint inside it."""
+        if self.prefix is None or not seq.in_prefill:
+            return end
+        step = self.checkpoint_every
+        nxt = (seq.num_computed // step + 1) * step
+        return min(end, nxt) if nxt < len(seq.prompt_ids) else end
+
+    def clear(self) -> None:
+        """A stage lost its state: no cached prefix can be trusted any more."""
+        if self.prefix is not None:
+            self.prefix.clear()
+        else:
+            self.blocks.drop_cache()
+        self.copies, self.saves = [], []

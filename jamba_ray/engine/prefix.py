@@ -1,0 +1,102 @@
+"""Prefix reuse: Mamba checkpoints at exact token positions over hash-shared KV blocks. Pure Python.
+
+A checkpoint is the conv/SSM state of every stage's Mamba layers after `length` tokens, kept in
+each stage's checkpoint pool, plus a hold on the KV block with the tokens past the last full block
+(full blocks are found by hash). A new sequence resumes from the longest checkpoint whose tokens
+begin its prompt and whose full blocks are all still cached, and prefills only the rest.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from .blocks import BlockAllocator, block_hashes
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    ckpt: int  # index in every stage's checkpoint pool
+    length: int  # tokens it covers
+    chain: int | None  # hash of its full blocks (None: it is shorter than one block)
+    tail: tuple[int, ...]  # tokens past its last full block
+    tail_block: int | None  # the KV block holding them (held while the checkpoint lives)
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    checkpoint: Checkpoint
+    blocks: list[int]  # the cached full blocks, in order
+    hashes: list[int]  # their chained hashes
+
+
+class PrefixCache:
+    def __init__(self, blocks: BlockAllocator, num_checkpoints: int):
+        self.blocks = blocks
+        self._free = list(range(num_checkpoints - 1, -1, -1))
+        self._lru: OrderedDict[tuple[int | None, tuple[int, ...]], Checkpoint] = OrderedDict()
+        self.queries = self.hits = 0  # prompt tokens looked up / found
+
+    @property
+    def num_checkpoints(self) -> int:
+        return len(self._lru)
+
+    @property
+    def num_held_blocks(self) -> int:
+        """Tail blocks the checkpoints hold (counted as in use)."""
+        return sum(cp.tail_block is not None for cp in self._lru.values())
+
+    def match(self, tokens: list[int]) -> Match | None:
+        """The longest usable checkpoint that leaves at least one token of `tokens` to run
+        (the last prompt token's logits are what the first sample is drawn from)."""
+        self.queries += len(tokens)
+        bs, best = self.blocks.block_size, None
+        hashes = block_hashes(tokens, bs, len(tokens) - 1)
+        cached: list[int] = []
+        for j in range(len(hashes) + 1):  # j full blocks, all cached
+            chain = hashes[j - 1] if j else None
+            if j and (block := self.blocks.lookup(chain)) is None:
+                break
+            if j:
+                cached.append(block)
+            best = self._best_tail(tokens, j * bs, chain, cached, hashes[:j], best)
+        if best is not None:
+            self.hits += best.checkpoint.length
+            self._lru.move_to_end((best.checkpoint.chain, best.checkpoint.tail))
+        return best
+
+    def _best_tail(self, tokens, start, chain, cached, hashes, best) -> Match | None:
+        limit = len(tokens) - 1
+        for n in range(min(limit - start, self.blocks.block_size - 1), -1, -1):
+            cp = self._lru.get((chain, tuple(tokens[start : start + n])))
+            if cp is not None and (best is None or cp.length > best.checkpoint.length):
+                return Match(cp, list(cached), hashes)
+        return best
+
+    def save(self, tokens: list[int], length: int, tail_block: int | None) -> int | None:
+        """Keep the state after tokens[:length] (when not kept already); its checkpoint index,
+        which the stages then fill from the sequence's slot, or None when it exists."""
+        bs = self.blocks.block_size
+        full = length // bs
+        chain = block_hashes(tokens, bs, full * bs)[-1] if full else None
+        key = (chain, tuple(tokens[full * bs : length]))
+        if key in self._lru or not (self._free or self._lru):
+            return None
+        ckpt = self._free.pop() if self._free else self._evict()
+        tail = tail_block if length % bs else None
+        if tail is not None:
+            self.blocks.share(tail)
+        self._lru[key] = Checkpoint(ckpt, length, chain, key[1], tail)
+        return ckpt
+
+    def _evict(self) -> int:
+        _, cp = self._lru.popitem(last=False)
+        if cp.tail_block is not None:
+            self.blocks.free([cp.tail_block])
+        return cp.ckpt
+
+    def clear(self) -> None:
+        """Drop every checkpoint and block hash (a stage that held them was replaced)."""
+        while self._lru:
+            self._free.append(self._evict())
+        self.blocks.drop_cache()

@@ -1,0 +1,156 @@
+"""KV blocks, prefix checkpoints and preemption: pure bookkeeping, tested in milliseconds."""
+
+import pytest
+
+from jamba_ray.config.engine_config import SchedulerConfig
+from jamba_ray.engine.blocks import BlockAllocator, block_hashes
+from jamba_ray.engine.kv_cache import KVCache
+from jamba_ray.engine.prefix import PrefixCache
+from jamba_ray.engine.scheduler import Scheduler
+from jamba_ray.engine.sequence import Sequence
+
+
+def test_blocks_are_refcounted_and_a_double_free_is_caught():
+    a = BlockAllocator(3, block_size=4)
+    x, y = a.allocate(2)
+    a.share(x)
+    a.free([x])
+    assert a.num_free == 1  # still held once
+    a.free([x, y])
+    assert a.num_free == 3
+    with pytest.raises(RuntimeError, match="freed twice"):
+        a.free([y])
+
+
+def test_freed_hashed_blocks_stay_cached_until_their_memory_is_needed():
+    a = BlockAllocator(2, block_size=4)
+    x, y = a.allocate(2)
+    a.commit(x, 111)
+    a.free([x, y])
+    assert a.lookup(111) == x and a.num_free == 2 and a.num_cached == 1
+    first, second = a.allocate(2)  # the plain free block goes first, then the cached one
+    assert (first, second) == (y, x) and a.lookup(111) is None
+
+
+def test_block_hashes_chain_so_equal_hashes_mean_equal_prefixes():
+    same = block_hashes([1, 2, 3, 4, 5, 6, 7, 8], 4)
+    assert block_hashes([1, 2, 3, 4, 5, 6, 7, 8, 9], 4) == same
+    assert block_hashes([9, 2, 3, 4, 5, 6, 7, 8], 4)[1] != same[1]  # second block, other parent
+
+
+def prefix_cache(blocks=16, bs=4, checkpoints=4) -> tuple[BlockAllocator, PrefixCache]:
+    alloc = BlockAllocator(blocks, bs)
+    return alloc, PrefixCache(alloc, checkpoints)
+
+
+def commit_all(alloc: BlockAllocator, tokens: list[int]) -> list[int]:
+    blocks = alloc.allocate(-(-len(tokens) // alloc.block_size))
+    for b, h in zip(blocks, block_hashes(tokens, alloc.block_size)):
+        alloc.commit(b, h)
+    return blocks
+
+
+def test_a_prompt_resumes_from_the_longest_checkpoint_at_an_exact_position():
+    alloc, cache = prefix_cache()
+    system = list(range(10, 20))  # 10 tokens: two full blocks and a tail of 2
+    blocks = commit_all(alloc, system)
+    assert cache.save(system, 10, tail_block=blocks[2]) == 0
+    assert cache.save(system, 8, tail_block=None) == 1
+    match = cache.match(system + [7, 7])
+    assert match.checkpoint.length == 10 and match.blocks == blocks[:2]
+    assert match.checkpoint.tail_block == blocks[2] and alloc.refs(blocks[2]) == 2  # held
+    assert cache.match(system[:9] + [5, 5]).checkpoint.length == 8  # the tail differs
+    assert cache.match(system).checkpoint.length == 8  # one token must be left to run
+    assert cache.hits == 10 + 8 + 8 and cache.queries == 12 + 11 + 10
+
+
+def test_a_checkpoint_whose_blocks_were_evicted_is_not_used():
+    alloc, cache = prefix_cache(blocks=3)
+    tokens = list(range(12))
+    blocks = commit_all(alloc, tokens)
+    cache.save(tokens, 8, tail_block=None)
+    alloc.free(blocks)
+    alloc.allocate(3)  # all three cached blocks are taken for other work
+    assert cache.match(tokens) is None
+
+
+def test_checkpoints_are_evicted_least_recently_used_and_release_their_tail():
+    alloc, cache = prefix_cache(checkpoints=1)
+    a, b = [1, 2, 3, 4, 5], [6, 7, 8, 9, 10]
+    tail_a = commit_all(alloc, a)[1]
+    cache.save(a, 5, tail_a)
+    commit_all(alloc, b)
+    cache.save(b, 4, None)  # the only checkpoint slot: a's checkpoint goes
+    assert cache.match(a + [0]) is None and alloc.refs(tail_a) == 1
+
+
+def seq(i, prompt, n=1) -> Sequence:
+    s = Sequence(i, f"r{i}", 0, list(prompt), params=None, seed=0)
+    s.forks = [
+        Sequence(100 + i * 10 + k, s.request_id, k, s.prompt_ids, None, 0) for k in range(1, n)
+    ]
+    return s
+
+
+def land(s: Scheduler, mb, sample=7):
+    for seg, q in zip(mb.message.segments, mb.seqs):
+        s.landed(q, seg)
+        if seg.samples:
+            s.append(q, sample)
+
+
+def sched(blocks, checkpoints=4, slots=4, every=8, budget=64) -> Scheduler:
+    kv = KVCache(blocks, 4, checkpoints, checkpoint_every=every)
+    return Scheduler(SchedulerConfig(max_num_seqs=slots, max_batched_tokens=budget), slots, kv)
+
+
+def test_segments_carry_only_the_table_entries_the_stages_lack():
+    s = sched(blocks=16)
+    a = seq(0, range(1, 7))  # 6 tokens: two blocks of 4
+    s.add(a)
+    mb = s.schedule()
+    first = mb.message.segments[0]
+    assert (first.table_start, len(first.blocks)) == (0, 2)
+    land(s, mb)
+    nxt = s.schedule().message.segments[0]  # position 6: still in the second block
+    assert (nxt.start, nxt.table_start, nxt.blocks) == (6, 2, ())
+
+
+def test_a_second_request_with_the_same_prefix_resumes_from_its_checkpoint():
+    s = sched(blocks=32, every=4)
+    prompt = list(range(1, 11))  # checkpoints every 4 tokens inside the prompt and at its end
+    a = seq(0, prompt)
+    s.add(a)
+    for _ in range(3):  # chunks stop at 4, 8, then the end of the prompt
+        land(s, s.schedule())
+    assert a.num_computed == 10 and s.kv.prefix.num_checkpoints == 3
+    b = seq(1, prompt[:9] + [99, 98])
+    s.add(b)
+    mb = s.schedule()
+    resumed = next(g for g in mb.message.segments if g.seq_id == 1)
+    assert (resumed.start, resumed.restore, resumed.table_start) == (8, 1, 0)
+    assert b.num_cached == 8 and resumed.blocks[:2] == tuple(a.blocks[:2])  # shared, not copied
+    assert mb.message.saves  # a's end-of-prompt state is kept once it lands
+
+
+def test_when_blocks_run_out_the_youngest_sequence_is_preempted_and_recomputed_later():
+    s = sched(blocks=5, checkpoints=0)
+    old, young = seq(0, range(1, 8)), seq(1, range(20, 27))  # 7 tokens: 2 blocks each
+    s.add(old)
+    land(s, s.schedule())
+    s.add(young)
+    land(s, s.schedule())
+    assert s.kv.blocks.num_free == 1
+    for _ in range(6):  # decode on: young waits for a block; old takes young's when it needs one
+        mb = s.schedule()
+        if s.num_preemptions:
+            break
+        land(s, mb)
+    assert s.num_preemptions == 1 and [q.seq_id for q in mb.seqs] == [0]
+    assert young in s.waiting and young.num_computed == 0 and young.output_ids == [7, 7]
+    assert young.slot is None and not young.blocks and 1 in mb.message.finished
+    land(s, mb)
+    s.finish(old, "stop")
+    back = s.schedule()  # readmitted: prompt and outputs run again, the last one samples
+    assert back.seqs == [young] and back.message.segments[0].length == 9
+    assert back.message.admitted[0].output_ids == (7, 7)
