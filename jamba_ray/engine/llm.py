@@ -47,7 +47,9 @@ class LLM:
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
         task: str = "generate",
     ) -> list[RequestOutput]:
-        """One finished output per prompt, in prompt order; all prompts run concurrently."""
+        """One finished output per prompt, in prompt order; all prompts run concurrently, except
+        that prompts sharing their first blocks wait for the first of them (prefix caching): a
+        common instruction is then computed once."""
         prompts = [prompts] if isinstance(prompts, str) else prompts
         if not isinstance(prompts, list) or not prompts:
             raise InvalidRequestError(
@@ -58,12 +60,13 @@ class LLM:
         if len(per) != len(prompts):
             raise InvalidRequestError("give one SamplingParams, or one per prompt")
         results: dict[str, RequestOutput | BaseException] = {}
-        order: list[str] = []
+        order = [f"llm-{next(self._ids)}" for _ in prompts]
         try:
-            for prompt, p in zip(prompts, per):
-                order.append(f"llm-{next(self._ids)}")
-                self.engine.add_request(order[-1], prompt, p, _collector(results, order[-1]), task)
-            self._run()
+            for wave in self._waves(prompts, per):
+                for i in wave:
+                    collect = _collector(results, order[i])
+                    self.engine.add_request(order[i], prompts[i], per[i], collect, task)
+                self._run()
         except BaseException:
             for rid in order:
                 self.engine.abort(rid)
@@ -73,6 +76,21 @@ class LLM:
         if errors:
             raise errors[0]
         return [results[rid] for rid in order]
+
+    def _waves(self, prompts: list, params: list[SamplingParams]) -> list[list[int]]:
+        """Prompt indices in two waves: the first prompt of each group sharing its first two KV
+        blocks of tokens, then the rest (which resume from the first's checkpoints). Prompts
+        asking for prompt logprobs need all their positions computed: they never wait."""
+        if self.engine.kv.prefix is None:
+            return [list(range(len(prompts)))]
+        key_len, seen, first, rest = 2 * self.engine.kv.block_size, set(), [], []
+        for i, p in enumerate(prompts):
+            ids = self.tokenizer(p).input_ids if isinstance(p, str) else p
+            shareable = len(ids) > key_len and params[i].prompt_logprobs is None
+            key = tuple(ids[:key_len]) if shareable else None
+            (rest if key is not None and key in seen else first).append(i)
+            seen.add(key)
+        return [first, rest] if rest else [first]
 
     def _run(self) -> None:
         eng = self.engine

@@ -52,71 +52,19 @@ class EngineMetrics:
 
     def render(self, stats: dict, labels: str = "") -> str:
         """Prometheus text exposition of the engine's gauges, counters and latency histograms."""
-        lab = f"{{{labels}}}" if labels else ""
         sep = "," if labels else ""
-        lines = []
-
-        def metric(name, kind, help_text, value, extra=""):
-            lines.extend([f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"])
+        lines: list[str] = []
+        for name, kind, help_text, key in ENGINE:
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
             lines.append(
-                f"{name}{{{labels}{sep}{extra}}} {value}" if extra else f"{name}{lab} {value}"
+                f"{name}{{{labels}}} {stats.get(key, 0)}"
+                if labels
+                else f"{name} {stats.get(key, 0)}"
             )
-
-        metric(
-            "jamba_ray_requests_running",
-            "gauge",
-            "Requests holding state slots.",
-            stats["requests_running"],
-        )
-        metric(
-            "jamba_ray_requests_waiting",
-            "gauge",
-            "Requests queued for a free slot.",
-            stats["requests_waiting"],
-        )
-
-        def per_stage(name, kind, help_text, key):
-            lines.extend([f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"])
-            for s in stats.get("stages", []):
-                lines.append(f'{name}{{{labels}{sep}stage="{s["stage"]}"}} {s.get(key, 0)}')
-
-        metric(
-            "jamba_ray_slots_in_use",
-            "gauge",
-            "State slots held (the same slots on every stage: the engine allocates them).",
-            stats["slots_in_use"],
-        )
-        per_stage(
-            "jamba_ray_stage_busy_seconds_total",
-            "counter",
-            "Time a stage spent computing.",
-            "busy_s",
-        )
-        per_stage(
-            "jamba_ray_stage_p2p_sends_total",
-            "counter",
-            "Hidden-state sends over the p2p transport.",
-            "p2p_sent",
-        )
-        per_stage(
-            "jamba_ray_stage_decode_graph_steps_total",
-            "counter",
-            "Decode steps run at fixed shapes (CUDA graph replays on GPUs).",
-            "decode_graph_steps",
-        )
-        metric("jamba_ray_slots_total", "gauge", "State slots per stage.", stats["slots_total"])
-        metric(
-            "jamba_ray_generated_tokens_total",
-            "counter",
-            "Tokens generated.",
-            stats["generated_tokens"],
-        )
-        metric(
-            "jamba_ray_requests_finished_total",
-            "counter",
-            "Requests finished.",
-            stats["finished_requests"],
-        )
+        for name, kind, help_text, key in STAGE:
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+            for st in stats.get("stages", []):
+                lines.append(f'{name}{{{labels}{sep}stage="{st["stage"]}"}} {st.get(key, 0)}')
         lines += self.ttft.render(
             "jamba_ray_time_to_first_token_seconds", "Time to first token.", labels
         )
@@ -126,3 +74,58 @@ class EngineMetrics:
             labels,
         )
         return "\n".join(lines) + "\n"
+
+
+# (name, kind, help, key in the engine's stats). Slots and blocks are allocated by the engine with
+# one numbering on every stage, so in-use counts are the same everywhere; pool sizes differ.
+ENGINE = [
+    ("jamba_ray_requests_running", "gauge", "Requests holding state slots.", "requests_running"),
+    ("jamba_ray_requests_waiting", "gauge", "Requests queued for a free slot.", "requests_waiting"),
+    ("jamba_ray_slots_in_use", "gauge", "Mamba state slots held (on every stage).", "slots_in_use"),
+    ("jamba_ray_slots_total", "gauge", "Mamba state slots per stage.", "slots_total"),
+    ("jamba_ray_kv_blocks_in_use", "gauge", "KV blocks held (on every stage).", "kv_blocks_in_use"),
+    ("jamba_ray_kv_blocks_total", "gauge", "KV blocks per stage.", "kv_blocks_total"),
+    (
+        "jamba_ray_kv_blocks_cached",
+        "gauge",
+        "KV blocks findable by prefix hash.",
+        "kv_blocks_cached",
+    ),
+    (
+        "jamba_ray_prefix_checkpoints",
+        "gauge",
+        "Mamba checkpoints kept for reuse.",
+        "prefix_checkpoints",
+    ),
+    (
+        "jamba_ray_prefix_cache_queries_total",
+        "counter",
+        "Prompt tokens looked up in the prefix cache.",
+        "prefix_cache_queries",
+    ),
+    (
+        "jamba_ray_prefix_cache_hits_total",
+        "counter",
+        "Prompt tokens resumed from the prefix cache.",
+        "prefix_cache_hits",
+    ),
+    ("jamba_ray_preemptions_total", "counter", "Sequences preempted for KV blocks.", "preemptions"),
+    ("jamba_ray_generated_tokens_total", "counter", "Tokens generated.", "generated_tokens"),
+    ("jamba_ray_requests_finished_total", "counter", "Requests finished.", "finished_requests"),
+]
+STAGE = [
+    ("jamba_ray_stage_state_bytes", "gauge", "Bytes of a stage's state pool.", "pool_bytes"),
+    ("jamba_ray_stage_busy_seconds_total", "counter", "Time a stage spent computing.", "busy_s"),
+    (
+        "jamba_ray_stage_p2p_sends_total",
+        "counter",
+        "Hidden-state sends over the p2p transport.",
+        "p2p_sent",
+    ),
+    (
+        "jamba_ray_stage_decode_graph_steps_total",
+        "counter",
+        "Decode steps run at fixed shapes (CUDA graph replays on GPUs).",
+        "decode_graph_steps",
+    ),
+]

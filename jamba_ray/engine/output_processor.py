@@ -138,6 +138,7 @@ class OutputProcessor:
             finished,
             state.prompt_logprobs if finished else None,
             scores=state.scores,
+            num_cached_tokens=state.seqs[0].num_cached,
         )
         if finished:
             del self.requests[request_id]

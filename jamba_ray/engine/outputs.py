@@ -44,6 +44,9 @@ class RequestOutput:
     prompt_logprobs: list[dict[int, float] | None] | None = None
     delta: bool = True
     scores: list[float] | None = None  # classification head logits (classify requests)
+    num_cached_tokens: int = (
+        0  # prompt tokens resumed from the prefix cache (OpenAI's cached_tokens)
+    )
 
 
 class TextTracker:

@@ -73,7 +73,8 @@ class Scheduler:
             seq.slot, *fork_slots = self.slots.allocate(1 + len(seq.forks))
             for fork, slot in zip(seq.forks, fork_slots):
                 fork.slot, fork.blocks = slot, self.kv.blocks.allocate(1)  # its copied last block
-            self.kv.resume(seq)
+            if not _wants_prompt_logprobs(seq):  # (those need every prompt position's logits)
+                self.kv.resume(seq)
             self.running.append(seq)
 
     # ---- what runs next ---------------------------------------------------------------------
@@ -190,11 +191,7 @@ class Scheduler:
         # Samples only where the sequence's known tokens end (a replay also re-runs its outputs).
         samples = tuple(q.seq_id for q in (*seq.forks, seq)) if end >= seq.length else ()
         # Prompt logprobs are the request's, collected once: from its first sample.
-        wants_prompt = (
-            seq.in_prefill
-            and seq.index == 0
-            and getattr(seq.params, "prompt_logprobs", None) is not None
-        )
+        wants_prompt = seq.in_prefill and _wants_prompt_logprobs(seq)
         logits = "all" if wants_prompt else "last" if samples else "none"
         return Segment(seq.seq_id, seq.slot, start, n, logits, samples, **state)
 
@@ -282,6 +279,10 @@ class Scheduler:
             for q in (s, *s.forks):
                 if q.seq_id == info.seq_id:
                     q.registered = False
+
+
+def _wants_prompt_logprobs(seq: Sequence) -> bool:
+    return seq.index == 0 and getattr(seq.params, "prompt_logprobs", None) is not None
 
 
 def _decoding(seq: Sequence) -> bool:

@@ -118,3 +118,29 @@ def test_forks_share_the_prompts_blocks_and_sample_as_before(tiny_ckpt):
     assert [samples[i] for i in range(3)] == [single[:5]] * 3
     assert eng.stats_local()["forks"] == 2
     assert_nothing_leaked(eng)
+
+
+def test_rows_that_share_an_instruction_compute_it_once(tiny_ckpt):
+    """LLM.generate (what batch jobs run) sends the first row of a shared prefix ahead: the others
+    resume from its checkpoints and answer as without the cache. Scoring (prompt logprobs) needs
+    every position's logits, so it never resumes, and is exact either way."""
+    from jamba_ray.engine.llm import LLM
+
+    rows = [SYSTEM + [60 + i, 61 + i, 62 + i] for i in range(4)]
+    base = dict(
+        num_stages=2,
+        backend="local",
+        max_num_seqs=4,
+        max_model_len=128,
+        block_size=4,
+        checkpoint_every=6,
+    )
+    cached, plain = LLM(tiny_ckpt, **base), LLM(tiny_ckpt, enable_prefix_caching=False, **base)
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    got, want = cached.generate(rows, params), plain.generate(rows, params)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    assert [o.num_cached_tokens for o in got] == [0, 36, 36, 36]
+    before = cached.stats()["prefix_cache_hits"]
+    for a, b in zip(cached.score(rows), plain.score(rows)):
+        assert a["token_logprobs"] == pytest.approx(b["token_logprobs"], abs=1e-5)
+    assert cached.stats()["prefix_cache_hits"] == before
