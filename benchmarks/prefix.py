@@ -17,6 +17,7 @@ import argparse
 import json
 import platform
 import time
+from pathlib import Path
 
 import torch
 from throughput import prompts, small_checkpoint
@@ -76,6 +77,19 @@ def ttft_rows(path, stages: int, system_len: int) -> list[tuple[str, float, floa
     ]
 
 
+def long_checkpoint() -> Path:
+    """The small preset with 32K positions (its default is 4K)."""
+    from jamba_ray.tiny import TinySpec, default_tiny_dir, init_tiny
+
+    path = default_tiny_dir().parent / "small-32k"
+    if not (path / "model.safetensors.index.json").exists():
+        spec = TinySpec(
+            preset="small", max_shard_size="50MB", overrides=(("max_position_embeddings", 32768),)
+        )
+        init_tiny(path, spec)
+    return path
+
+
 def capacity_row(path, stages: int) -> tuple[int, int, int]:
     """(peak sequences running, contiguous-layout capacity, requests)."""
     from jamba_ray.config.capacity import per_stage
@@ -115,7 +129,7 @@ def main() -> None:
     ray.init(include_dashboard=False, log_to_driver=False)
     path = small_checkpoint()
     ttft = ttft_rows(path, a.stages, a.system)
-    peak, contiguous, total = capacity_row(path, a.stages)
+    peak, contiguous, total = capacity_row(long_checkpoint(), a.stages)
     ray.shutdown()
     if a.json:
         print(json.dumps({"ttft": ttft, "capacity": [peak, contiguous, total]}))

@@ -45,8 +45,11 @@ def per_stage(plans: list[StagePlan], block_size: int) -> tuple[int, int]:
     )
 
 
-def derive_capacity(spec: ModelSpec, cfg: EngineConfig, plans: list[StagePlan]) -> Capacity:
-    """Clamp max_model_len to the model and the slots to the budget, saying why."""
+def derive_capacity(
+    spec: ModelSpec, cfg: EngineConfig, plans: list[StagePlan], budget_bytes: int | None = None
+) -> Capacity:
+    """Clamp max_model_len to the model and the slots to the budget (`budget_bytes`, measured on
+    the stages, else `state_memory_gib`), saying why."""
     notes: list[str] = []
     st = cfg.state
     max_len = cfg.model.max_model_len or min(spec.max_position_embeddings, 4096)
@@ -56,7 +59,7 @@ def derive_capacity(spec: ModelSpec, cfg: EngineConfig, plans: list[StagePlan]) 
         )
         max_len = spec.max_position_embeddings
     slot_bytes, block_bytes = per_stage(plans, st.block_size)
-    budget = int(st.state_memory_gib * GiB)
+    budget = budget_bytes if budget_bytes is not None else int(st.state_memory_gib * GiB)
     min_blocks = -(-max_len // st.block_size) + 1  # one whole sequence (+ the probe's block)
     per_seq = slot_bytes * (2 if st.enable_prefix_caching else 1)  # its slot (and a checkpoint)
     fit = (budget - min_blocks * block_bytes) // max(per_seq, 1) - 1  # (-1: the probe's slot)

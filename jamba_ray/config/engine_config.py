@@ -47,11 +47,18 @@ class StateConfig:
     checkpoint_every: int = 512  # tokens between Mamba checkpoints inside a long prompt
     num_checkpoints: int | None = None  # None: one per state slot
     num_kv_blocks: int | None = None  # None: what the budget holds (vLLM's num_gpu_blocks_override)
+    # GPU stages: this fraction of the device, less weights and a measured activation peak, is the
+    # budget instead of state_memory_gib (vLLM's name; None: the stated budget)
+    gpu_memory_utilization: float | None = None
 
     def __post_init__(self) -> None:
         if self.state_memory_gib <= 0:
             raise ConfigError(f"state_memory_gib must be positive, got {self.state_memory_gib}")
         _positive(self, "block_size", "checkpoint_every")
+        if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
 
 
 @dataclass(frozen=True, slots=True)

@@ -44,19 +44,23 @@ class EngineCore:
         place = config.placement
         slices = [tuple(s) for s in place.stage_slices] if place.stage_slices else None
         self.plans = plan(self.spec, place.num_stages, slices, config.model.dtype, place.balance)
-        self.capacity = derive_capacity(self.spec, config, self.plans)
+        measured = bool(config.state.gpu_memory_utilization and place.num_gpus_per_stage)
+        if not measured:  # a stated budget: refuse what cannot fit before any stage starts
+            self.capacity = derive_capacity(self.spec, config, self.plans)
         if place.device_memory_gib:
             require_fit(fit_check(self.spec, config, self.plans))
         self.has_classifier = "score.weight" in ckpt.weight_map()
         self.tokenizer = load_tokenizer(ckpt.root)
         make_pipeline = make_pipeline or _backend(place.backend)
         self.pipeline = make_pipeline(
-            config,
-            ckpt.repo_id or str(ckpt.root),
-            self.plans,
-            self.capacity,
-            self.spec.eos_token_id,
+            config, ckpt.repo_id or str(ckpt.root), self.plans, self.spec.eos_token_id
         )
+        if measured:
+            budget = self.pipeline.measure(
+                config.state.gpu_memory_utilization, config.scheduler.max_batched_tokens
+            )
+            self.capacity = derive_capacity(self.spec, config, self.plans, budget)
+        self.pipeline.allocate(self.capacity)
         cap, st = self.capacity, config.state
         self.kv = KVCache(cap.num_blocks, cap.block_size, cap.num_checkpoints, st.checkpoint_every)
         self.scheduler = Scheduler(config.scheduler, cap.max_num_seqs, self.kv, len(self.plans))

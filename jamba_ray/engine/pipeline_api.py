@@ -23,6 +23,12 @@ class Pipeline(Protocol):
     async def wait_async(self, handle: object) -> StepResult | StepFailure:
         """The same, for an asyncio driver."""
 
+    def measure(self, utilization: float, tokens: int) -> int:
+        """GPU stages: the bytes each can give to state (the least of them)."""
+
+    def allocate(self, capacity) -> None:
+        """Size every stage's state pool to `capacity` (a config.capacity.Capacity)."""
+
     def dead_stages(self) -> list[int]:
         """Stages that no longer answer."""
 

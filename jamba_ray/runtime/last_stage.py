@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..engine.messages import SeqInfo, StepMessage, StepResult
+from ..model.grammar import Constraints
 from ..model.sampler import RowInput, sample, top_logprobs
 
 
@@ -26,15 +27,21 @@ class _Row:
 
 
 class SamplingTable:
-    def __init__(self, eos_id: int | None):
+    def __init__(self, eos_id: int | None, tokenizer_path: str | None = None):
+        """`tokenizer_path`: the vocabulary grammars compile against (else each spec names it)."""
         self.eos_id = eos_id
         self.rows: dict[int, _Row] = {}
+        self.grammars = Constraints(eos_id, tokenizer_path)
 
     def update(self, msg: StepMessage) -> None:
         for sid in msg.finished:
             self.rows.pop(sid, None)
+            self.grammars.forget(sid)
         for info in msg.admitted:  # (again, after a replay: the driver's tokens are the truth)
             self.rows[info.seq_id] = _Row(info, list(info.output_ids))
+            spec = getattr(info.params, "structured", None)
+            if spec is not None:
+                self.grammars.admit(info.seq_id, spec, info.output_ids)
 
     def result(
         self, msg: StepMessage, logits: torch.Tensor, scores: torch.Tensor | None
@@ -53,11 +60,13 @@ class SamplingTable:
                 score_row += 1
             draws += [(rows[-1], sid) for sid in seg.samples]
         if draws:
-            outs = sample(
-                logits[[r for r, _ in draws]], [self.rows[s].input() for _, s in draws], self.eos_id
-            )
-            for (_, sid), out in zip(draws, outs):
+            sids = [s for _, s in draws]
+            constrain = self.grammars.constrain(sids, logits.shape[-1])
+            rows = [self.rows[s].input() for s in sids]
+            outs = sample(logits[[r for r, _ in draws]], rows, self.eos_id, constrain)
+            for sid, out in zip(sids, outs):
                 self.rows[sid].output_ids.append(out.token)
+                self.grammars.accept(sid, out.token)
                 res.samples[sid] = out
         return res
 

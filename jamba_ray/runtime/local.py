@@ -12,19 +12,14 @@ from ..config.capacity import Capacity
 from ..config.engine_config import EngineConfig
 from ..config.planner import StagePlan
 from ..engine.messages import StepFailure, StepMessage, StepResult
-from .stage import Stage, probe_message, stage_specs
+from .stage import Stage, probe_message, sized, stage_specs
 
 
 class LocalPipeline:
     def __init__(
-        self,
-        config: EngineConfig,
-        model: str,
-        plans: list[StagePlan],
-        capacity: Capacity,
-        eos_id: int | None,
+        self, config: EngineConfig, model: str, plans: list[StagePlan], eos_id: int | None
     ):
-        self.specs = stage_specs(config, model, plans, capacity, eos_id)
+        self.specs = stage_specs(config, model, plans, eos_id)
         self.stages = [Stage(spec) for spec in self.specs]
         self.num_stages = len(self.stages)
 
@@ -45,6 +40,14 @@ class LocalPipeline:
 
     def probe(self, token_id: int) -> StepResult | StepFailure:
         return self.submit(probe_message(self.specs[0]), [token_id])
+
+    def measure(self, utilization: float, tokens: int) -> int:
+        return min(s.measure(utilization, tokens) for s in self.stages)
+
+    def allocate(self, capacity: Capacity) -> None:
+        self.specs = [sized(spec, capacity) for spec in self.specs]
+        for stage, spec in zip(self.stages, self.specs):
+            stage.allocate(spec)
 
     def dead_stages(self) -> list[int]:
         return []

@@ -24,7 +24,7 @@ from ..config.planner import StagePlan
 from ..engine.messages import StepFailure, StepMessage, StepResult
 from ..errors import StageFailedError
 from .placement import require_feasible, stage_bundle
-from .stage import Stage, StageSpec, probe_message, stage_specs
+from .stage import Stage, StageSpec, probe_message, sized, stage_specs
 from .transport import choose
 
 log = logging.getLogger(__name__)
@@ -57,12 +57,7 @@ def stage_env() -> dict[str, str]:
 
 class RayPipeline:
     def __init__(
-        self,
-        config: EngineConfig,
-        model: str,
-        plans: list[StagePlan],
-        capacity: Capacity,
-        eos_id: int | None,
+        self, config: EngineConfig, model: str, plans: list[StagePlan], eos_id: int | None
     ):
         ensure_ray()
         self.placement, self.num_stages = config.placement, len(plans)
@@ -81,7 +76,7 @@ class RayPipeline:
                 0,
             )
             self._wait(self.pg.ready(), "the placement group for the stages")
-        self.specs = stage_specs(config, model, plans, capacity, eos_id)
+        self.specs = stage_specs(config, model, plans, eos_id)
         self.stages = [self._start(spec) for spec in self.specs]
         self.info = self._wait([s.ready.remote() for s in self.stages], "stage start-up")
         self.transport = choose(
@@ -145,6 +140,16 @@ class RayPipeline:
 
     def probe(self, token_id: int):
         return self.submit(probe_message(self.specs[0]), [token_id])
+
+    def measure(self, utilization: float, tokens: int) -> int:
+        refs = [call(s.measure, utilization, tokens) for s in self.stages]
+        return min(self._wait(refs, "the stages' memory measurement"))
+
+    def allocate(self, capacity: Capacity) -> None:
+        """Size every stage's state pool (replacements start with these sizes)."""
+        self.specs = [sized(spec, capacity) for spec in self.specs]
+        refs = [call(s.allocate, spec) for s, spec in zip(self.stages, self.specs)]
+        self._wait(refs, "the stages' state pools")
 
     def dead_stages(self, timeout_s: float = 10.0) -> list[int]:
         dead = []

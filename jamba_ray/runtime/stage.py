@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -52,8 +52,8 @@ class StageSpec:
         return self.index == self.num_stages - 1
 
 
-def stage_specs(config, model: str, plans, capacity, eos_id: int | None) -> list[StageSpec]:
-    """One spec per stage plan; the device is decided here, once."""
+def stage_specs(config, model: str, plans, eos_id: int | None) -> list[StageSpec]:
+    """One spec per stage plan, its state not sized yet (`sized`); the device is decided here."""
     device = "cuda" if config.placement.num_gpus_per_stage else "cpu"
     m, c = config.model, config.compute
     return [
@@ -63,20 +63,29 @@ def stage_specs(config, model: str, plans, capacity, eos_id: int | None) -> list
             p.start,
             p.end,
             len(plans),
-            capacity.max_num_seqs + 1,
-            capacity.max_model_len,
-            capacity.num_blocks + 1,
-            capacity.block_size,
-            capacity.num_checkpoints,
-            m.dtype,
-            device,
-            c.threads_per_stage,
-            m.quantization,
-            c.decode_graphs,
-            eos_id,
+            0,
+            0,
+            dtype=m.dtype,
+            device=device,
+            threads=c.threads_per_stage,
+            quantization=m.quantization,
+            decode_graphs=c.decode_graphs,
+            eos_id=eos_id,
         )
         for p in plans
     ]
+
+
+def sized(spec: StageSpec, capacity) -> StageSpec:
+    """`spec` with its state pool's sizes: the engine's slots and blocks plus the probe's own."""
+    return replace(
+        spec,
+        slots=capacity.max_num_seqs + 1,
+        max_len=capacity.max_model_len,
+        blocks=capacity.num_blocks + 1,
+        block_size=capacity.block_size,
+        checkpoints=capacity.num_checkpoints,
+    )
 
 
 def probe_message(spec: StageSpec) -> StepMessage:
@@ -91,22 +100,10 @@ class Stage:
         if spec.device == "cuda" and not torch.cuda.is_available():
             raise StageFailedError(f"stage {spec.index} was placed for CUDA but sees no GPU")
         self.spec = spec
-        self.model, config = _load(spec)
-        dtype = getattr(torch, canonical_dtype(spec.dtype))
-        self.pool = StatePool(self.model.pool_shape(config, spec), dtype, spec.device)
-        self.graphs = None
-        if spec.decode_graphs:  # padding rows go to the last slot: the pipeline's probe slot
-            self.graphs = DecodeGraphs(
-                self.model,
-                self.pool,
-                config,
-                first=spec.first,
-                device=spec.device,
-                dtype=dtype,
-                scratch_slot=spec.slots - 1,
-                scratch_block=spec.blocks - 1,
-                max_batch=spec.slots - 1,
-            )
+        self.model, self.config = _load(spec)
+        self.pool, self.graphs = None, None
+        if spec.blocks:  # else sized later: allocate(), after measure()
+            self.allocate(spec)
         self.sampling = SamplingTable(spec.eos_id) if spec.last else None
         self.tables: dict[int, list[int]] = {}  # each sequence's KV block table
         self.link: PeerLink | None = None  # set by connect() when hidden states go point-to-point
@@ -119,6 +116,57 @@ class Stage:
             "busy_s": 0.0,
             "sampled_rows": 0,
         }
+
+    def allocate(self, spec: StageSpec) -> None:
+        """Build the state pool (and the fixed-shape decode steps on it) at `spec`'s sizes."""
+        self.spec, self.pool, self.graphs = spec, None, None
+        dtype = getattr(torch, canonical_dtype(spec.dtype))
+        self.pool = StatePool(self.model.pool_shape(self.config, spec), dtype, spec.device)
+        if spec.decode_graphs:  # padding rows go to the last slot and block: the probe's
+            self.graphs = DecodeGraphs(
+                self.model,
+                self.pool,
+                self.config,
+                first=spec.first,
+                device=spec.device,
+                dtype=dtype,
+                scratch_slot=spec.slots - 1,
+                scratch_block=spec.blocks - 1,
+                max_batch=spec.slots - 1,
+            )
+
+    def measure(self, utilization: float, tokens: int) -> int:
+        """Bytes this GPU can give to state: `utilization` of the device, less what the weights and
+        the peak of a `tokens`-token prefill (on a throwaway pool) take."""
+        if self.spec.device != "cuda":
+            raise StageFailedError("measure() sizes GPU stages; CPU stages take state_memory_gib")
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        blocks = -(-tokens // self.spec.block_size) + 1
+        probe = replace(
+            self.spec, slots=2, blocks=blocks, checkpoints=0, max_len=tokens, decode_graphs=False
+        )
+        self.allocate(probe)
+        msg = StepMessage(0, (Segment(0, 0, 0, tokens, "all", blocks=tuple(range(blocks - 1))),))
+        x = (
+            torch.zeros(tokens, dtype=torch.long)
+            if self.spec.first
+            else torch.zeros(
+                tokens,
+                self.config.hidden_size,
+                dtype=getattr(torch, canonical_dtype(self.spec.dtype)),
+            )
+        )
+        with torch.inference_mode():
+            self.model(msg, x.to(self.spec.device), self.pool, {0: list(range(blocks - 1))})
+        torch.cuda.synchronize()
+        peak, total = (
+            torch.cuda.max_memory_allocated(),
+            torch.cuda.get_device_properties(0).total_memory,
+        )
+        self.pool = None
+        torch.cuda.empty_cache()
+        return int(total * utilization - peak)
 
     def ready(self) -> dict:
         return {"index": self.spec.index, "pid": os.getpid(), "node_id": _node_id()}

@@ -44,3 +44,16 @@ def test_a_kv_block_count_too_small_for_one_sequence_is_refused(tiny_ckpt):
     cfg = EngineConfig.build(tiny_ckpt, max_model_len=128, num_kv_blocks=3)
     with pytest.raises(ConfigError, match="num_kv_blocks=3 cannot hold one 128-token sequence"):
         derive_capacity(spec, cfg, plan(spec, 1))
+
+
+def test_a_measured_budget_replaces_the_stated_one(tiny_ckpt):
+    """GPU stages measure what they can give to state (gpu_memory_utilization); the engine
+    sizes every stage from the least of them."""
+    spec = ModelSpec.from_path(tiny_ckpt)
+    cfg = EngineConfig.build(tiny_ckpt, state_memory_gib=4.0, max_model_len=128, max_num_seqs=64)
+    plans = plan(spec, 2)
+    small = derive_capacity(spec, cfg, plans, budget_bytes=2**20)
+    assert small.max_num_seqs < 64 and all(pool_bytes(small, p) <= 2**20 for p in plans)
+    assert derive_capacity(spec, cfg, plans).max_num_seqs == 64
+    with pytest.raises(ConfigError, match="gpu_memory_utilization"):
+        EngineConfig.build(tiny_ckpt, gpu_memory_utilization=1.5)

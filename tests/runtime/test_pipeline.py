@@ -8,7 +8,7 @@ from jamba_ray.config.capacity import Capacity
 from jamba_ray.config.planner import plan
 from jamba_ray.engine.messages import StepMessage
 from jamba_ray.runtime.pipeline import RayPipeline
-from tests.conftest import BLOCK, PROMPTS, STAGE_CPUS, hf_greedy, seg
+from tests.conftest import BLOCK, PROMPTS, STAGE_CPUS, hf_greedy, seg, steps_before_tie
 
 STEPS = 12
 
@@ -16,7 +16,9 @@ STEPS = 12
 def pipeline(path, plans, slots, max_len, **options) -> RayPipeline:
     cfg = EngineConfig.build(path, num_stages=len(plans), num_cpus_per_stage=STAGE_CPUS, **options)
     blocks = slots * -(-max_len // BLOCK)
-    return RayPipeline(cfg, path, plans, Capacity(slots, max_len, blocks, BLOCK), eos_id=2)
+    pipe = RayPipeline(cfg, path, plans, eos_id=2)
+    pipe.allocate(Capacity(slots, max_len, blocks, BLOCK))
+    return pipe
 
 
 def logits_of(pipe: RayPipeline, msg: StepMessage, tokens: list[int]) -> torch.Tensor:
@@ -87,8 +89,12 @@ def test_greedy_tokens_and_logits_match_transformers(
         tokens, logits = greedy(pipe, PROMPTS, STEPS)
         for i, prompt in enumerate(PROMPTS):
             ref_tokens, ref_logits = hf_greedy(path, prompt, STEPS)
-            assert tokens[i] == ref_tokens, f"prompt {i}"
-            torch.testing.assert_close(logits[i], ref_logits, atol=1e-5, rtol=0)
+            # fp32 both, summed in another order (~1e-6): tokens equal at every clear call; the
+            # logits up to and at HF's first near-tie (after it the two runs may feed on others)
+            clear = steps_before_tie(ref_logits.topk(2, dim=-1).values)
+            assert tokens[i][:clear] == ref_tokens[:clear], f"prompt {i}"
+            n = min(clear + 1, STEPS)
+            torch.testing.assert_close(logits[i][:n], ref_logits[:n], atol=1e-5, rtol=0)
         stats = pipe.stats()
         assert [s["layers"] for s in stats] == [[p.start, p.end] for p in plans]
         if transport == "p2p":  # every hop went point-to-point, none through the object store
