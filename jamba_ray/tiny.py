@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -12,10 +13,14 @@ from .errors import ConfigError
 
 SPECIAL_TOKENS = ["<|pad|>", "<|startoftext|>", "<|endoftext|>"]  # ids 0, 1, 2 as in Jamba
 
+# Tools and assistant tool calls render in Jamba's own format (what vLLM's `jamba` parser reads).
 CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "<|{{ message['role'] }}|>{{ message['content'] }}\n"
-    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    "{{ bos_token }}{% if tools %}<|tools|>{{ tools | tojson }}\n{% endif %}"
+    "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}"
+    "{% if message.get('tool_calls') %}<tool_calls>[{% for call in message['tool_calls'] %}"
+    "{% if not loop.first %}, {% endif %}{\"name\": {{ call['function']['name'] | tojson }}, "
+    "\"arguments\": {{ call['function']['arguments'] | tojson }}}{% endfor %}]</tool_calls>"
+    "{% endif %}{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -113,21 +118,28 @@ def build_tokenizer(vocab_size: int):
     )
 
 
-def init_tiny(out_dir: str | Path, spec: TinySpec = TinySpec()) -> Path:
+def init_tiny(
+    out_dir: str | Path, spec: TinySpec = TinySpec(), say: Callable[[str], None] | None = None
+) -> Path:
     """Write a random Jamba checkpoint (config, sharded safetensors + index, tokenizer) to
-    `out_dir`."""
+    `out_dir`; `say` hears each step."""
     import torch
     from transformers import JambaConfig, JambaForCausalLM, JambaForSequenceClassification
 
+    say = say or (lambda msg: None)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = JambaConfig(**spec.config_kwargs())
     torch.manual_seed(spec.seed)
     cls = JambaForSequenceClassification if spec.classifier_labels else JambaForCausalLM
+    say(f"random {spec.preset} Jamba weights ({config.num_hidden_layers} layers, seed {spec.seed})")
     model = cls(config).eval()
     if spec.classifier_labels:
         _add_lm_head(model, config)
+    params = sum(p.numel() for p in model.parameters())
+    say(f"writing {params:,} parameters as safetensors shards of at most {spec.max_shard_size}")
     model.save_pretrained(out, max_shard_size=spec.max_shard_size)
+    say(f"training a byte-level BPE tokenizer ({config.vocab_size} tokens) on the shipped corpus")
     build_tokenizer(config.vocab_size).save_pretrained(out)
     (out / "jamba_ray_tiny.json").write_text(json.dumps({"preset": spec.preset, "seed": spec.seed}))
     return out

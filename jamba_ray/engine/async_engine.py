@@ -131,6 +131,20 @@ class AsyncEngine:
         if isinstance(result, StepFailure):
             raise StageFailedError(f"health probe failed: {result.error}")
 
+    async def check(self, timeout_s: float = 30.0) -> None:
+        """Serve's health check: passes while a recovery is under way (failing would kill the
+        streams it keeps alive); a dead stage found by the probe starts one; raises only for a
+        pipeline that is broken and not recovering."""
+        if self.recovering:
+            return
+        try:
+            await self.probe(timeout_s)
+        except (StageFailedError, TimeoutError):
+            if not await asyncio.to_thread(self.core.pipeline.dead_stages):
+                raise
+            self.core.recovery.stage_died()
+            self._kick()
+
     async def stats(self) -> dict:
         stages = await asyncio.to_thread(self.core.pipeline.stats)
         return {**self.core.stats_local(), "stages": stages}

@@ -36,6 +36,9 @@ class EngineClient(Protocol):
     async def probe(self, timeout_s: float = 60.0) -> None:
         """A real forward through every stage; raises StageFailedError when one cannot compute."""
 
+    async def check(self, timeout_s: float = 30.0) -> None:
+        """Health for Serve: passes while recovering; raises when broken and not recovering."""
+
     async def stats(self) -> dict:
         """Engine numbers plus per-stage counters under "stages"."""
 

@@ -43,24 +43,30 @@ class Recovery:
         self.failures.append((mb, failure))
 
     def replace_dead(self) -> list[int] | StageFailedError:
-        """Blocking: the stages replaced (none: a compute error), or why they could not be."""
-        pipeline, unconfirmed = self.core.pipeline, set()
+        """Blocking: the stages replaced (none: a compute error), or why they could not be. Dead
+        stages are looked for again after each replacement: a second stage dying meanwhile, a
+        replacement dying, or one that missed its start-up deadline but came up after all."""
+        pipeline, replaced = self.core.pipeline, set()
         for attempt in range(self.max_restarts + 1):
             dead = pipeline.dead_stages()
-            if not dead:  # (a replacement that missed its start-up deadline may answer after all)
-                _reconnect(pipeline)
-                return sorted(unconfirmed)
+            if not dead:
+                if not replaced:  # a compute error may have left the p2p link out of step
+                    _reconnect(pipeline)
+                return sorted(replaced)
             if attempt == self.max_restarts:
                 break
             log.warning("stages %s died; starting replacements (attempt %d)", dead, attempt + 1)
+            replaced |= set(dead)
             try:
                 pipeline.replace(dead)
             except StageFailedError as e:
                 log.error("replacement failed: %s", e)
-                unconfirmed |= set(dead)
-                continue
-            return sorted(unconfirmed | set(dead))
         return StageFailedError("pipeline stages died and could not be replaced")
+
+    def stage_died(self) -> None:
+        """A probe found a dead stage with nothing in flight: recover in the next step."""
+        if not self.failures:
+            self.failures.append((None, StepFailure("a stage stopped answering")))
 
     def resume(self, outcome: list[int] | StageFailedError) -> None:
         """Repair the bookkeeping once nothing is in flight (see the module docstring)."""
@@ -75,7 +81,8 @@ class Recovery:
             self._replay(list(core.scheduler.running), suspect=False)
         else:
             for mb, failure in failures:
-                self._isolate(mb, failure)
+                if mb is not None:
+                    self._isolate(mb, failure)
         for seq in list(core.scheduler.running):  # aborted while its micro-batch was failing
             if seq.aborted:
                 core.finish_seq(seq)

@@ -33,6 +33,44 @@ def _as_int_tuple(ids, name: str) -> tuple[int, ...]:
     _fail(f"{name} must be a list of integers")
 
 
+GRAMMAR_KINDS = ("json", "json_object", "regex", "choice", "grammar", "structural_tag")
+
+
+@dataclass(frozen=True, slots=True)
+class StructuredOutputs:
+    """A grammar the output must follow (vLLM's structured outputs): exactly one of `json` (a
+    JSON schema, as JSON text), `json_object`, `regex`, `choice`, `grammar` (EBNF) or
+    `structural_tag` (xgrammar's JSON form). The last stage masks every step's logits with it and
+    allows EOS only where the grammar may end. Checked here, so a bad one is refused up front."""
+
+    json: str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+    structural_tag: str | None = None
+    any_whitespace: bool = True  # vLLM's disable_any_whitespace, negated
+    tokenizer: str | None = (
+        None  # the tokenizer the mask is built for (the fronts set the engine's)
+    )
+
+    def __post_init__(self) -> None:
+        if self.choice is not None:
+            if not self.choice or not all(isinstance(c, str) and c for c in self.choice):
+                _fail("choice must be a non-empty list of non-empty strings")
+            object.__setattr__(self, "choice", tuple(self.choice))
+        given = [k for k in GRAMMAR_KINDS if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            _fail(f"structured outputs take exactly one of {', '.join(GRAMMAR_KINDS)}; got {given}")
+        from ..model.grammar import check  # xgrammar, only for requests that use it
+
+        check(self)
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in GRAMMAR_KINDS if getattr(self, k) not in (None, False))
+
+
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
     """vLLM-style sampling parameters. `temperature=0` is greedy."""
@@ -54,6 +92,8 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    structured: StructuredOutputs | None = None
+    priority: int = 0  # lower runs first (vLLM's priority scheduling)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", _as_str_tuple(self.stop))
@@ -62,6 +102,20 @@ class SamplingParams:
         )
         self._check_counts()
         self._check_ranges()
+        self._check_structured()
+
+    def _check_structured(self) -> None:
+        if not isinstance(self.priority, int) or isinstance(self.priority, bool):
+            _fail(f"priority must be an integer, got {self.priority!r}")
+        if self.structured is None:
+            return
+        if not isinstance(self.structured, StructuredOutputs):
+            _fail("structured must be a StructuredOutputs")
+        # Both would keep the sequence past the grammar's end, where no token is allowed.
+        if self.ignore_eos:
+            _fail("ignore_eos cannot be combined with structured outputs")
+        if self.min_tokens:
+            _fail("min_tokens cannot be combined with structured outputs")
 
     def _check_counts(self) -> None:
         if not isinstance(self.n, int) or self.n < 1:

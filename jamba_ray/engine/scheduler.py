@@ -52,12 +52,19 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def add(self, seq: Sequence) -> None:
-        """Queue a request's first sample; its other samples ride along in `seq.forks`."""
+        """Queue a request's first sample (its other samples ride along in `seq.forks`), in
+        priority order: lower `priority` first, then arrival."""
         if 1 + len(seq.forks) > self.slots.num_slots:
             raise ValueError(
                 f"n={1 + len(seq.forks)} exceeds the {self.slots.num_slots} state slots"
             )
-        self.waiting.append(seq)
+        self._enqueue(seq)
+
+    def _enqueue(self, seq: Sequence) -> None:
+        at = next(
+            (i for i, w in enumerate(self.waiting) if _rank(w) > _rank(seq)), len(self.waiting)
+        )
+        self.waiting.insert(at, seq)
 
     def admit(self) -> None:
         """Move waiting requests to running while their slots (n per request) and the blocks of
@@ -122,14 +129,12 @@ class Scheduler:
         """Blocks for `seq` up to `end`, preempting the youngest sequences not in flight and not
         in `keep` (ids of those already chosen) for them."""
         while not self.kv.grow(seq, end):
-            victim = next(
-                (
-                    s
-                    for s in reversed(self.running)
-                    if id(s) not in keep and not s.in_flight and s.slot is not None
-                ),
-                None,
-            )
+            victims = [
+                s
+                for s in self.running
+                if id(s) not in keep and not s.in_flight and s.slot is not None
+            ]
+            victim = max(victims, key=_rank, default=None)  # the lowest priority, youngest
             if victim is None:
                 return False
             self.preempt(victim)
@@ -145,7 +150,7 @@ class Scheduler:
             q.slot, q.registered = None, False
         seq.num_computed, seq.restore, seq.suspect = 0, None, False
         self.running.remove(seq)
-        self.waiting.appendleft(seq)
+        self._enqueue(seq)  # (its arrival rank puts it before later ones of its priority)
         self.preempted.append(seq)
         self.num_preemptions += 1
 
@@ -279,6 +284,11 @@ class Scheduler:
             for q in (s, *s.forks):
                 if q.seq_id == info.seq_id:
                     q.registered = False
+
+
+def _rank(seq: Sequence) -> tuple[int, int]:
+    """Lower runs first: the request's priority (vLLM's), then arrival."""
+    return (getattr(seq.params, "priority", 0) or 0, seq.seq_id)
 
 
 def _wants_prompt_logprobs(seq: Sequence) -> bool:

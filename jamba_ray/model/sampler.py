@@ -7,6 +7,7 @@ last stage's device; a seed gives the same tokens on the same kind of device.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -29,11 +30,19 @@ class RowInput:
         return len(self.output_ids) if self.num_output is None else self.num_output
 
 
-def sample(logits: torch.Tensor, rows: list[RowInput], eos_id: int | None) -> list[SampledToken]:
-    """logits [R, V] fp32 -> one sampled token per row."""
+def sample(
+    logits: torch.Tensor,
+    rows: list[RowInput],
+    eos_id: int | None,
+    constrain: Callable[[torch.Tensor], None] | None = None,
+) -> list[SampledToken]:
+    """logits [R, V] fp32 -> one sampled token per row. `constrain` masks the rows that follow a
+    grammar (in place, after the penalties); reported logprobs stay the model's own."""
     raw_logprobs = torch.log_softmax(logits, dim=-1)  # [R, V] reported logprobs are the model's
     logits = _apply_penalties(logits.clone(), rows)
     _mask_eos(logits, rows, eos_id)
+    if constrain is not None:
+        constrain(logits)
     tokens = logits.argmax(dim=-1)  # [R]
     drawn = [i for i, row in enumerate(rows) if not row.params.greedy]
     if drawn:

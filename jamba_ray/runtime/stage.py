@@ -104,7 +104,7 @@ class Stage:
         self.pool, self.graphs = None, None
         if spec.blocks:  # else sized later: allocate(), after measure()
             self.allocate(spec)
-        self.sampling = SamplingTable(spec.eos_id) if spec.last else None
+        self.sampling = SamplingTable(spec.eos_id, spec.model) if spec.last else None
         self.tables: dict[int, list[int]] = {}  # each sequence's KV block table
         self.link: PeerLink | None = None  # set by connect() when hidden states go point-to-point
         self.trace: deque[tuple[int, float, float]] = deque(maxlen=4096)  # (step, start, end) wall

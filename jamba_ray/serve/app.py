@@ -5,11 +5,11 @@ Helpers the routes call are defined above the class: Serve pickles the ingress c
 """
 
 import asyncio
-import json
 import logging
 import os
 import time
 from dataclasses import replace
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -24,29 +24,22 @@ from ..engine.client import EngineClient
 from ..errors import (
     AuthenticationError,
     ConfigError,
-    InvalidRequestError,
     ModelNotFoundError,
     RequestTimeoutError,
     RequestTooLargeError,
     RouteNotFoundError,
     StageFailedError,
 )
-from .errors import error_body, http_status, retry_headers
+from .errors import error_body
 from .grpc import GrpcMethods
+from .http import error_response, guard, invalid
 from .openai import OpenAIServing
 from .protocol import ChatCompletionRequest, CompletionRequest
+from .tokenize import DetokenizeRequest, TokenizeRequest, detokenize, tokenize, tokenizer_info
 from .translate import Limits
 
 log = logging.getLogger("jamba_ray.serve")
 api = FastAPI(title="jamba-ray", description="OpenAI-compatible API over a Jamba stage pipeline")
-
-
-def error_response(exc: BaseException) -> JSONResponse:
-    status, err_type, message = http_status(exc)
-    if status == 500:
-        log.exception("unexpected error", exc_info=exc)
-    body = error_body(status, err_type, message, getattr(exc, "param", None))
-    return JSONResponse(body, status, headers=retry_headers(status))
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -55,32 +48,6 @@ async def _unknown_route(request: Request, exc: StarletteHTTPException) -> JSONR
     what = "method not allowed" if exc.status_code == 405 else "no such route"
     error = RouteNotFoundError(f"{what}: {request.method} {request.url.path}")
     return JSONResponse(error_body(exc.status_code, "not_found_error", str(error)), exc.status_code)
-
-
-async def _guard(events, timeout_s: float):
-    """An error (or the request timeout) after the stream started becomes an SSE error event."""
-    try:
-        async with asyncio.timeout(timeout_s):
-            async for e in events:
-                yield e
-    except asyncio.CancelledError:
-        raise
-    except Exception as e:
-        if isinstance(e, TimeoutError):
-            e = RequestTimeoutError(f"request exceeded its {timeout_s:.0f}s timeout")
-        status, err_type, message = http_status(e)
-        yield f"data: {json.dumps(error_body(status, err_type, message))}\n\n"
-        yield "data: [DONE]\n\n"
-    finally:
-        await events.aclose()
-
-
-def _invalid(e: ValidationError) -> InvalidRequestError:
-    first = e.errors()[0]
-    where = ".".join(str(x) for x in first["loc"])
-    if first["type"] == "json_invalid":
-        return InvalidRequestError(f"the request body is not valid JSON: {first['msg']}")
-    return InvalidRequestError(f"invalid field '{where}': {first['msg']}", where or None)
 
 
 def api_key(env: str | None) -> str | None:
@@ -127,16 +94,33 @@ class JambaServer(GrpcMethods):
         try:
             req = model_cls.model_validate_json(raw)
         except ValidationError as e:
-            raise _invalid(e) from None
-        if req.model != self.model_name:
-            raise ModelNotFoundError(
-                f"The model '{req.model}' does not exist; this server serves '{self.model_name}'"
-            )
+            raise invalid(e) from None
+        if req.model is not None:  # (optional on the tokenizer routes, as in vLLM)
+            self._card(req.model)
         return req
+
+    def _card(self, model_id: str | None = None) -> dict:
+        if model_id is not None and model_id != self.model_name:
+            raise ModelNotFoundError(
+                f"The model '{model_id}' does not exist; this server serves '{self.model_name}'"
+            )
+        max_len = self.engine.model_card()["max_model_len"]
+        return {"id": self.model_name, "object": "model", "created": 0, "owned_by": "jamba-ray",
+                "max_model_len": max_len}  # fmt: skip
 
     def _auth(self, header: str | None) -> None:
         if self.api_key and header != f"Bearer {self.api_key}":
             raise AuthenticationError("invalid or missing API key")
+
+    async def _call(self, request: Request, fn, model_cls=None):
+        """A small JSON route: the key (and the body, when it has one), then fn(body)."""
+        try:
+            if model_cls is None:
+                self._auth(request.headers.get("authorization"))
+                return JSONResponse(fn(None))
+            return JSONResponse(fn(await self._body(request, model_cls)))
+        except Exception as e:
+            return error_response(e)
 
     async def _respond(self, request: Request, model_cls, unary, streaming):
         try:
@@ -144,7 +128,7 @@ class JambaServer(GrpcMethods):
             if req.stream:
                 events = await streaming(req)
                 return StreamingResponse(
-                    _guard(events, self.timeout_s),
+                    guard(events, self.timeout_s),
                     media_type="text/event-stream",
                     headers={"Cache-Control": "no-cache"},
                 )
@@ -169,18 +153,33 @@ class JambaServer(GrpcMethods):
 
     @api.get("/v1/models")
     async def models(self, request: Request):
+        return await self._call(request, lambda _: {"object": "list", "data": [self._card()]})
+
+    @api.get("/v1/models/{model_id:path}")
+    async def model(self, request: Request, model_id: str):
+        return await self._call(request, lambda _: self._card(model_id))
+
+    @api.post("/tokenize")
+    async def tokenize(self, request: Request):
+        max_len = self.engine.model_card()["max_model_len"]
+        run = lambda r: tokenize(self.serving, r, max_len)  # noqa: E731
+        return await self._call(request, run, TokenizeRequest)
+
+    @api.post("/detokenize")
+    async def detokenize(self, request: Request):
+        tok = self.serving.tok
+        return await self._call(request, lambda r: detokenize(tok, r, len(tok)), DetokenizeRequest)
+
+    @api.get("/tokenizer_info")
+    async def tokenizer_info(self, request: Request):
+        return await self._call(request, lambda _: tokenizer_info(self.serving.tok))
+
+    @api.get("/version")
+    async def version(self):
         try:
-            self._auth(request.headers.get("authorization"))
-        except AuthenticationError as e:
-            return error_response(e)
-        card = {
-            "id": self.model_name,
-            "object": "model",
-            "created": 0,
-            "owned_by": "jamba-ray",
-            "max_model_len": self.engine.model_card()["max_model_len"],
-        }
-        return {"object": "list", "data": [card]}
+            return {"version": version("jamba-ray")}
+        except PackageNotFoundError:
+            return {"version": "unknown"}
 
     @api.get("/health")
     async def health(self):
@@ -202,7 +201,11 @@ class JambaServer(GrpcMethods):
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @api.get("/v1/stats")
-    async def stats(self):
+    async def stats(self, request: Request):
+        try:  # engine internals (stage pids, counters): behind the key; health and metrics are not
+            self._auth(request.headers.get("authorization"))
+        except AuthenticationError as e:
+            return error_response(e)
         return await self.engine.stats()
 
     # ---- Serve hooks ------------------------------------------------------------------------

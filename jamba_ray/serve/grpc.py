@@ -9,10 +9,16 @@ import uuid
 import grpc
 
 from ..engine.outputs import CompletionOutput, accumulate
-from ..engine.sampling_params import SamplingParams
-from ..errors import AuthenticationError, InvalidRequestError, StageFailedError
+from ..engine.sampling_params import SamplingParams, StructuredOutputs
+from ..errors import (
+    AuthenticationError,
+    InvalidRequestError,
+    RequestTimeoutError,
+    StageFailedError,
+)
 from ..proto import jamba_pb2 as pb
 from .errors import grpc_status
+from .structured import build
 
 log = logging.getLogger("jamba_ray.serve.grpc")
 
@@ -30,12 +36,27 @@ _FIELDS = (
     "logprobs",
     "ignore_eos",
     "n",
+    "priority",
 )
 
 
-def sampling_from_proto(opts: pb.SamplingOptions) -> SamplingParams:
+def sampling_from_proto(opts: pb.SamplingOptions, tokenizer: str | None = None) -> SamplingParams:
+    """`tokenizer`: the vocabulary a structured-output grammar is built for."""
     kwargs = {f: getattr(opts, f) for f in _FIELDS if opts.HasField(f)}
+    if opts.HasField("structured"):
+        kwargs["structured"] = structured_from_proto(opts.structured, tokenizer)
     return SamplingParams(stop=list(opts.stop), stop_token_ids=list(opts.stop_token_ids), **kwargs)
+
+
+def structured_from_proto(so: pb.StructuredOutput, tokenizer: str | None) -> StructuredOutputs:
+    kind = so.WhichOneof("kind")
+    if kind is None:
+        raise InvalidRequestError("structured needs one of its constraints set", "structured")
+    value = getattr(so, kind)
+    kinds = {"json_schema": "json", "choice": "choice"}
+    value = list(value.values) if kind == "choice" else value
+    kwargs = {kinds.get(kind, kind): value, "any_whitespace": not so.disable_any_whitespace}
+    return build("structured", kwargs, tokenizer)
 
 
 def prompt_from_proto(req: pb.GenerateRequest) -> str | list[int]:
@@ -66,6 +87,9 @@ class GrpcMethods:
             ctx.set_code(getattr(grpc.StatusCode, code))
             ctx.set_details(message)
 
+    def _grpc_sampling(self, request: pb.GenerateRequest) -> SamplingParams:
+        return sampling_from_proto(request.sampling, self.engine.tokenizer.name_or_path)
+
     def _grpc_auth(self, ctx) -> None:
         if not self.api_key:
             return
@@ -78,11 +102,11 @@ class GrpcMethods:
             self._grpc_auth(grpc_context)
             rid = request.request_id or f"grpc-{uuid.uuid4().hex}"
             stream = await self.engine.generate(
-                prompt_from_proto(request), sampling_from_proto(request.sampling), rid
+                prompt_from_proto(request), self._grpc_sampling(request), rid
             )
             acc: dict[int, CompletionOutput] = {}
             last = None
-            async with _closing(stream):
+            async with _closing(stream), asyncio.timeout(self.timeout_s):
                 async for out in stream:
                     last = out
                     for o in out.outputs:
@@ -98,7 +122,7 @@ class GrpcMethods:
                 usage=_usage(last.prompt_token_ids, comps),
             )
         except Exception as e:
-            self._grpc_fail(grpc_context, e)
+            self._grpc_fail(grpc_context, _timed_out(e, self.timeout_s))
             return pb.GenerateResponse()
 
     async def GenerateStream(self, request: pb.GenerateRequest, grpc_context=None):
@@ -106,10 +130,10 @@ class GrpcMethods:
             self._grpc_auth(grpc_context)
             rid = request.request_id or f"grpc-{uuid.uuid4().hex}"
             stream = await self.engine.generate(
-                prompt_from_proto(request), sampling_from_proto(request.sampling), rid
+                prompt_from_proto(request), self._grpc_sampling(request), rid
             )
             total = 0
-            async with _closing(stream):
+            async with _closing(stream), asyncio.timeout(self.timeout_s):
                 async for out in stream:
                     deltas = [
                         completion_proto(o.index, o.text, o.token_ids, o.finish_reason, o.logprobs)
@@ -130,6 +154,7 @@ class GrpcMethods:
         except Exception as e:
             # A stream carries its status only with a raise: Serve keeps the code set on the
             # context.
+            e = _timed_out(e, self.timeout_s)
             self._grpc_fail(grpc_context, e)
             raise _StatusSet(grpc_status(e)[1]) from None
 
@@ -139,12 +164,13 @@ class GrpcMethods:
             items = list(request.texts) + [list(t.ids) for t in request.token_ids]
             if not items:
                 raise InvalidRequestError("give texts or token_ids to score")
-            results = await asyncio.gather(
-                *[self._score_one(x, request.return_token_logprobs) for x in items]
+            results = await asyncio.wait_for(
+                asyncio.gather(*[self._score_one(x, request.return_token_logprobs) for x in items]),
+                self.timeout_s,
             )
             return pb.ScoreResponse(results=results)
         except Exception as e:
-            self._grpc_fail(grpc_context, e)
+            self._grpc_fail(grpc_context, _timed_out(e, self.timeout_s))
             return pb.ScoreResponse()
 
     async def _score_one(self, item, per_token: bool) -> pb.ScoreResult:
@@ -172,6 +198,13 @@ class GrpcMethods:
                 grpc_context, StageFailedError(f"health probe failed: {type(e).__name__}")
             )
             return pb.HealthResponse(status="unavailable")
+
+
+def _timed_out(e: BaseException, timeout_s: float) -> BaseException:
+    """The server-side request timeout (as on HTTP) answers DEADLINE_EXCEEDED."""
+    if isinstance(e, TimeoutError):
+        return RequestTimeoutError(f"request exceeded its {timeout_s:.0f}s timeout")
+    return e
 
 
 class _StatusSet(Exception):

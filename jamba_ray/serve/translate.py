@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from ..engine.sampling_params import SamplingParams
 from ..errors import InvalidRequestError
-from .protocol import CompletionRequest
+from .protocol import CompletionRequest, Usage
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,10 +19,8 @@ class Limits:
 
 
 def sampling_params(
-    req, max_tokens: int | None, logprobs: int | None, prompt_logprobs=None
+    req, max_tokens: int | None, logprobs: int | None, prompt_logprobs=None, structured=None
 ) -> SamplingParams:
-    if req.logit_bias:
-        raise InvalidRequestError("logit_bias is not supported")
     return SamplingParams(
         n=req.n,
         max_tokens=max_tokens,
@@ -41,7 +39,31 @@ def sampling_params(
         prompt_logprobs=prompt_logprobs,
         ignore_eos=req.ignore_eos,
         skip_special_tokens=req.skip_special_tokens,
+        structured=structured,
+        priority=req.priority,
     )
+
+
+def most(*ks: int | None) -> int | None:
+    """The larger of several optional top-k counts (None when none is asked for)."""
+    given = [k for k in ks if k is not None]
+    return max(given) if given else None
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+    ).model_dump()
+
+
+def stream_usage(req) -> tuple[bool, bool]:
+    """(a last chunk with the usage, the usage so far in every chunk too)."""
+    opts = req.stream_options
+    if opts is None or not opts.include_usage:
+        return False, False
+    return True, opts.continuous_usage_stats
 
 
 def completion_prompts(req: CompletionRequest) -> list[str | list[int]]:

@@ -153,3 +153,15 @@ def test_a_suspect_sequence_runs_alone_until_its_known_tokens_ran():
     land(s, first)
     assert not a.suspect  # it caught up: it batches with others again
     assert s.schedule().seqs == [b]
+
+
+def test_lower_priority_values_are_admitted_first_then_arrival_order():
+    from types import SimpleNamespace
+
+    s = scheduler(1)
+    first, urgent, later = seq(0), seq(1), seq(2)
+    first.params, urgent.params, later.params = (SimpleNamespace(priority=p) for p in (0, -5, 0))
+    for q in (first, urgent, later):
+        s.add(q)
+    assert list(s.waiting) == [urgent, first, later]
+    assert s.schedule().seqs == [urgent]
