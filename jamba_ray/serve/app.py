@@ -30,7 +30,7 @@ from ..errors import (
     RouteNotFoundError,
     StageFailedError,
 )
-from .errors import error_body
+from .errors import error_body, retry_headers
 from .grpc import GrpcMethods
 from .http import error_response, guard, invalid
 from .openai import OpenAIServing
@@ -183,7 +183,12 @@ class JambaServer(GrpcMethods):
 
     @api.get("/health")
     async def health(self):
-        """A real one-token forward through every stage, on the pipeline's reserved probe slot."""
+        """A real one-token forward through every stage, on the pipeline's reserved probe slot.
+        While a stage is being replaced: 503 with Retry-After and status "recovering", so that
+        new work goes to other replicas while the streams in flight continue."""
+        if self.engine.recovering:
+            body = {"status": "recovering", "stages": self.engine.model_card()["stages"]}
+            return JSONResponse(body, 503, headers=retry_headers(503))
         try:
             t0 = time.perf_counter()
             await self.engine.probe()
@@ -210,10 +215,10 @@ class JambaServer(GrpcMethods):
 
     # ---- Serve hooks ------------------------------------------------------------------------
     async def check_health(self) -> None:
-        """Serve's periodic check: a probe through every stage (a dead stage fails it). A recovery
-        in progress passes: it replaces dead stages itself, and failing would kill its streams."""
-        if not self.engine.recovering:
-            await self.engine.probe(timeout_s=30)
+        """Serve's periodic check. A recovery in progress passes (failing would have Serve kill the
+        replica and every stream the recovery keeps alive), and a dead stage the probe finds
+        starts one; only a pipeline that is broken and not recovering fails."""
+        await self.engine.check(timeout_s=30)
 
     def __del__(self):
         try:
