@@ -209,6 +209,9 @@ class ServeConfig:
     request_timeout_s: float = 600.0
     api_key_env: str | None = None  # env var holding the API key (unset field: no auth)
     replica_cpus: float = 0.5  # CPUs of the replica (ingress + engine) itself
+    # scale-down / redeploy: a replica stops taking requests and its streams get this long to end
+    graceful_shutdown_timeout_s: float = 600.0
+    health_check_period_s: float = 10.0
     autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
 
 

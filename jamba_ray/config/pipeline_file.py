@@ -95,6 +95,11 @@ class ServeOptions(_Strict):
         ge=0,
         description="CPUs for the replica (ingress + engine) itself",
     )
+    graceful_shutdown_timeout_s: float = Field(
+        d(ServeConfig, "graceful_shutdown_timeout_s"), gt=0,
+        description="on scale-down or redeploy, how long in-flight streams may take to finish",
+    )
+    health_check_period_s: float = Field(d(ServeConfig, "health_check_period_s"), gt=0)
 
 
 class PipelineFile(_Strict):

@@ -255,6 +255,8 @@ def deployment(config: PipelineConfig) -> serve.Application:
         placement_group_bundles=bundles,
         placement_group_strategy=place.strategy,
         autoscaling_config=config.serve.autoscaling.serve_dict(),
+        graceful_shutdown_timeout_s=config.serve.graceful_shutdown_timeout_s,
+        health_check_period_s=config.serve.health_check_period_s,
         ray_actor_options={"num_cpus": config.serve.replica_cpus, "runtime_env": {"env_vars": env}},
     ).bind(config, served_name(config))
 

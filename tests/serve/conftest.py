@@ -5,10 +5,13 @@ from __future__ import annotations
 import socket
 import time
 
+import grpc
 import pytest
 import requests
+from ray import serve
 
 from jamba_ray.config.pipeline_file import PipelineFile
+from jamba_ray.proto import jamba_pb2_grpc as pb_grpc
 from tests.conftest import STAGE_CPUS
 
 MODEL = "jamba-test"
@@ -61,11 +64,49 @@ def pipeline_for_tests(**overrides) -> PipelineFile:
             "max_num_seqs": 8,
             "serve.max_waiting": 24,
             "max_batched_tokens": 64,
+            "serve.graceful_shutdown_timeout_s": 20,  # (tests delete apps with nothing in flight)
             "threads_per_stage": 1,
             "max_model_len": 512,
         }
     )
     return base.with_overrides(**overrides)
+
+
+def deploy(served, tiny_ckpt, name: str, **overrides) -> str:
+    """One more app beside the session's, on the same Serve instance; its HTTP base URL."""
+    from jamba_ray.serve.app import deployment
+
+    pipeline = pipeline_for_tests(**overrides)
+    serve.run(
+        deployment(pipeline.to_config(tiny_ckpt)),
+        name=name,
+        route_prefix=f"/{name}",
+        blocking=False,
+    )
+    base = f"{served.base}/{name}"
+    wait_for(lambda: requests.get(f"{base}/health", timeout=60).ok, 180, what=f"{name} app")
+    return base
+
+
+def grpc_stub(served):
+    channel = grpc.insecure_channel(f"127.0.0.1:{served.grpc_port}")
+    return channel, pb_grpc.JambaServiceStub(channel)
+
+
+def sse_events(response) -> list[str]:
+    return [ln.decode()[len("data: ") :] for ln in response.iter_lines() if ln]
+
+
+def app_stats(base: str, headers=None) -> dict:
+    return requests.get(f"{base}/v1/stats", timeout=30, headers=headers).json()
+
+
+def wait_app_idle(base: str, headers=None, timeout: float = 60) -> dict:
+    def idle():
+        s = app_stats(base, headers)
+        return s if s["slots_in_use"] == 0 and s["requests_running"] == 0 else None
+
+    return wait_for(idle, timeout, what="all slots free")
 
 
 @pytest.fixture(scope="session")
