@@ -4,6 +4,8 @@ A block table maps a sequence's positions to blocks of `block_size` tokens: posi
 block `table[p // block_size]` at offset `p % block_size`. Decode reads each row's own blocks up to
 its own length (`decode_ref`, the torch reference: no padding to the batch's longest row); the
 fixed-shape decode step (CUDA graphs) reads padded tables masked by position (`decode_padded`).
+On CUDA both run as the Triton paged kernel (`kernels.paged_decode`), which reads the blocks in
+place: no gather of K/V, and each row stops at its own length even in a padded table.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import kernels
 from .layout import Layout
 
 
@@ -26,8 +29,7 @@ def attend(attn, x: torch.Tensor, lay: Layout, k_pool: torch.Tensor, v_pool: tor
         block, off = _decode_targets(lay)
         k_pool[block, :, off] = k[rows]
         v_pool[block, :, off] = v[rows]
-        decode = decode_padded if lay.decode_table is not None else decode_ref
-        out[rows] = decode(attn, q[rows], lay, k_pool, v_pool)
+        out[rows] = _decode(attn, q[rows], lay, k_pool, v_pool)
     for c in lay.chunks:
         out[c.row : c.row + c.n] = _chunk(attn, q, k, v, c, lay.block_size, k_pool, v_pool)
     return attn.o_proj(out.reshape(t, -1))
@@ -40,6 +42,16 @@ def _decode_targets(lay: Layout) -> tuple[torch.Tensor, torch.Tensor]:
     pos = lay.decode_pos  # fixed shapes: computed inside the step, from the buffers
     block = lay.decode_table.gather(1, (pos // lay.block_size)[:, None])[:, 0]
     return block, pos % lay.block_size
+
+
+def _decode(attn, q: torch.Tensor, lay: Layout, k_pool, v_pool) -> torch.Tensor:
+    if kernels.enabled_for(q):  # Triton: each row reads its own blocks in place, up to its length
+        table = lay.decode_table
+        if table is None:  # padding past a row's own blocks is never read
+            table = torch.nn.utils.rnn.pad_sequence(list(lay.decode_blocks), batch_first=True)
+        return kernels.paged_decode(q, k_pool, v_pool, table, lay.decode_pos + 1, attn.scaling)
+    decode = decode_padded if lay.decode_table is not None else decode_ref
+    return decode(attn, q, lay, k_pool, v_pool)
 
 
 def gather(pool: torch.Tensor, blocks: torch.Tensor, n: int) -> torch.Tensor:

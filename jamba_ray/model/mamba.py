@@ -9,17 +9,20 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import kernels
 from .device import decode_kernels
 from .layout import Layout
 from .scan import chunked_scan
 
 
 def conv_step(xs, conv, lay: Layout, weight, bias):
-    """One token per row: xs [D, DI]; conv state [S, DI, K] updated in place for the decode slots."""
-    kernels = decode_kernels() if xs.is_cuda else None
-    if kernels is not None:  # causal-conv1d's CUDA kernel: same [B, DI, K] state layout
+    """One token per row: xs [D, DI]; conv state [S, DI, K] updated in place for decode slots."""
+    if kernels.enabled_for(xs):  # ours: in place at the rows' slots, no gather/scatter
+        return kernels.conv_update(xs, conv, weight, bias, lay.decode_slots)
+    ext = decode_kernels() if xs.is_cuda else None
+    if ext is not None:  # causal-conv1d's CUDA kernel: same [B, DI, K] state layout
         state = lay.decode_state(conv)
-        out = kernels[0](xs, state, weight[:, 0, :], bias, None)
+        out = ext[0](xs, state, weight[:, 0, :], bias, None)
         lay.store_decode_state(conv, state)
         return out
     window = torch.cat([lay.decode_state(conv)[:, :, 1:], xs[:, :, None]], dim=-1)  # [D, DI, K]
@@ -39,10 +42,12 @@ def conv_chunk(xs, conv, slot, weight, bias):
 
 def ssm_step(u, dt, A, B, C, ssm, lay: Layout):
     """Selective state update for one token per row; ssm [S, DI, N] updated in place."""
-    kernels = decode_kernels() if u.is_cuda else None
-    if kernels is not None:  # mamba-ssm's Triton kernel; D and the gate are applied by the caller
+    if kernels.enabled_for(u):  # ours, in place by slot; D and the gate are applied by the caller
+        return kernels.ssm_update(u, dt, A, B, C, ssm, lay.decode_slots)
+    ext = decode_kernels() if u.is_cuda else None
+    if ext is not None:  # mamba-ssm's Triton kernel, on a gathered copy of the slots' states
         state = lay.decode_state(ssm)
-        out = kernels[1](state, u, dt, A, B, C)
+        out = ext[1](state, u, dt, A, B, C)
         lay.store_decode_state(ssm, state)
         return out
     dA = torch.exp(dt[:, :, None] * A)  # [D, DI, N]

@@ -277,7 +277,9 @@ def _load(spec: StageSpec) -> tuple[SliceModel, object]:
 
     ckpt = resolve(spec.model)
     config = JambaConfig.from_pretrained(ckpt.root)
-    config._experts_implementation = "eager"  # what from_pretrained picks on CPU
+    # GPUs: tokens sorted by expert into one grouped GEMM (model/kernels/moe.py); CPU: eager, as
+    # from_pretrained picks there
+    config._experts_implementation = _experts(spec.device, spec.quantization)
     dtype = getattr(torch, canonical_dtype(spec.dtype))
     tensors, _ = load_slice(
         ckpt, spec.start, spec.end, spec.first, spec.last, config.tie_word_embeddings
@@ -296,6 +298,14 @@ def _load(spec: StageSpec) -> tuple[SliceModel, object]:
     if spec.quantization == "int8":
         quantize_slice(model)
     return model.eval(), config
+
+
+def _experts(device: str, quantization: str | None) -> str:
+    if device != "cuda" or quantization:  # (int8 experts route in their own loop)
+        return "eager"
+    from ..model.kernels import moe
+
+    return moe.register()
 
 
 def _owned(t: torch.Tensor, device: str, dtype: torch.dtype) -> torch.Tensor:

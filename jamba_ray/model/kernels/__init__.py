@@ -1,11 +1,14 @@
-"""Triton kernels for Jamba's Mamba layers, with a torch fallback chosen per call.
+"""Triton kernels for Jamba's Mamba and attention layers, with a torch fallback chosen per call.
 
 Each wrapper runs the Triton kernel when `available()` and the inputs can reach it (CUDA tensors,
 or any tensors under TRITON_INTERPRET=1), else the torch reference in `reference.py`; both have
 the same signature, result and in-place effect on the state pool. State arguments are one layer's
 view of the pool (`pool.conv[i]`, `pool.ssm[i]`), updated in place at the given slots only.
 
-Slots within one call must be distinct: two rows writing the same slot is a race in the kernel.
+Slots within one call must be distinct: two rows writing the same slot is a race in the kernel
+(the fixed-shape decode step's padding rows all write the scratch slot, whose content nobody reads).
+Model code calls these where `enabled_for` says so: CUDA tensors. `moe.py` (grouped MoE) is plain
+torch, not Triton, and is imported on its own.
 TRITON_INTERPRET is read when the kernel modules are first imported (Triton decides at decoration
 time), so set it before the first call.
 """
@@ -17,9 +20,16 @@ import os
 
 import torch
 
-from .reference import conv_update_ref, scan_ref, ssm_update_ref
+from .reference import conv_update_ref, paged_decode_ref, scan_ref, ssm_update_ref
 
-__all__ = ["available", "conv_update", "ssm_update", "varlen_scan"]
+__all__ = [
+    "available",
+    "conv_update",
+    "enabled_for",
+    "paged_decode",
+    "ssm_update",
+    "varlen_scan",
+]
 
 
 @functools.cache
@@ -42,6 +52,13 @@ def available() -> bool:
 
 def _use_kernel(t: torch.Tensor) -> bool:
     return available() and (t.is_cuda or _interpret())
+
+
+def enabled_for(t: torch.Tensor) -> bool:
+    """Whether the model's layers call these kernels for tensors like `t`: CUDA tensors, where
+    Triton runs. (CPU tensors keep the torch paths; tests patch this to run the kernels there
+    under the interpreter.)"""
+    return t.is_cuda and available()
 
 
 def conv_update(x, conv_state, weight, bias, slots, silu: bool = False) -> torch.Tensor:
@@ -94,3 +111,20 @@ def varlen_scan(u, dt, A, B, C, ssm, cu_seqlens, slots, D=None, z=None, emit=Non
 
         return kernel(u, dt, A, B, C, ssm, cu_seqlens, slots, D=D, z=z, emit=emit)
     return scan_ref(u, dt, A, B, C, ssm, cu_seqlens, slots, D=D, z=z, emit=emit)
+
+
+def paged_decode(q, k_pool, v_pool, block_tables, seq_lens, scale: float) -> torch.Tensor:
+    """Decode attention over paged KV, one query token per row.
+
+    q [B, nh, hd]; k_pool, v_pool [NBLK, kvh, bs, hd] (one layer's blocks; nh % kvh == 0, query
+    head h reads kv head h // (nh // kvh)); block_tables [B, max_blocks] int (padded: entries past
+    a row's length are never read); seq_lens [B] int: row b attends to its positions
+    [0, seq_lens[b]) (its decode position + 1), position p at block_tables[b, p // bs], offset
+    p % bs. scale: the softmax scale. Returns out [B, nh, hd] in q's dtype, softmax and sums in
+    fp32; a row of length 0 gives zeros. Nothing is written to the pools.
+    """
+    if _use_kernel(q):
+        from .paged_attention import paged_decode as kernel
+
+        return kernel(q, k_pool, v_pool, block_tables, seq_lens, scale)
+    return paged_decode_ref(q, k_pool, v_pool, block_tables, seq_lens, scale)

@@ -1,9 +1,9 @@
-"""Plain torch versions of the Mamba kernels: the specification each Triton kernel is tested
-against.
+"""Plain torch versions of the kernels: the specification each Triton kernel is tested against.
 
-Same arithmetic as `mamba.py`'s torch path, except that every product and sum is taken in fp32 and
-the result rounded once to the output dtype (the kernels do the same; `mamba.py`'s conv works in
-the model dtype). State is gathered by slot, updated, and scattered back.
+Mamba: same arithmetic as `mamba.py`'s torch path, except that every product and sum is taken in
+fp32 and the result rounded once to the output dtype (the kernels do the same; `mamba.py`'s conv
+works in the model dtype). State is gathered by slot, updated, and scattered back.
+Paged decode attention: each row's keys gathered from its own blocks, a plain fp32 softmax.
 """
 
 from __future__ import annotations
@@ -77,3 +77,20 @@ def scan_ref(u, dt, A, B, C, ssm, cu_seqlens, slots, D=None, z=None, emit=None):
                 emitted[e] = state[0]
         ssm[slot] = state[0]
     return _gate(y, uf, D, z).to(u.dtype), emitted
+
+
+def paged_decode_ref(q, k_pool, v_pool, block_tables, seq_lens, scale: float) -> torch.Tensor:
+    """Reference for `paged_attention.paged_decode`: row by row, over its first seq_lens[b] keys."""
+    out = torch.zeros_like(q)  # [B, nh, hd]; a row of length 0 stays zero
+    group = q.shape[1] // k_pool.shape[1]
+    bs = k_pool.shape[2]
+    for b, n in enumerate(seq_lens.tolist()):
+        if n == 0:
+            continue
+        blocks = block_tables[b, : -(-n // bs)].long()
+        keys = k_pool[blocks].transpose(0, 1).flatten(1, 2)[:, :n].float()  # [kvh, n, hd]
+        values = v_pool[blocks].transpose(0, 1).flatten(1, 2)[:, :n].float()
+        keys, values = keys.repeat_interleave(group, 0), values.repeat_interleave(group, 0)
+        scores = torch.einsum("hd,hnd->hn", q[b].float(), keys) * scale  # [nh, n]
+        out[b] = torch.einsum("hn,hnd->hd", scores.softmax(-1), values).to(q.dtype)
+    return out

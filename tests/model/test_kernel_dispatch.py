@@ -1,0 +1,63 @@
+"""A stage whose decode runs through the Triton kernels (paged attention, conv and SSM updates by
+slot) gives the torch path's logits: eager and fixed-shape (CUDA-graph) steps, odd slots.
+
+On CUDA the layers pick the kernels themselves (`kernels.enabled_for`); here it is patched to run
+them on CPU tensors under TRITON_INTERPRET=1. fp32 throughout: the paths differ in summation
+order only, ~1e-6 on logits of order 1-10.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton", reason="Triton is not installed")
+
+from jamba_ray.engine.messages import StepMessage  # noqa: E402
+from jamba_ray.model import kernels  # noqa: E402
+from jamba_ray.runtime.stage import Stage  # noqa: E402
+from tests.conftest import seg, stage_logits, stage_spec  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    not kernels.available(), reason="no CUDA and TRITON_INTERPRET unset"
+)
+
+BOUNDS = [(0, 3), (3, 6)]  # each stage holds an attention layer and Mamba layers
+MAX_LEN = 64
+
+
+def pipeline(path, graphs=False):
+    return [
+        Stage(stage_spec(path, i, a, b, len(BOUNDS), 6, MAX_LEN, decode_graphs=graphs))
+        for i, (a, b) in enumerate(BOUNDS)
+    ]
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "fixed-shape"])
+def test_decode_through_the_kernels_matches_the_torch_path(tiny_ckpt, monkeypatch, graphs):
+    torch_path, kernel_path = pipeline(tiny_ckpt), pipeline(tiny_ckpt, graphs)
+    prompts = {4: [1, 5, 9, 200, 3, 77, 12, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17], 0: [1, 44]}
+    prompts[2] = [1, 250, 7]  # slots 4, 0, 2: neither consecutive nor sorted
+    msg = StepMessage(0, tuple(seg(s, s, 0, len(p), max_len=MAX_LEN) for s, p in prompts.items()))
+    flat = [t for p in prompts.values() for t in p]
+    want = stage_logits(torch_path, msg, flat)
+    stage_logits(kernel_path, msg, flat)  # prefill: the same torch code on both
+    lengths = {s: len(p) for s, p in prompts.items()}
+    for step in (1, 2):  # the first row decodes in its second KV block
+        tokens = [int(r.argmax()) for r in want]
+        msg = StepMessage(step, tuple(seg(s, s, n, 1, max_len=MAX_LEN) for s, n in lengths.items()))
+        lengths = {s: n + 1 for s, n in lengths.items()}
+        want = stage_logits(torch_path, msg, tokens)
+        with monkeypatch.context() as m:
+            m.setattr(kernels, "enabled_for", lambda t: True)
+            got = stage_logits(kernel_path, msg, tokens)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    if graphs:
+        assert kernel_path[0].stats()["decode_graph_steps"] == 2
+    live = list(prompts)  # the Mamba state left in the live slots is the torch path's too
+    for a, b in zip(torch_path, kernel_path):
+        torch.testing.assert_close(b.pool.conv[:, live], a.pool.conv[:, live], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(b.pool.ssm[:, live], a.pool.ssm[:, live], atol=1e-5, rtol=1e-5)
