@@ -44,7 +44,7 @@ class StateConfig:
     state_memory_gib: float = 4.0  # per stage: Mamba slots and checkpoints, then KV blocks
     block_size: int = 16  # tokens per KV block
     enable_prefix_caching: bool = True  # vLLM's name: reuse KV blocks and Mamba checkpoints
-    checkpoint_every: int = 512  # tokens between Mamba checkpoints inside a long prompt
+    checkpoint_every: int = 256  # tokens between Mamba checkpoints inside a long prompt
     num_checkpoints: int | None = None  # None: one per state slot
     num_kv_blocks: int | None = None  # None: what the budget holds (vLLM's num_gpu_blocks_override)
     # GPU stages: this fraction of the device, less weights and a measured activation peak, is the

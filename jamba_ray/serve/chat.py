@@ -118,9 +118,9 @@ class ChatServing:
         with_usage, continuous = stream_usage(req)
         parsers = {i: tools.ToolStream() for i in range(req.n)} if tools.calls_parsed(req) else {}
         called: set[int] = set()
-        prompt_tokens, completion_tokens = 0, 0
+        prompt_tokens, completion_tokens, cached = 0, 0, 0
         async for _, out in merge_streams(streams):
-            prompt_tokens = len(out.prompt_token_ids)
+            prompt_tokens, cached = len(out.prompt_token_ids), out.num_cached_tokens
             for o in out.outputs:
                 completion_tokens += len(o.token_ids)
                 choice = self._chat_delta(req, o, parsers.get(o.index), called)
@@ -128,13 +128,17 @@ class ChatServing:
                     continue
                 chunk = {**head, "choices": [choice]}
                 if continuous:
-                    chunk["usage"] = usage_dict(prompt_tokens, completion_tokens)
+                    chunk["usage"] = usage_dict(prompt_tokens, completion_tokens, cached)
                 if req.prompt_logprobs is not None and out.finished:
                     chunk["prompt_logprobs"] = self._chat_prompt_logprobs(req, out)
                 yield sse(chunk)
         if with_usage:
             yield sse(
-                {**head, "choices": [], "usage": usage_dict(prompt_tokens, completion_tokens)}
+                {
+                    **head,
+                    "choices": [],
+                    "usage": usage_dict(prompt_tokens, completion_tokens, cached),
+                }
             )
         yield "data: [DONE]\n\n"
 

@@ -91,10 +91,11 @@ class CompletionServing:
         head = {"id": rid, "object": "text_completion", "created": int(time.time())}
         head["model"] = self.model_name
         with_usage, continuous = stream_usage(req)
-        prompt_tokens, completion_tokens = {}, 0
+        prompt_tokens, cached, completion_tokens = {}, {}, 0
         offsets: dict[int, Offsets] = {}  # per choice: text offsets carry on across chunks
         async for i, out in merge_streams(streams):
             prompt_tokens[i] = len(out.prompt_token_ids)
+            cached[i] = out.num_cached_tokens
             for o in out.outputs:
                 idx = i * req.n + o.index
                 completion_tokens += len(o.token_ids)
@@ -116,11 +117,14 @@ class CompletionServing:
                 if o.text or o.finish_reason or choice["logprobs"]:
                     chunk = {**head, "choices": [choice]}
                     if continuous:
-                        chunk["usage"] = usage_dict(sum(prompt_tokens.values()), completion_tokens)
+                        chunk["usage"] = usage_dict(
+                            sum(prompt_tokens.values()), completion_tokens, sum(cached.values())
+                        )
                     yield sse(chunk)
         if with_usage:
             p = sum(prompt_tokens.values())
-            yield sse({**head, "choices": [], "usage": usage_dict(p, completion_tokens)})
+            done = usage_dict(p, completion_tokens, sum(cached.values()))
+            yield sse({**head, "choices": [], "usage": done})
         yield "data: [DONE]\n\n"
 
 

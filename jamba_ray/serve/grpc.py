@@ -119,7 +119,7 @@ class GrpcMethods:
                 request_id=rid,
                 completions=comps,
                 prompt_token_ids=last.prompt_token_ids,
-                usage=_usage(last.prompt_token_ids, comps),
+                usage=_usage(last.prompt_token_ids, comps, last.num_cached_tokens),
             )
         except Exception as e:
             self._grpc_fail(grpc_context, _timed_out(e, self.timeout_s))
@@ -224,8 +224,11 @@ class _closing:
         await self.stream.aclose()
 
 
-def _usage(prompt_ids, comps) -> pb.Usage:
+def _usage(prompt_ids, comps, cached: int = 0) -> pb.Usage:
     c = sum(len(x.token_ids) for x in comps)
     return pb.Usage(
-        prompt_tokens=len(prompt_ids), completion_tokens=c, total_tokens=len(prompt_ids) + c
+        prompt_tokens=len(prompt_ids),
+        completion_tokens=c,
+        total_tokens=len(prompt_ids) + c,
+        cached_tokens=cached,
     )

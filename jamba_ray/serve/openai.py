@@ -11,7 +11,7 @@ from dataclasses import replace
 from ..engine.sampling_params import SamplingParams, StructuredOutputs
 from .chat import ChatServing
 from .completions import CompletionServing
-from .protocol import Usage
+from .protocol import PromptTokensDetails, Usage
 from .structured import structured_outputs
 from .translate import Limits, check_limits
 
@@ -60,4 +60,10 @@ class OpenAIServing(ChatServing, CompletionServing):
     def _usage(self, prompts_out: dict, choices: dict) -> Usage:
         p = sum(len(o.prompt_token_ids) for o in prompts_out.values())
         c = sum(len(ch.token_ids) for ch in choices.values())
-        return Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
+        cached = sum(o.num_cached_tokens for o in prompts_out.values())
+        return Usage(
+            prompt_tokens=p,
+            completion_tokens=c,
+            total_tokens=p + c,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
+        )

@@ -200,7 +200,12 @@ class ChatCompletionRequest(_Request):
     parallel_tool_calls: bool = Field(True, description="false: at most one call per reply")
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(0, description="prompt tokens resumed from the prefix cache")
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from ..engine.sampling_params import SamplingParams
 from ..errors import InvalidRequestError
-from .protocol import CompletionRequest, Usage
+from .protocol import CompletionRequest, PromptTokensDetails, Usage
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,11 +50,12 @@ def most(*ks: int | None) -> int | None:
     return max(given) if given else None
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
     return Usage(
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         total_tokens=prompt_tokens + completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
     ).model_dump()
 
 
