@@ -289,3 +289,30 @@ def test_a_stage_killed_with_a_warm_prefix_cache_drops_it_and_streams_continue(
     assert_replay_like_clean(clean, disturbed)
     assert len(clean[0]) == 64 and stats["slots_in_use"] == 0
     assert stats["kv_blocks_in_use"] == stats["kv_blocks_held_by_checkpoints"]
+
+
+def test_a_second_stage_dying_while_the_first_is_replaced_is_replaced_too(tiny_ckpt, ray_session):
+    """Dead stages are looked for again after each replacement; the streams go on unchanged."""
+
+    async def go():
+        eng = engine(tiny_ckpt, max_stage_restarts=3)
+        pipe, real_replace = eng.core.pipeline, eng.core.pipeline.replace
+
+        def replace_then_lose_another(indices):
+            pipe.replace = real_replace  # once
+            real_replace(indices)
+            ray.kill(pipe.stages[2])  # stage 2 dies while stage 1's replacement comes up
+
+        try:
+            clean = await stream_tokens(eng, PROMPTS[2], GREEDY64)
+            pipe.replace = replace_then_lose_another
+            disturbed = await asyncio.wait_for(
+                stream_tokens(eng, PROMPTS[2], GREEDY64, kill_after=10), 180
+            )
+            return clean, disturbed, await eng.stats()
+        finally:
+            eng.shutdown()
+
+    clean, disturbed, stats = run(go())
+    assert disturbed == clean and len(clean) == 64
+    assert stats["stage_restarts"] == 2 and stats["slots_in_use"] == 0
