@@ -9,10 +9,9 @@ import pytest
 import requests
 import torch
 
-from jamba_ray import LLM, SamplingParams
 from jamba_ray.proto import jamba_pb2 as pb
 from jamba_ray.proto import jamba_pb2_grpc as pb_grpc
-from tests.conftest import STAGE_CPUS, hf_model
+from tests.conftest import assert_greedy_like_hf, hf_model
 from tests.serve.conftest import MODEL
 
 META = (("application", "jamba"),)
@@ -35,39 +34,32 @@ def stub(served):
     channel.close()
 
 
-@pytest.fixture(scope="module")
-def greedy(tiny_ckpt, ray_session):
-    llm = LLM(tiny_ckpt, num_stages=1, num_cpus_per_stage=STAGE_CPUS, max_num_seqs=2)
-    try:
-        return llm.generate([PROMPT], SamplingParams(max_tokens=10, temperature=0))[0].outputs[0]
-    finally:
-        llm.shutdown()
-
-
 def request(prompt=PROMPT, **sampling) -> pb.GenerateRequest:
     return pb.GenerateRequest(
         text=prompt, sampling=pb.SamplingOptions(**{"max_tokens": 10, "temperature": 0, **sampling})
     )
 
 
-def test_generate_and_stream_match_llm_generate_and_http(stub, greedy, served):
+def test_generate_and_stream_match_transformers_and_http(stub, served, tiny_ckpt):
     unary = stub.Generate(request(), metadata=META, timeout=120)
-    assert list(unary.completions[0].token_ids) == greedy.token_ids
-    assert (
-        unary.completions[0].text == greedy.text
-        and unary.completions[0].finish_reason == greedy.finish_reason
-    )
-    assert unary.usage.completion_tokens == len(greedy.token_ids)
+    (c,) = unary.completions
+    ids = list(c.token_ids)
+    assert list(unary.prompt_token_ids) == hf_tokenizer(tiny_ckpt)(PROMPT).input_ids
+    assert_greedy_like_hf(tiny_ckpt, list(unary.prompt_token_ids), ids)
+    assert c.text == hf_tokenizer(tiny_ckpt).decode(ids, skip_special_tokens=True)
+    assert c.finish_reason == ("length" if len(ids) == 10 else "stop")
+    assert unary.usage.completion_tokens == len(ids)
+    # The same request alone on the same server: the same batch shapes, so the same tokens.
     parts = list(stub.GenerateStream(request(), metadata=META, timeout=120))
-    assert [t for p in parts for d in p.deltas for t in d.token_ids] == greedy.token_ids
-    assert "".join(d.text for p in parts for d in p.deltas) == greedy.text
-    assert parts[-1].finished and parts[-1].usage.completion_tokens == len(greedy.token_ids)
+    assert [t for p in parts for d in p.deltas for t in d.token_ids] == ids
+    assert "".join(d.text for p in parts for d in p.deltas) == c.text
+    assert parts[-1].finished and parts[-1].usage.completion_tokens == len(ids)
     http = requests.post(
         f"{served.base}/v1/completions",
         json={"model": MODEL, "prompt": PROMPT, "max_tokens": 10, "temperature": 0},
         timeout=60,
     ).json()
-    assert http["choices"][0]["text"] == greedy.text
+    assert http["choices"][0]["text"] == c.text
 
 
 def test_token_id_prompts_n_and_logprobs(stub):
@@ -83,10 +75,17 @@ def test_token_id_prompts_n_and_logprobs(stub):
 
 
 def test_score_equals_hf_log_likelihood(stub, tiny_ckpt):
+    """Also when an earlier request left a prefix of a scored text cached (as any may)."""
     texts = [
         "hello world, the quick brown fox",
         "Ray starts the stage actors inside a placement group.",
     ]
+    prefix = hf_tokenizer(tiny_ckpt)(texts[0]).input_ids[:6]
+    stub.Generate(
+        pb.GenerateRequest(token_ids=pb.TokenIds(ids=prefix), sampling=pb.SamplingOptions()),
+        metadata=META,
+        timeout=120,
+    )
     res = stub.Score(
         pb.ScoreRequest(texts=texts, return_token_logprobs=True), metadata=META, timeout=120
     )
@@ -125,18 +124,26 @@ def test_invalid_arguments_are_invalid_argument(stub):
 
 
 def test_cancel_mid_stream_and_deadline_free_slots(stub, served):
-    call = stub.GenerateStream(request(max_tokens=400, ignore_eos=True), metadata=META, timeout=120)
+    """Each request ignores EOS and asks for 400 tokens: only an abort ends it sooner, and the
+    token counts (this test's own, as deltas) tell which happened."""
+    long = request(max_tokens=400, ignore_eos=True)
+    before = served.wait_idle()
+    call = stub.GenerateStream(long, metadata=META, timeout=120)
     got = 0
     for _ in call:
         got += 1
         if got == 3:
             call.cancel()
             break
-    served.wait_idle(timeout=60)
+    mid = served.wait_idle(timeout=60)
+    assert mid["finished_requests"] - before["finished_requests"] == 1
+    assert 3 <= mid["generated_tokens"] - before["generated_tokens"] < 400
     with pytest.raises(grpc.RpcError) as e:
-        stub.Generate(request(max_tokens=400, ignore_eos=True), metadata=META, timeout=0.5)
+        stub.Generate(long, metadata=META, timeout=0.5)
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    served.wait_idle(timeout=60)
+    after = served.wait_idle(timeout=60)
+    assert after["finished_requests"] - mid["finished_requests"] == 1
+    assert after["generated_tokens"] - mid["generated_tokens"] < 400
     assert stub.Generate(request(max_tokens=2), metadata=META, timeout=60).completions
 
 
@@ -173,13 +180,25 @@ def test_server_reflection_lists_the_service(served):
 
 
 def test_generated_modules_match_the_proto(tmp_path):
+    """The committed modules describe exactly jamba.proto. Compared as descriptors, not as text:
+    the generated text embeds the protobuf and grpcio-tools versions, which differ by machine."""
     from pathlib import Path
 
-    from jamba_ray.proto.build import generate
+    from google.protobuf import descriptor_pb2
+    from grpc_tools import protoc
 
-    generate(tmp_path)
-    here = Path(__file__).parents[2] / "jamba_ray" / "proto"
-    for name in ("jamba_pb2.py", "jamba_pb2_grpc.py"):
-        assert (tmp_path / "jamba_ray" / "proto" / name).read_text() == (here / name).read_text(), (
-            name
-        )
+    root, out = Path(__file__).parents[2], tmp_path / "jamba.pb"
+    args = ["protoc", f"-I{root}", f"--descriptor_set_out={out}", "jamba_ray/proto/jamba.proto"]
+    assert protoc.main(args) == 0
+    (want,) = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file
+
+    def drop_json_names(messages):  # derived from the field names; the gencode leaves them out
+        for m in messages:
+            for field in m.field:
+                field.ClearField("json_name")
+            drop_json_names(m.nested_type)
+
+    drop_json_names(want.message_type)
+    assert descriptor_pb2.FileDescriptorProto.FromString(pb.DESCRIPTOR.serialized_pb) == want
+    methods = {m.name for m in want.service[0].method}
+    assert {n for n in vars(pb_grpc.JambaServiceServicer) if not n.startswith("_")} == methods

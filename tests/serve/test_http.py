@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
-import re
 
 import openai
 import pytest
 import requests
 
-from jamba_ray import LLM, SamplingParams
-from tests.conftest import STAGE_CPUS
+from tests.conftest import hf_clear_greedy
 from tests.serve.conftest import MODEL
 
 PROMPTS = ["hello world", "The quick brown fox", "Ray starts the stage actors", "café 東京"]
@@ -22,24 +20,32 @@ def client(served):
     return openai.OpenAI(base_url=f"{served.base}/v1", api_key="unused", timeout=120, max_retries=0)
 
 
+class HFText:
+    """transformers' greedy text for a prompt: a server's text must equal it, or, past a near-tie
+    (where either token is right and the two paths part), begin with the text before the tie."""
+
+    def __init__(self, tok, path: str, ids: list[int], steps: int = 12):
+        clear = hf_clear_greedy(path, ids, steps)
+        self.whole = len(clear) == steps
+        self.text = tok.decode(clear, skip_special_tokens=True)
+
+    def matches(self, text: str) -> bool:
+        # a cut inside a multi-byte character decodes to U+FFFD, which the full text lacks
+        return text == self.text if self.whole else text.startswith(self.text.rstrip("\ufffd"))
+
+
 @pytest.fixture(scope="module")
-def reference(tiny_ckpt, ray_session):
-    """Greedy results from `LLM.generate` on the same checkpoint."""
-    llm = LLM(tiny_ckpt, num_stages=1, num_cpus_per_stage=STAGE_CPUS, max_num_seqs=4)
-    try:
-        outs = llm.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0))
-        chat_text = llm.tokenizer.apply_chat_template(
-            [{"role": "user", "content": "hi there"}], add_generation_prompt=True, tokenize=False
-        )
-        chat_ids = llm.tokenizer(chat_text, add_special_tokens=False).input_ids
-        chat = llm.generate([chat_ids], SamplingParams(max_tokens=12, temperature=0))[0]
-        return {
-            "completions": [o.outputs[0].text for o in outs],
-            "chat": chat.outputs[0].text,
-            "ids": [o.outputs[0].token_ids for o in outs],
-        }
-    finally:
-        llm.shutdown()
+def reference(tiny_ckpt):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_ckpt)
+    chat_text = tok.apply_chat_template(
+        [{"role": "user", "content": "hi there"}], add_generation_prompt=True, tokenize=False
+    )
+    return {
+        "completions": [HFText(tok, tiny_ckpt, tok(p).input_ids) for p in PROMPTS],
+        "chat": HFText(tok, tiny_ckpt, tok(chat_text, add_special_tokens=False).input_ids),
+    }
 
 
 def test_models_lists_the_served_model(client):
@@ -47,17 +53,20 @@ def test_models_lists_the_served_model(client):
     assert card.id == MODEL
 
 
-def test_completion_matches_llm_generate(client, reference):
+def test_completion_matches_transformers(client, reference):
     for prompt, expected in zip(PROMPTS, reference["completions"]):
         r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0)
-        assert r.choices[0].text == expected
+        assert expected.matches(r.choices[0].text), (r.choices[0].text, expected.text)
         assert r.usage.completion_tokens == 12 or r.choices[0].finish_reason == "stop"
         assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
 
 
 def test_batch_of_prompts_and_token_ids(client, reference, served):
     r = client.completions.create(model=MODEL, prompt=PROMPTS, max_tokens=12, temperature=0)
-    assert [c.text for c in sorted(r.choices, key=lambda c: c.index)] == reference["completions"]
+    texts = [c.text for c in sorted(r.choices, key=lambda c: c.index)]
+    assert (
+        all(ref.matches(t) for ref, t in zip(reference["completions"], texts)) and len(texts) == 4
+    )
     tok_prompt = requests.post(
         f"{served.base}/v1/completions",
         json={"model": MODEL, "prompt": [1, 261, 495], "max_tokens": 4, "temperature": 0},
@@ -76,7 +85,7 @@ def test_streaming_completion_matches_and_ends_with_done(client, reference, serv
     )
     chunks = list(stream)
     text = "".join(c.choices[0].text for c in chunks if c.choices)
-    assert text == reference["completions"][0]
+    assert reference["completions"][0].matches(text)
     assert chunks[-1].usage.completion_tokens == 12
     raw = requests.post(
         f"{served.base}/v1/completions",
@@ -92,16 +101,25 @@ def test_streaming_completion_matches_and_ends_with_done(client, reference, serv
 def test_chat_uses_the_chat_template_streaming_and_not(client, reference):
     msgs = [{"role": "user", "content": "hi there"}]
     r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=12, temperature=0)
-    assert (
-        r.choices[0].message.content == reference["chat"]
-        and r.choices[0].message.role == "assistant"
-    )
+    assert reference["chat"].matches(r.choices[0].message.content)
+    assert r.choices[0].message.role == "assistant"
     stream = client.chat.completions.create(
         model=MODEL, messages=msgs, max_tokens=12, temperature=0, stream=True
     )
-    assert (
-        "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == reference["chat"]
+    streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert streamed == r.choices[0].message.content  # the same request alone: the same path
+
+
+def test_chat_without_max_tokens_stops_at_the_servers_limit(client, served):
+    """The session app allows max_tokens up to 400 in a 512-token context: a chat that names no
+    max_tokens gets what the context allows, capped at the limit (it once ran to the context)."""
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "go on"}],
+        temperature=0,
+        extra_body={"ignore_eos": True},
     )
+    assert r.usage.completion_tokens == 400 and r.choices[0].finish_reason == "length"
 
 
 def test_n_seed_logprobs_echo_and_extra_sampling_fields(client, served):
@@ -165,11 +183,14 @@ def test_sixteen_concurrent_streaming_clients_all_complete(client, reference, se
 
     with cf.ThreadPoolExecutor(16) as pool:
         texts = list(pool.map(one, range(16)))
-    assert texts == [reference["completions"][i % 4] for i in range(16)]
+    for i, text in enumerate(texts):  # crowded batches: other shapes than alone, so ties may part
+        assert reference["completions"][i % 4].matches(text), (i, text)
     served.wait_idle()
 
 
 def test_client_disconnect_mid_stream_aborts_and_frees_slots(served):
+    """Only an abort can end this request early: it ignores EOS and asks for the limit, 400."""
+    before = served.wait_idle()
     with requests.post(
         f"{served.base}/v1/completions",
         stream=True,
@@ -187,9 +208,9 @@ def test_client_disconnect_mid_stream_aborts_and_frees_slots(served):
             seen += line.startswith(b"data: ")
             if seen >= 3:
                 break  # leave mid-stream: the connection closes
-    assert served.stats()["generated_tokens"] >= 3
-    stats = served.wait_idle(timeout=60)
-    assert stats["finished_requests"] >= 1
+    after = served.wait_idle(timeout=60)
+    assert after["finished_requests"] - before["finished_requests"] == 1
+    assert 3 <= after["generated_tokens"] - before["generated_tokens"] < 400
 
 
 BAD = [
@@ -251,22 +272,36 @@ def test_overload_gets_429_with_retry_after_and_the_server_keeps_serving(served,
     assert client.completions.create(model=MODEL, prompt="ok", max_tokens=2).choices
 
 
+def metric_values(text: str) -> dict[str, float]:
+    """Prometheus text -> {name{labels}: value}."""
+    lines = (ln.rsplit(" ", 1) for ln in text.splitlines() if ln and not ln.startswith("#"))
+    return {name: float(value) for name, value in lines}
+
+
 def test_health_probes_every_stage_and_metrics_are_prometheus(served, client):
     h = requests.get(f"{served.base}/health", timeout=60).json()
     assert h["status"] == "ok" and h["stages"] == 2
-    client.completions.create(model=MODEL, prompt="metrics", max_tokens=3)
+    before = metric_values(requests.get(f"{served.base}/metrics", timeout=30).text)
+    client.completions.create(
+        model=MODEL, prompt="metrics", max_tokens=3, extra_body={"ignore_eos": True}
+    )
     text = requests.get(f"{served.base}/metrics", timeout=30).text
-    for name in (
-        "jamba_ray_requests_running",
-        "jamba_ray_requests_waiting",
-        "jamba_ray_slots_in_use",
-        "jamba_ray_time_to_first_token_seconds_bucket",
-        "jamba_ray_time_per_output_token_seconds_count",
-        "jamba_ray_generated_tokens_total",
-        'jamba_ray_stage_p2p_sends_total{stage="0"} 0',
-        'jamba_ray_stage_decode_graph_steps_total{stage="1"} 0',
-    ):  # object store, no graphs by default
-        assert name in text
+    after = metric_values(text)
+
+    def grew(name: str) -> float:
+        return after[name] - before[name]
+
+    # this request's own observations, whatever ran before it
+    assert grew("jamba_ray_generated_tokens_total") == 3
+    assert grew("jamba_ray_requests_finished_total") == 1
+    assert grew("jamba_ray_time_to_first_token_seconds_count") == 1
+    assert grew("jamba_ray_time_per_output_token_seconds_count") == 1
+    assert grew('jamba_ray_time_to_first_token_seconds_bucket{le="+Inf"}') == 1
+    assert grew("jamba_ray_time_to_first_token_seconds_sum") > 0
+    assert grew('jamba_ray_stage_busy_seconds_total{stage="0"}') > 0
+    assert grew('jamba_ray_stage_busy_seconds_total{stage="1"}') > 0
+    assert after["jamba_ray_slots_total"] == 8 and after["jamba_ray_requests_running"] == 0
+    # object store, no fixed-shape decode steps by default: these stay at 0
+    assert after['jamba_ray_stage_p2p_sends_total{stage="0"}'] == 0
+    assert after['jamba_ray_stage_decode_graph_steps_total{stage="1"}'] == 0
     assert "# TYPE jamba_ray_time_to_first_token_seconds histogram" in text
-    busy = re.search(r'jamba_ray_stage_busy_seconds_total\{.*stage="0"\} ([0-9.e-]+)', text)
-    assert busy and float(busy.group(1)) > 0
