@@ -1,4 +1,5 @@
-"""`jamba-ray` (same as `python -m jamba_ray`): init-tiny, plan, generate, serve, score."""
+"""`jamba-ray` (same as `python -m jamba_ray`): init-tiny, plan, generate, serve, score,
+serve-config."""
 
 from __future__ import annotations
 
@@ -31,10 +32,19 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="print the per-stage partition table (no weights needed)")
     pl.add_argument("--model", help="checkpoint dir or config.json")
     pl.add_argument("--config", help="pipelines/*.yaml: also checks each stage's memory fit")
-    pl.add_argument("--stages", type=int, default=1)
+    pl.add_argument("--stages", type=int, default=1, help="number of stages (default 1)")
     pl.add_argument("--slices", help='explicit slices as JSON, e.g. "[[0,3],[3,8]]"')
-    pl.add_argument("--dtype", default="bf16")
-    pl.add_argument("--balance", default="params", choices=["params", "flops"])
+    pl.add_argument(
+        "--dtype",
+        default=None,
+        help="weight dtype for the sizes (default: the checkpoint's torch_dtype, else float32)",
+    )
+    pl.add_argument(
+        "--balance",
+        default="params",
+        choices=["params", "flops"],
+        help="what stages are balanced by (default params)",
+    )
     pl.set_defaults(fn=commands.plan)
 
     g = sub.add_parser("generate", help="generate text for one or more prompts")
@@ -119,6 +129,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-tokens", type=int, default=16, help="generate: tokens per row")
     b.add_argument("--temperature", type=float, default=0.0)
     b.add_argument("--seed", type=int, default=None)
+    b.add_argument(
+        "--retry-errors",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="on a rerun, score rows that failed before again (default: yes)",
+    )
+    b.add_argument(
+        "--progress-every",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="print progress this often (default 10; 0: only at the end)",
+    )
+    b.add_argument("--verbose", action="store_true", help="Ray Data's progress bars and INFO logs")
     b.add_argument("--address", default=None)
     b.set_defaults(fn=commands.score)
 

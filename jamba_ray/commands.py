@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 from .errors import ConfigError
 
@@ -10,8 +11,11 @@ from .errors import ConfigError
 def init_tiny(a) -> int:
     from .tiny import TinySpec, init_tiny
 
-    out = init_tiny(a.dir, TinySpec(a.preset, a.seed, a.max_shard_size, a.classifier))
-    print(f"wrote a {a.preset} Jamba checkpoint to {out}")
+    spec = TinySpec(a.preset, a.seed, a.max_shard_size, a.classifier)
+    out = init_tiny(a.dir, spec, say=lambda msg: print(f"init-tiny: {msg}", flush=True))
+    files = [f for f in out.iterdir() if f.is_file()]
+    size = sum(f.stat().st_size for f in files) / 2**20
+    print(f"wrote a {a.preset} Jamba checkpoint to {out} ({len(files)} files, {size:.1f} MiB)")
     return 0
 
 
@@ -25,13 +29,25 @@ def plan(a) -> int:
         raise ConfigError("give --model DIR_OR_CONFIG or --config pipelines/X.yaml")
     spec = ModelSpec.from_path(a.model)
     slices = json.loads(a.slices) if a.slices else None
-    stages = plan(spec, a.stages, slices, a.dtype, a.balance)
+    dtype = a.dtype or checkpoint_dtype(a.model)
+    stages = plan(spec, a.stages, slices, dtype, a.balance)
+    print(f"{a.model}: {dtype} weights, {len(stages)} stage{'s' if len(stages) > 1 else ''}\n")
     print(format_plan(spec, stages))
     return 0
 
 
+def checkpoint_dtype(path: str) -> str:
+    """The dtype a checkpoint's config.json names (`torch_dtype`, or `dtype`), else float32."""
+    from pathlib import Path
+
+    p = Path(path)
+    cfg = json.loads((p / "config.json" if p.is_dir() else p).read_text())
+    return cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
+
+
 def plan_config(path: str) -> int:
     """Partition + memory fit of a pipeline file; non-zero exit when a stage does not fit."""
+    from .config.capacity import derive_capacity, format_capacity
     from .config.fit import fit_check, format_fit, require_fit
     from .config.pipeline_file import PipelineFile
     from .config.planner import format_plan, plan
@@ -48,6 +64,7 @@ def plan_config(path: str) -> int:
     print(format_plan(spec, plans), end="\n\n")
     fits = fit_check(spec, cfg, plans)
     print(format_fit(fits))
+    print(format_capacity(derive_capacity(spec, cfg, plans)))
     require_fit(fits)
     return 0
 
@@ -107,6 +124,7 @@ def pipeline_file(a):
 def serve(a) -> int:
     import os
 
+    from .foreground import interrupt_on_sigterm, shutdown_quietly, sleep_forever
     from .runtime.pipeline import ensure_ray
     from .serve.launch import start
 
@@ -117,24 +135,27 @@ def serve(a) -> int:
         pipeline = pipeline.model_copy(
             update={"serve": pipeline.serve.model_copy(update={"grpc_port": None})}
         )
+    config = pipeline.to_config(a.model)
     ensure_ray(a.address)
-    start(pipeline.to_config(a.model))
+    interrupt_on_sigterm()
     opts = pipeline.serve
-    print(
-        f"jamba-ray: serving on http://{opts.host}:{opts.port}/v1"
-        + (f" and gRPC {opts.host}:{opts.grpc_port}" if opts.grpc_port else "")
-        + " (Ctrl-C stops)",
-        flush=True,
-    )
-    import time
-
     try:
-        while True:
-            time.sleep(3600)
+        print(
+            f"jamba-ray: deploying {config.engine.placement.num_stages} stage(s) of "
+            f"{config.engine.model.path}; each stage loads its weights first",
+            flush=True,
+        )
+        start(config)
+        print(
+            f"jamba-ray: serving on http://{opts.host}:{opts.port}/v1"
+            + (f" and gRPC {opts.host}:{opts.grpc_port}" if opts.grpc_port else "")
+            + " (Ctrl-C or SIGTERM stops)",
+            flush=True,
+        )
+        sleep_forever()
     except KeyboardInterrupt:
-        from ray import serve
-
-        serve.shutdown()
+        print("jamba-ray: stopping (draining Serve, then Ray)", flush=True)
+    shutdown_quietly()
     return 0
 
 
@@ -149,7 +170,7 @@ def serve_config(a) -> int:
 
 
 def score(a) -> int:
-    from .batch import ScoreConfig, run_job
+    from .batch import ScoreConfig, execute, prepare_job, quiet_ray_data
     from .runtime.pipeline import ensure_ray
 
     sampling = {"max_tokens": a.max_tokens, "temperature": a.temperature}
@@ -168,7 +189,12 @@ def score(a) -> int:
         max_batched_tokens=a.max_batched_tokens,
         sampling=sampling,
     )
-    ensure_ray(a.address)
-    summary = run_job(a.input, a.output, cfg, pipelines=a.pipelines, batch_size=a.batch_size)
+    job = prepare_job(a.input, a.output, cfg, retry_errors=a.retry_errors)  # before Ray starts
+    print(job.line(), file=sys.stderr, flush=True)
+    if job.pending:
+        ensure_ray(a.address)
+        if not a.verbose:
+            quiet_ray_data()
+    summary = execute(job, a.pipelines, a.batch_size, a.progress_every)
     print(f"jamba-ray score: {summary.line()}; output in {a.output}")
     return 0

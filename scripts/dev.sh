@@ -14,7 +14,9 @@ setup() {
   pip install -q --disable-pip-version-check -e ".[test]"
 }
 
+usage() { echo "usage: scripts/dev.sh serve|generate|test [ARGS...]" >&2; exit 2; }
 cmd=${1:-test}
+case "$cmd" in serve|generate|test) ;; *) usage ;; esac  # before installing anything
 shift || true
 setup
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} TOKENIZERS_PARALLELISM=false
@@ -24,5 +26,5 @@ case "$cmd" in
   test)
     ruff check jamba_ray tests benchmarks
     exec python -m pytest -q -p no:cacheprovider "$@" ;;
-  *) echo "usage: scripts/dev.sh serve|generate|test" >&2; exit 2 ;;
+  *) usage ;;
 esac

@@ -1,5 +1,7 @@
 """CLI flags map onto the pipeline layout the same way a YAML would."""
 
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -7,6 +9,7 @@ import pytest
 from jamba_ray.cli import build_parser, main
 from jamba_ray.commands import pipeline_file as _pipeline
 from jamba_ray.config.pipeline_file import PipelineFile
+from tests.conftest import STAGE_CPUS, assert_greedy_like_hf
 
 ROOT = Path(__file__).parents[1]
 
@@ -66,3 +69,112 @@ def test_serve_config_prints_a_serve_config(capsys):
     assert main(["serve-config", "--config", str(ROOT / "pipelines" / "tiny-cpu.yaml")]) == 0
     out = capsys.readouterr().out
     assert "import_path: jamba_ray.serve.app:build_app" in out and "grpc_servicer_functions" in out
+
+
+def test_generate_without_a_model_uses_the_tiny_default_and_prints_json_lines(capsys, ray_session):
+    """The default model is made in $JAMBA_RAY_CACHE (the session's private one, not ~/.cache)."""
+    from transformers import AutoTokenizer
+
+    prompts = ["hello world", "The quick brown fox"]
+    argv = ["generate", "--stages", "2", "--cpus-per-stage", str(STAGE_CPUS), "--max-tokens", "6"]
+    assert main(argv + [a for p in prompts for a in ("--prompt", p)]) == 0
+    lines = [json.loads(ln) for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")]
+    path = Path(os.environ["JAMBA_RAY_CACHE"]) / "tiny-default"
+    tok = AutoTokenizer.from_pretrained(path)
+    assert [line["prompt"] for line in lines] == prompts
+    for line in lines:
+        ids = line["token_ids"]
+        assert_greedy_like_hf(str(path), tok(line["prompt"]).input_ids, ids)
+        assert line["text"] == tok.decode(ids, skip_special_tokens=True)
+        assert line["finish_reason"] == ("length" if len(ids) == 6 else "stop")
+
+
+def test_generate_reports_a_bad_model_as_an_error_line_and_exit_code_2(capsys, tmp_path):
+    assert main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "x"]) == 2
+    assert "jamba-ray: error:" in capsys.readouterr().err
+
+
+def test_help_lists_every_command_and_the_plan_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert all(
+        c in out for c in ["init-tiny", "plan", "generate", "serve", "score", "serve-config"]
+    )
+    with pytest.raises(SystemExit):
+        main(["plan", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "number of stages (default 1)" in out and "torch_dtype, else float32" in out
+
+
+def test_plan_sizes_follow_the_checkpoint_dtype(tiny_ckpt, capsys):
+    assert main(["plan", "--model", tiny_ckpt, "--stages", "2"]) == 0
+    fp32 = capsys.readouterr().out
+    assert "float32 weights, 2 stages" in fp32 and "2.21 MiB" in fp32  # 578,704 params x 4 B
+    assert main(["plan", "--model", tiny_ckpt, "--stages", "2", "--dtype", "bf16"]) == 0
+    assert "1.10 MiB" in capsys.readouterr().out
+    real = str(ROOT / "pipelines" / "jamba-v0.1-config.json")
+    assert main(["plan", "--model", real, "--stages", "4"]) == 0
+    assert "bfloat16 weights, 4 stages" in capsys.readouterr().out
+
+
+def test_init_tiny_says_what_it_does(tmp_path, capsys):
+    assert main(["init-tiny", str(tmp_path / "t"), "--seed", "2"]) == 0
+    out = capsys.readouterr().out
+    steps = [line for line in out.splitlines() if line.startswith("init-tiny: ")]
+    assert len(steps) == 3 and "tokenizer" in steps[-1]
+    assert f"wrote a tiny Jamba checkpoint to {tmp_path / 't'}" in out
+
+
+def test_score_retry_flags():
+    base = ["score", "--model", "m", "--input", "i", "--output", "o"]
+    assert build_parser().parse_args(base).retry_errors is True
+    assert build_parser().parse_args([*base, "--no-retry-errors"]).retry_errors is False
+
+
+def test_serve_stops_cleanly_on_sigterm(tmp_path):
+    """A real `jamba-ray serve` process: SIGTERM drains Serve, stops Ray, exits 0, no traceback."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(JAMBA_RAY_CACHE=str(tmp_path), HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "jamba_ray", "serve", "--no-grpc", "--port", str(port)]
+    out, err = tmp_path / "out.txt", tmp_path / "err.txt"
+    with open(out, "w") as o, open(err, "w") as e:
+        proc = subprocess.Popen([*cmd, "--stages", "1"], env=env, stdout=o, stderr=e)
+    try:
+        deadline = time.time() + 240
+        while proc.poll() is None and time.time() < deadline:
+            if "serving on" in out.read_text() and _healthy(port):
+                break
+            time.sleep(1)
+        assert proc.poll() is None and time.time() < deadline, err.read_text()[-3000:]
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err.read_text()[-3000:]
+    assert "Traceback" not in err.read_text() and "jamba-ray: stopping" in out.read_text()
+    assert "graceful_shutdown failed" not in out.read_text() + err.read_text()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _healthy(port: int) -> bool:
+    import requests
+
+    try:
+        return requests.get(f"http://127.0.0.1:{port}/health", timeout=5).ok
+    except requests.RequestException:  # not listening yet, or busy starting
+        return False

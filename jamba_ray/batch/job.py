@@ -1,19 +1,22 @@
-"""Batch scoring as a Ray Data job: read -> map_batches over pipeline actors -> Parquet parts."""
+"""Batch scoring as a Ray Data job: read -> map_batches over pipeline actors -> Parquet parts.
+
+`prepare_job` needs no Ray: it checks the task and the input and reads what earlier runs wrote,
+so a bad job fails, and a finished one returns, before any actor starts. `execute` runs the rest.
+"""
 
 from __future__ import annotations
 
 import logging
-import os
-import sys
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from ray.data import ActorPoolStrategy
 
 from ..errors import InvalidRequestError
-from ..model.checkpoint import resolve
+from . import parts
+from .preflight import check_task, input_format, inspect_input
+from .progress import Progress
 from .scorer import PipelineScorer, ScoreConfig
 
 log = logging.getLogger(__name__)
@@ -23,6 +26,7 @@ log = logging.getLogger(__name__)
 class JobSummary:
     rows: int = 0
     skipped: int = 0  # already in the output from an earlier run
+    retried: int = 0  # error rows of earlier runs scored again
     tokens: int = 0
     errors: int = 0
     wall_s: float = 0.0
@@ -32,19 +36,35 @@ class JobSummary:
         rate = self.rows / self.wall_s if self.wall_s else 0.0
         tps = self.tokens / self.wall_s if self.wall_s else 0.0
         return (
-            f"rows {self.rows} (+{self.skipped} done before), tokens {self.tokens}, "
-            f"errors {self.errors}, "
+            f"rows {self.rows} (+{self.skipped} done before, {self.retried} retried), "
+            f"tokens {self.tokens}, errors {self.errors}, "
             f"wall {self.wall_s:.1f}s, {rate:.1f} rows/s, {tps:.0f} tokens/s"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    input: str
+    output: Path
+    config: ScoreConfig
+    pending: int  # rows left to score
+    skip: frozenset  # ids not scored again
+    skipped: int  # input rows whose id is in `skip`
+    retry: dict  # id -> parts holding that id's error rows, for ids scored again
+
+    def line(self) -> str:
+        return (
+            f"jamba-ray score: {self.pending} rows to score ({self.skipped} done before, "
+            f"{len(self.retry)} error rows to retry)"
         )
 
 
 def read_input(path: str):
     import ray.data
 
-    p = str(path)
-    if p.endswith((".jsonl", ".json", ".jsonl.gz")):
-        return ray.data.read_json(p)
-    return ray.data.read_parquet(p)
+    if input_format(path) == "json":
+        return ray.data.read_json(str(path))
+    return ray.data.read_parquet(str(path))
 
 
 def score(data, config: ScoreConfig, pipelines: int = 1, batch_size: int = 16, skip_ids=None):
@@ -53,14 +73,15 @@ def score(data, config: ScoreConfig, pipelines: int = 1, batch_size: int = 16, s
     `data` is a path (JSONL or Parquet, any filesystem Ray Data reads) or a Ray Dataset; rows whose
     id is in `skip_ids` are left out (resume).
     """
-    if config.task == "classify" and "score.weight" not in resolve(config.model).weight_map():
-        raise InvalidRequestError(
-            "task 'classify' needs a checkpoint with a classification head (score.weight)"
-        )
+    check_task(config)
     ds = read_input(data) if isinstance(data, (str, Path)) else data
     if skip_ids:
-        done, col = frozenset(skip_ids), config.id_column
-        ds = ds.filter(lambda row: row[col] not in done)
+        from ray.data.expressions import col
+
+        ds = ds.filter(expr=col(config.id_column).not_in(list(skip_ids)))
+    # One batch per block: a small input read as one block would otherwise be one task, on one
+    # pipeline however many there are. Streaming, so a large input is not held in memory.
+    ds = ds.repartition(target_num_rows_per_block=batch_size)
     return ds.map_batches(
         PipelineScorer,
         fn_constructor_kwargs={"config": config},
@@ -71,18 +92,62 @@ def score(data, config: ScoreConfig, pipelines: int = 1, batch_size: int = 16, s
     )
 
 
-def done_ids(out_dir: Path, id_column: str) -> set:
-    """Ids already written by earlier runs; unreadable (half-written) parts are removed."""
-    import pyarrow.parquet as pq
+def prepare_job(input_path: str, output: str, config: ScoreConfig, retry_errors: bool = True):
+    """Check the job and read the output of earlier runs; no Ray needed."""
+    check_task(config)
+    info = inspect_input(input_path, config.text_column, config.id_column)
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    if info.ids is None:
+        if parts.list_parts(out):
+            raise InvalidRequestError(
+                f"{out} holds parts of an earlier run but the input has no "
+                f"{config.id_column!r} column to resume by: a rerun would score every row again; "
+                "give --id-column or a new --output"
+            )
+        log.warning("input has no %r column: the job cannot resume", config.id_column)
+        return Job(str(input_path), out, config, info.rows, frozenset(), 0, {})
+    state = parts.read_state(out, config.id_column)
+    wanted = set(info.ids)
+    retry = {i: p for i, p in state.failed.items() if i in wanted} if retry_errors else {}
+    skip = frozenset(state.done | (state.failed.keys() - retry.keys()))
+    skipped = sum(1 for i in info.ids if i in skip)
+    return Job(str(input_path), out, config, info.rows - skipped, skip, skipped, retry)
 
-    ids: set = set()
-    for part in sorted(out_dir.glob("part-*.parquet")):
-        try:
-            ids.update(pq.read_table(part, columns=[id_column]).column(0).to_pylist())
-        except Exception:
-            log.warning("removing unreadable part %s", part)
-            part.unlink()
-    return ids
+
+def execute(
+    job: Job, pipelines: int = 1, batch_size: int = 16, progress_every: float | None = 10.0
+) -> JobSummary:
+    """Score the pending rows of `job` into new parts; nothing starts when none are pending."""
+    summary = JobSummary(skipped=job.skipped, retried=len(job.retry))
+    if not job.pending:
+        return summary
+    t0 = time.perf_counter()
+    ds = score(read_input(job.input), job.config, pipelines, batch_size, job.skip)
+    with Progress(job.pending, progress_every) as progress:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
+            parts.write_part(job.output, batch)
+            _supersede(job, batch)
+            tokens = int(batch["num_tokens"].fillna(0).sum())
+            progress.add(len(batch), tokens, int(batch["error"].notna().sum()))
+            summary.parts += 1
+    c = progress.counts
+    summary.rows, summary.tokens, summary.errors = c.rows, c.tokens, c.errors
+    summary.wall_s = time.perf_counter() - t0
+    return summary
+
+
+def _supersede(job: Job, batch) -> None:
+    """The error rows of earlier runs for the ids just written are stale now: drop them."""
+    if not job.retry:
+        return
+    stale: dict[str, set] = {}
+    for i in batch[job.config.id_column].tolist():
+        for name in job.retry.get(i, ()):
+            stale.setdefault(name, set()).add(i)
+    for name, ids in stale.items():
+        if (job.output / name).exists():
+            parts.drop_error_rows(job.output / name, ids, job.config.id_column)
 
 
 def run_job(
@@ -92,46 +157,10 @@ def run_job(
     pipelines: int = 1,
     batch_size: int = 16,
     progress: bool = True,
+    retry_errors: bool = True,
+    progress_every: float = 10.0,
 ) -> JobSummary:
-    """Score `input_path` into Parquet parts under `output`; a rerun skips rows already written."""
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    ds_in = read_input(input_path)
-    resumable = config.id_column in ds_in.schema().names
-    skip = done_ids(out, config.id_column) if resumable else set()
-    if not resumable:
-        log.warning(
-            "input has no %r column: the job cannot resume, it rescores every row", config.id_column
-        )
-    summary = JobSummary(skipped=len(skip))
-    total = ds_in.count() - len(skip)
-    t0 = time.perf_counter()
-    for batch in score(ds_in, config, pipelines, batch_size, skip).iter_batches(
-        batch_size=None, batch_format="pandas"
-    ):
-        _write_part(out, batch)
-        summary.parts += 1
-        summary.rows += len(batch)
-        summary.tokens += int(batch["num_tokens"].fillna(0).sum())
-        summary.errors += int(batch["error"].notna().sum())
-        summary.wall_s = time.perf_counter() - t0
-        if progress:
-            print(
-                f"\r[{summary.rows}/{total}] {summary.line()}", end="", file=sys.stderr, flush=True
-            )
-    summary.wall_s = time.perf_counter() - t0
-    if progress:
-        print(file=sys.stderr)
-    return summary
-
-
-def _write_part(out: Path, batch) -> None:
-    """Write then rename, so a killed job never leaves a half-written part behind."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    name = f"part-{uuid.uuid4().hex}.parquet"
-    tmp = out / f".{name}.tmp"
-    table = pa.Table.from_pandas(batch, preserve_index=False)
-    pq.write_table(table.replace_schema_metadata(None), tmp)  # plain Arrow types, no pandas dtypes
-    os.replace(tmp, out / name)
+    """Score `input_path` into Parquet parts under `output`. A rerun skips rows already scored
+    and, with `retry_errors`, scores rows that failed before again (their error rows then go)."""
+    job = prepare_job(input_path, output, config, retry_errors)
+    return execute(job, pipelines, batch_size, progress_every if progress else None)

@@ -46,6 +46,15 @@ OUTPUT_COLUMNS = {
 }
 
 
+def text_error(text, column: str) -> str | None:
+    """Why a row's text cannot be scored, or None."""
+    if not isinstance(text, str):
+        if text is None or pd.isna(text) is True:  # None, NaN or pd.NA, as the reader gave it
+            return f"{column} is missing (null)"
+        return f"{column} must be a string, got {type(text).__name__}"
+    return None if text else f"{column} is empty"
+
+
 class PipelineScorer:
     """Callable class for `Dataset.map_batches`: each pool actor owns one stage pipeline."""
 
@@ -85,11 +94,9 @@ class PipelineScorer:
         return out
 
     def _encode(self, text) -> tuple[list[int] | None, str | None]:
-        if not isinstance(text, str) or not text:
-            return (
-                None,
-                f"{self.cfg.text_column} must be a non-empty string, got {type(text).__name__}",
-            )
+        err = text_error(text, self.cfg.text_column)
+        if err:
+            return None, err
         ids = self.tok(text).input_ids
         limit = self.max_len - (
             1 if self.cfg.task != "generate" else self.cfg.sampling.get("max_tokens", 16)

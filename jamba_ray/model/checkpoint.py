@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ModelNotFoundError
+
+log = logging.getLogger(__name__)
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -88,20 +92,55 @@ def slice_keys(
     return wanted
 
 
-def load_tensors(ckpt: Checkpoint, names: list[str]) -> dict:
-    """Read exactly `names`, opening each shard once; nothing else is read."""
+def load_tensors(ckpt: Checkpoint, names: list[str], label: str = "weights") -> dict:
+    """Read exactly `names`, opening each shard once; nothing else is read. Logs what it read
+    (every LOG_EVERY_S seconds on long loads, and at the end), named by `label`."""
     from safetensors import safe_open
 
     by_shard: dict[str, list[str]] = defaultdict(list)
     weight_map = ckpt.weight_map()
     for name in names:
         by_shard[weight_map[name]].append(name)
-    tensors = {}
+    tensors, read = {}, _ReadLog(label, len(names), len(by_shard))
     for shard, keys in sorted(by_shard.items()):
         with safe_open(ckpt.file(shard), framework="pt") as f:
             for key in keys:
                 tensors[key] = f.get_tensor(key)
+                read.add(tensors[key])
+        read.shard_done()
+    read.finish()
     return tensors
+
+
+LOG_EVERY_S = 10.0
+
+
+class _ReadLog:
+    """Counts tensors and bytes as they are read; a log line on a timer and one at the end."""
+
+    def __init__(self, label: str, tensors: int, shards: int):
+        self.label, self.total, self.shards = label, tensors, shards
+        self.tensors = self.bytes = self.shards_done = 0
+        self.t0 = self.last = time.perf_counter()
+
+    def add(self, t) -> None:
+        self.tensors += 1
+        self.bytes += t.numel() * t.element_size()
+        if time.perf_counter() - self.last >= LOG_EVERY_S:
+            self.last = time.perf_counter()
+            log.info("%s: %s so far", self.label, self._counts())
+
+    def shard_done(self) -> None:
+        self.shards_done += 1
+
+    def finish(self) -> None:
+        log.info("%s: read %s in %.1f s", self.label, self._counts(), time.perf_counter() - self.t0)
+
+    def _counts(self) -> str:
+        return (
+            f"{self.tensors}/{self.total} tensors, {self.bytes / 2**20:.1f} MiB, "
+            f"{self.shards_done}/{self.shards} shards"
+        )
 
 
 def merge_experts(tensors: dict) -> dict:
@@ -130,4 +169,4 @@ def merge_experts(tensors: dict) -> dict:
 def load_slice(ckpt: Checkpoint, start: int, end: int, first: bool, last: bool, tied: bool = False):
     """(state dict in transformers' in-memory naming, the on-disk names that were read)."""
     names = slice_keys(list(ckpt.weight_map()), start, end, first, last, tied)
-    return merge_experts(load_tensors(ckpt, names)), names
+    return merge_experts(load_tensors(ckpt, names, f"stage layers [{start},{end})")), names

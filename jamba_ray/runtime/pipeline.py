@@ -35,7 +35,11 @@ StageActor = ray.remote(Stage)
 def ensure_ray(address: str | None = None) -> None:
     """Join the running Ray cluster, or start a local one."""
     if not ray.is_initialized():
-        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+        # INFO: stages log what they load (bytes, tensors) to their worker logs
+        logging = ray.LoggingConfig(log_level="INFO")
+        ray.init(
+            address=address, ignore_reinit_error=True, log_to_driver=False, logging_config=logging
+        )
 
 
 def call(method, *args):

@@ -2,51 +2,14 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import pandas as pd
 import pytest
 import torch
 
-from jamba_ray.batch import ScoreConfig, run_job, score
-from jamba_ray.errors import InvalidRequestError
+from jamba_ray.batch import run_job, score
 from jamba_ray.tiny import TinySpec, init_tiny
+from tests.batch.jobs import TEXTS, cfg, read_parts, write_jsonl
 from tests.conftest import STAGE_CPUS, hf_model
-
-TEXTS = [
-    "hello world, the quick brown fox",
-    "Ray starts the stage actors inside a placement group.",
-    "café 東京 🙂",
-    "A state space model reads a sequence one token at a time. " * 6,  # long: chunked prefill
-]
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
-
-def cfg(model, **kw) -> ScoreConfig:
-    return ScoreConfig(
-        model=model,
-        num_stages=2,
-        num_cpus_per_stage=STAGE_CPUS,
-        max_batched_tokens=16,
-        max_num_seqs=8,
-        max_model_len=256,
-        **kw,
-    )
-
-
-def read_parts(out: Path) -> pd.DataFrame:
-    return pd.concat(
-        [pd.read_parquet(p) for p in sorted(out.glob("part-*.parquet"))], ignore_index=True
-    )
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +80,7 @@ def test_bad_rows_become_error_rows_and_the_rest_succeed(tiny_ckpt, ray_session,
     df = read_parts(tmp_path / "err").sort_values("id").set_index("id")
     assert list(df.index) == [0, 1, 2, 3, 4]
     assert pd.isna(df.loc[0, "error"]) and pd.isna(df.loc[4, "error"]) and df.loc[0, "logprob"] < 0
-    assert "non-empty string" in df.loc[1, "error"] and "non-empty string" in df.loc[2, "error"]
+    assert df.loc[1, "error"] == "text is empty" and df.loc[2, "error"] == "text is missing (null)"
     assert "exceed" in df.loc[3, "error"]
     run_job(
         src,
@@ -130,67 +93,63 @@ def test_bad_rows_become_error_rows_and_the_rest_succeed(tiny_ckpt, ray_session,
     assert pd.isna(trunc.loc[3, "error"]) and trunc.loc[3, "num_tokens"] == 255
 
 
-def test_generate_task_uses_sampling_flags(tiny_ckpt, ray_session, tmp_path):
+def test_generate_task_equals_llm_generate_with_the_same_flags(tiny_ckpt, ray_session, tmp_path):
+    from jamba_ray import LLM, SamplingParams
+
+    sampling = {"max_tokens": 5, "temperature": 0.0, "ignore_eos": True}
     src = write_jsonl(
         tmp_path / "in.jsonl", [{"id": i, "text": t} for i, t in enumerate(TEXTS[:2])]
     )
-    df = score(
-        src,
-        cfg(
-            tiny_ckpt,
-            task="generate",
-            sampling={"max_tokens": 5, "temperature": 0.0, "ignore_eos": True},
-        ),
-    ).to_pandas()
-    assert all(df["finish_reason"] == "length") and all(df["completion"].str.len() > 0)
-
-
-def test_bad_job_settings_fail_before_any_actor_starts(tiny_ckpt):
-    with pytest.raises(InvalidRequestError, match="unknown task"):
-        ScoreConfig(model=tiny_ckpt, task="embed")
-    with pytest.raises(InvalidRequestError, match="max_tokens"):
-        ScoreConfig(model=tiny_ckpt, task="generate", sampling={"max_tokens": 0})
-    with pytest.raises(InvalidRequestError, match="classification head"):
-        score("unused.jsonl", ScoreConfig(model=tiny_ckpt, task="classify"))
-
-
-def test_killed_job_resumes_without_duplicating_rows(tiny_ckpt, ray_session, tmp_path):
-    n = 160  # enough parts that the kill lands mid-job however fast this machine is
-    rows = [{"id": i, "text": f"{TEXTS[i % 3]} number {i}"} for i in range(n)]
-    src, out = write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out"
-    cmd = [
-        sys.executable,
-        "-m",
-        "jamba_ray",
-        "score",
-        "--model",
+    df = score(src, cfg(tiny_ckpt, task="generate", sampling=sampling)).to_pandas()
+    llm = LLM(
         tiny_ckpt,
-        "--input",
-        src,
-        "--output",
-        str(out),
-        "--batch-size",
-        "2",
-        "--stages",
-        "1",
-        "--cpus-per-stage",
-        str(STAGE_CPUS),
-    ]
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while (
-        time.time() < deadline
-        and len(list(out.glob("part-*.parquet"))) < 2
-        and first.poll() is None
-    ):
-        time.sleep(0.2)
-    first.kill()
-    first.wait()
-    written = len(read_parts(out)) if list(out.glob("part-*.parquet")) else 0
-    assert written < n, "the job finished before it could be killed"
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert f"+{written} done before" in done.stdout
-    df = read_parts(out)
-    assert sorted(df["id"]) == list(range(n)) and df["error"].isna().all()
+        num_stages=2,
+        num_cpus_per_stage=STAGE_CPUS,
+        max_num_seqs=8,
+        max_batched_tokens=16,
+        max_model_len=256,
+    )
+    try:
+        outs = llm.generate(TEXTS[:2], SamplingParams(**sampling))
+    finally:
+        llm.shutdown()
+    df = df.sort_values("id")
+    assert list(df["completion"]) == [o.outputs[0].text for o in outs]
+    assert list(df["finish_reason"]) == ["length", "length"]
+    lengths = [len(o.prompt_token_ids) + 5 for o in outs]
+    assert list(df["num_tokens"]) == lengths and all(df["completion"].str.len() > 0)
+
+
+def test_parquet_input_on_two_pipelines_scores_every_row_once(tiny_ckpt, ray_session, tmp_path):
+    import ray
+
+    rows = pd.DataFrame({"id": range(8), "text": [TEXTS[i % 3] + f" {i}" for i in range(8)]})
+    (tmp_path / "in").mkdir()
+    for k in range(2):  # a Parquet dataset: a folder of files (Ray Data reads them as one block)
+        rows[4 * k : 4 * k + 4].to_parquet(tmp_path / "in" / f"{k}.parquet", index=False)
+    stages_before = _stage_actors(ray)
+    ds = score(str(tmp_path / "in"), cfg(tiny_ckpt, num_stages=1), pipelines=2, batch_size=2)
+    ds = ds.materialize()
+    df = ds.to_pandas().sort_values("id")
+    assert list(df["id"]) == list(range(8)) and df["error"].isna().all()
+    assert len(_stage_actors(ray) - stages_before) == 2  # one single-stage pipeline per actor
+    assert "MapBatches(PipelineScorer): 4 tasks executed" in ds.stats()  # work for both
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_ckpt)
+    for text, logprob in zip(rows["text"][:3], df["logprob"][:3]):
+        assert logprob == pytest.approx(hf_loglik(tiny_ckpt, tok(text).input_ids), abs=1e-4)
+
+
+def _stage_actors(ray) -> set:
+    return {
+        a["ActorID"]
+        for a in ray._private.state.actors().values()
+        if a["ActorClassName"].endswith("Stage")
+    }
+
+
+def hf_loglik(path: str, ids: list[int]) -> float:
+    with torch.no_grad():
+        logp = torch.log_softmax(hf_model(path)(torch.tensor([ids])).logits[0].double(), -1)
+    return sum(float(logp[i - 1, ids[i]]) for i in range(1, len(ids)))

@@ -1,0 +1,145 @@
+"""README.md stays true: its Python blocks and `jamba-ray` command lines run against a tiny model.
+
+What the README must follow for this to pass:
+- Python examples are fenced ```python blocks; each runs on its own, top to bottom, in this
+  process (one shared local Ray). Without a model they use the tiny default; a model written as a
+  string literal `"DIR"`, `"path/or/hub-id"` or `"dir/or/hub-id"` becomes a tiny checkpoint that
+  also has a classifier head. Data paths `"data.jsonl"`, `"data.parquet"` (or any
+  `"s3://..."`/`"gs://..."` path ending so) become small local files with `id` and `text`.
+  Blocks that talk to a running server (they name 127.0.0.1:8000 or :9000, or localhost) run
+  only when a server answers on 127.0.0.1:8000. A block with `# readme: skip` never runs.
+- Commands are lines of ```bash (or sh, shell, console) blocks that start with `jamba-ray` or
+  `python -m jamba_ray` (a `$ ` prompt, `\\` continuations and trailing `# comments` are fine).
+  The same placeholders apply as words (`DIR`, `M`, `MODEL`, `DIR_OR_CONFIG`, `PATH`,
+  `data.jsonl`, ...), `pipelines/X.yaml` is `pipelines/tiny-cpu.yaml`, other relative paths land
+  in a scratch folder. `serve` lines (they run until stopped) and lines with `--address` are not
+  run.
+- Every `--flag` in a CLI table row (a row starting with a code span naming a command) exists on
+  that command.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+from pathlib import Path
+
+import pytest
+
+from jamba_ray.cli import build_parser, main
+from jamba_ray.tiny import TinySpec, init_tiny
+
+ROOT = Path(__file__).parents[1]
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```", re.M | re.S)
+SHELLS = {"bash", "sh", "shell", "console"}
+SERVER = ("127.0.0.1:8000", "localhost:8000", "127.0.0.1:9000", "localhost:9000")
+MODEL_WORDS = {"DIR", "M", "MODEL", "DIR_OR_CONFIG", "path/or/hub-id", "dir/or/hub-id"}
+DATA = re.compile(r"^(?:(?:s3|gs)://.*/)?[\w.-]*\.(jsonl|parquet)$|^PATH$")
+NEVER = {"serve"}  # runs until stopped
+
+
+def blocks(langs: set[str]) -> list[str]:
+    return [body for lang, body in FENCE.findall(README) if lang in langs]
+
+
+def command_lines() -> list[list[str]]:
+    out = []
+    for body in blocks(SHELLS):
+        for line in body.replace("\\\n", " ").splitlines():
+            line = line.strip().removeprefix("$ ")
+            for prefix in ("jamba-ray ", "python -m jamba_ray "):
+                if line.startswith(prefix):
+                    out.append(shlex.split(line.removeprefix(prefix), comments=True))
+    return out
+
+
+def table_rows() -> list[tuple[str, list[str]]]:
+    rows = re.findall(r"^\| `([a-z][a-z-]*)([^`]*)`", README, re.M)
+    return [(cmd, re.findall(r"--[a-z][a-z0-9-]*", rest)) for cmd, rest in rows]
+
+
+def server_up() -> bool:
+    import requests
+
+    try:
+        return requests.get("http://127.0.0.1:8000/health", timeout=2).ok
+    except requests.RequestException:
+        return False
+
+
+@pytest.fixture(scope="module")
+def readme_ckpt(tmp_path_factory) -> str:
+    """Generation and a classifier head in one checkpoint, as the Python example uses both."""
+    return str(init_tiny(tmp_path_factory.mktemp("readme"), TinySpec(classifier_labels=2)))
+
+
+def test_the_readme_has_examples_to_check():
+    assert blocks({"python"}) and table_rows()
+
+
+@pytest.mark.parametrize("index", range(len(blocks({"python"}))))
+def test_python_block_runs(index, readme_ckpt, ray_session):
+    code = blocks({"python"})[index]
+    if "# readme: skip" in code:
+        pytest.skip("marked # readme: skip")
+    if any(s in code for s in SERVER) and not server_up():
+        pytest.skip("needs a server on 127.0.0.1:8000")
+    code = re.sub(r'"([^"\n]*)"', lambda m: literal(m, Path(readme_ckpt)), code)
+    namespace: dict = {"__name__": f"readme_block_{index}"}
+    try:
+        exec(compile(code, "README.md", "exec"), namespace)
+    finally:
+        for value in namespace.values():  # a failed block must not leave its pipeline behind
+            if type(value).__name__ == "LLM":
+                value.shutdown()
+
+
+def literal(m: re.Match, ckpt: Path) -> str:
+    new = substitute(m[1], ckpt)
+    return m[0] if new == m[1] else repr(new)
+
+
+def runnable(words: list[str]) -> bool:
+    return bool(words) and words[0] not in NEVER and "--address" not in words
+
+
+@pytest.mark.parametrize("words", [w for w in command_lines() if runnable(w)], ids=" ".join)
+def test_command_line_runs(words, readme_ckpt, ray_session, tmp_path, monkeypatch):
+    scratch_ckpt = tmp_path / "ckpt"
+    shutil.copytree(readme_ckpt, scratch_ckpt)  # init-tiny DIR may overwrite it
+    monkeypatch.chdir(tmp_path)
+    assert main([substitute(w, scratch_ckpt) for w in words]) == 0
+
+
+def substitute(word: str, ckpt: Path) -> str:
+    """A README placeholder as a real path; data files are made on demand next to `ckpt`."""
+    if word in MODEL_WORDS:
+        return str(ckpt)
+    if word.startswith("pipelines/"):
+        return str(ROOT / word.replace("X.yaml", "tiny-cpu.yaml"))
+    m = DATA.match(word)
+    if m is None:
+        return word
+    return str(data_file(ckpt.parent / f"readme-data.{m[1] or 'jsonl'}"))
+
+
+def data_file(path: Path) -> Path:
+    import pandas as pd
+
+    rows = pd.DataFrame({"id": [0, 1], "text": ["hello world", "the quick brown fox"]})
+    if path.suffix == ".parquet":
+        rows.to_parquet(path, index=False)
+    else:
+        rows.to_json(path, orient="records", lines=True)
+    return path
+
+
+def test_every_flag_in_the_cli_table_exists():
+    parsers = build_parser()._subparsers._group_actions[0].choices
+    for cmd, flags in table_rows():
+        if cmd not in parsers:
+            continue
+        known = {o for a in parsers[cmd]._actions for o in a.option_strings}
+        assert set(flags) <= known, f"README's `{cmd}` row names {set(flags) - known}"
