@@ -195,8 +195,19 @@ class EngineCore:
                     seq.request_id,
                     StageFailedError(f"postprocessing a step failed: {type(e).__name__}: {e}"),
                 )
+        self._keep_prompt_logprobs()
         for rid in dict.fromkeys(s.request_id for s in mb.seqs):
             self.outputs.emit(rid)
+
+    def _keep_prompt_logprobs(self) -> None:
+        """Checkpoints taken this step keep the prompt logprobs they cover, so that a scoring
+        request resuming from one has them all."""
+        saved, self.kv.saved = self.kv.saved, []
+        for seq, ckpt, length in saved:
+            state = self.outputs.requests.get(seq.request_id)
+            entries = state.prompt_logprobs if state is not None and seq.index == 0 else None
+            if entries is not None and len(entries) > length:
+                self.kv.prefix.keep_logprobs(ckpt, length, state.params.prompt_logprobs, entries)
 
     def _land(self, seg: Segment, seq: Sequence, result: StepResult) -> None:
         self.scheduler.landed(seq, seg)

@@ -20,6 +20,8 @@ class KVCache:
         self.block_size, self.checkpoint_every = block_size, checkpoint_every
         self.copies: list[tuple[int, int]] = []  # (src block, dst block), for the next message
         self.saves: list[tuple[int, int]] = []  # (slot, checkpoint)
+        self.saved: list[tuple[Sequence, int, int]] = []  # (seq, checkpoint, length): the engine
+        # keeps prompt logprobs beside them
 
     def take_ops(self) -> tuple[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...]]:
         copies, saves, self.copies, self.saves = self.copies, self.saves, [], []
@@ -42,12 +44,13 @@ class KVCache:
         seq.blocks, seq.hashes, seq.blocks_sent = [], [], 0
 
     # ---- prefix reuse ------------------------------------------------------------------------
-    def resume(self, seq: Sequence) -> None:
+    def resume(self, seq: Sequence, logprobs_k: int | None = None) -> None:
         """Start `seq` from its longest cached prefix, if any: shared full blocks, a copy of the
-        checkpoint's tail block, and the checkpoint restored into its slot by the stages."""
+        checkpoint's tail block, and the checkpoint restored into its slot by the stages. A
+        sequence that wants prompt logprobs (`logprobs_k`) takes the covered ones from it too."""
         if self.prefix is None:
             return
-        match = self.prefix.match(seq.prompt_ids + seq.output_ids)
+        match = self.prefix.match(seq.prompt_ids + seq.output_ids, logprobs_k)
         if match is None:
             return
         cp = match.checkpoint
@@ -61,6 +64,8 @@ class KVCache:
         seq.hashes = list(match.hashes)
         seq.num_computed = seq.num_cached = cp.length
         seq.restore = cp.ckpt
+        if logprobs_k is not None:
+            seq.cached_logprobs = list(self.prefix.logprobs[cp.ckpt][1])
 
     def can_resume_all(self, seq: Sequence, reserve: int) -> bool:
         """Room for the whole known sequence plus one block per fork, beyond `reserve`."""
@@ -106,6 +111,7 @@ class KVCache:
         ckpt = self.prefix.save(seq.prompt_ids + seq.output_ids, length, tail)
         if ckpt is not None:
             self.saves.append((seq.slot, ckpt))
+            self.saved.append((seq, ckpt, length))
 
     def next_stop(self, seq: Sequence, end: int) -> int:
         """Where a prefill chunk ending at `end` should stop: at the next checkpoint inside it."""
@@ -121,4 +127,4 @@ class KVCache:
             self.prefix.clear()
         else:
             self.blocks.drop_cache()
-        self.copies, self.saves = [], []
+        self.copies, self.saves, self.saved = [], [], []

@@ -49,7 +49,7 @@ class LLM:
     ) -> list[RequestOutput]:
         """One finished output per prompt, in prompt order; all prompts run concurrently, except
         that prompts sharing their first blocks wait for the first of them (prefix caching): a
-        common instruction is then computed once."""
+        common instruction is then computed once, for generation and scoring alike."""
         prompts = [prompts] if isinstance(prompts, str) else prompts
         if not isinstance(prompts, list) or not prompts:
             raise InvalidRequestError(
@@ -62,7 +62,7 @@ class LLM:
         results: dict[str, RequestOutput | BaseException] = {}
         order = [f"llm-{next(self._ids)}" for _ in prompts]
         try:
-            for wave in self._waves(prompts, per):
+            for wave in self._waves(prompts):
                 for i in wave:
                     collect = _collector(results, order[i])
                     self.engine.add_request(order[i], prompts[i], per[i], collect, task)
@@ -77,17 +77,15 @@ class LLM:
             raise errors[0]
         return [results[rid] for rid in order]
 
-    def _waves(self, prompts: list, params: list[SamplingParams]) -> list[list[int]]:
+    def _waves(self, prompts: list) -> list[list[int]]:
         """Prompt indices in two waves: the first prompt of each group sharing its first two KV
-        blocks of tokens, then the rest (which resume from the first's checkpoints). Prompts
-        asking for prompt logprobs need all their positions computed: they never wait."""
+        blocks of tokens, then the rest (which resume from the first's checkpoints)."""
         if self.engine.kv.prefix is None:
             return [list(range(len(prompts)))]
         key_len, seen, first, rest = 2 * self.engine.kv.block_size, set(), [], []
         for i, p in enumerate(prompts):
             ids = self.tokenizer(p).input_ids if isinstance(p, str) else p
-            shareable = len(ids) > key_len and params[i].prompt_logprobs is None
-            key = tuple(ids[:key_len]) if shareable else None
+            key = tuple(ids[:key_len]) if len(ids) > key_len else None
             (rest if key is not None and key in seen else first).append(i)
             seen.add(key)
         return [first, rest] if rest else [first]

@@ -110,6 +110,9 @@ class OutputProcessor:
 
     def prompt_logprobs(self, seq: Sequence, first: int, entries: list) -> None:
         state = self.requests[seq.request_id]
+        cached = seq.cached_logprobs  # a prefix-cache hit: the positions it skipped
+        if state.prompt_logprobs == [None] and cached is not None and len(cached) == first:
+            state.prompt_logprobs = list(cached)
         if state.prompt_logprobs is not None and len(state.prompt_logprobs) == first:
             state.prompt_logprobs += entries
 

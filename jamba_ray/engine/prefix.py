@@ -36,6 +36,8 @@ class PrefixCache:
         self._free = list(range(num_checkpoints - 1, -1, -1))
         self._lru: OrderedDict[tuple[int | None, tuple[int, ...]], Checkpoint] = OrderedDict()
         self.queries = self.hits = 0  # prompt tokens looked up / found
+        # checkpoint -> (k, prompt-logprob entries of positions 0..length): scoring resumes too
+        self.logprobs: dict[int, tuple[int, list]] = {}
 
     @property
     def num_checkpoints(self) -> int:
@@ -46,9 +48,10 @@ class PrefixCache:
         """Tail blocks the checkpoints hold (counted as in use)."""
         return sum(cp.tail_block is not None for cp in self._lru.values())
 
-    def match(self, tokens: list[int]) -> Match | None:
+    def match(self, tokens: list[int], logprobs_k: int | None = None) -> Match | None:
         """The longest usable checkpoint that leaves at least one token of `tokens` to run
-        (the last prompt token's logits are what the first sample is drawn from)."""
+        (the last prompt token's logits are what the first sample is drawn from); with
+        `logprobs_k`, only one that kept the prompt logprobs (top-k) of the tokens it covers."""
         self.queries += len(tokens)
         bs, best = self.blocks.block_size, None
         hashes = block_hashes(tokens, bs, len(tokens) - 1)
@@ -59,17 +62,21 @@ class PrefixCache:
                 break
             if j:
                 cached.append(block)
-            best = self._best_tail(tokens, j * bs, chain, cached, hashes[:j], best)
+            best = self._best_tail(tokens, j * bs, chain, cached, hashes[:j], best, logprobs_k)
         if best is not None:
             self.hits += best.checkpoint.length
             self._lru.move_to_end((best.checkpoint.chain, best.checkpoint.tail))
         return best
 
-    def _best_tail(self, tokens, start, chain, cached, hashes, best) -> Match | None:
+    def _best_tail(self, tokens, start, chain, cached, hashes, best, logprobs_k) -> Match | None:
         limit = len(tokens) - 1
         for n in range(min(limit - start, self.blocks.block_size - 1), -1, -1):
             cp = self._lru.get((chain, tuple(tokens[start : start + n])))
-            if cp is not None and (best is None or cp.length > best.checkpoint.length):
+            if cp is None or (
+                logprobs_k is not None and self.logprobs.get(cp.ckpt, (None,))[0] != logprobs_k
+            ):
+                continue
+            if best is None or cp.length > best.checkpoint.length:
                 return Match(cp, list(cached), hashes)
         return best
 
@@ -93,7 +100,13 @@ class PrefixCache:
         _, cp = self._lru.popitem(last=False)
         if cp.tail_block is not None:
             self.blocks.free([cp.tail_block])
+        self.logprobs.pop(cp.ckpt, None)
         return cp.ckpt
+
+    def keep_logprobs(self, ckpt: int, length: int, k: int, entries: list) -> None:
+        """Prompt-logprob entries of positions 0..length, beside the checkpoint at `length`."""
+        if any(cp.ckpt == ckpt and cp.length == length for cp in self._lru.values()):
+            self.logprobs[ckpt] = (k, entries[: length + 1])
 
     def clear(self) -> None:
         """Drop every checkpoint and block hash (a stage that held them was replaced)."""

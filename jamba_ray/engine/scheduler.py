@@ -80,8 +80,8 @@ class Scheduler:
             seq.slot, *fork_slots = self.slots.allocate(1 + len(seq.forks))
             for fork, slot in zip(seq.forks, fork_slots):
                 fork.slot, fork.blocks = slot, self.kv.blocks.allocate(1)  # its copied last block
-            if not _wants_prompt_logprobs(seq):  # (those need every prompt position's logits)
-                self.kv.resume(seq)
+            wants = _wants_prompt_logprobs(seq)  # (those resume only where the logprobs were kept)
+            self.kv.resume(seq, seq.params.prompt_logprobs if wants else None)
             self.running.append(seq)
 
     # ---- what runs next ---------------------------------------------------------------------
@@ -148,7 +148,7 @@ class Scheduler:
             self._forget(q)
             self.kv.release(q)
             q.slot, q.registered = None, False
-        seq.num_computed, seq.restore, seq.suspect = 0, None, False
+        seq.num_computed, seq.restore, seq.suspect, seq.cached_logprobs = 0, None, False, None
         self.running.remove(seq)
         self._enqueue(seq)  # (its arrival rank puts it before later ones of its priority)
         self.preempted.append(seq)
@@ -269,7 +269,7 @@ class Scheduler:
         for s in seqs:
             self.kv.release(s)
             s.in_flight, s.num_computed, s.registered, s.suspect = False, 0, False, suspect
-            s.restore = None
+            s.restore, s.cached_logprobs = None, None
             for f in s.forks:
                 f.registered = False
 

@@ -121,9 +121,9 @@ def test_forks_share_the_prompts_blocks_and_sample_as_before(tiny_ckpt):
 
 
 def test_rows_that_share_an_instruction_compute_it_once(tiny_ckpt):
-    """LLM.generate (what batch jobs run) sends the first row of a shared prefix ahead: the others
-    resume from its checkpoints and answer as without the cache. Scoring (prompt logprobs) needs
-    every position's logits, so it never resumes, and is exact either way."""
+    """LLM.generate and LLM.score (what batch jobs run) send the first row of a shared prefix ahead:
+    the others resume from its checkpoints (scoring takes the prompt logprobs the checkpoint kept
+    for the positions it covers) and answer as without the cache."""
     from jamba_ray.engine.llm import LLM
 
     rows = [SYSTEM + [60 + i, 61 + i, 62 + i] for i in range(4)]
@@ -140,7 +140,9 @@ def test_rows_that_share_an_instruction_compute_it_once(tiny_ckpt):
     got, want = cached.generate(rows, params), plain.generate(rows, params)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
     assert [o.num_cached_tokens for o in got] == [0, 36, 36, 36]
+    scored = [r + [90] for r in rows]  # new prompts: no checkpoint with logprobs covers them yet
     before = cached.stats()["prefix_cache_hits"]
-    for a, b in zip(cached.score(rows), plain.score(rows)):
+    for a, b in zip(cached.score(scored), plain.score(scored)):
+        assert len(a["token_logprobs"]) == len(b["token_logprobs"]) == len(SYSTEM) + 3
         assert a["token_logprobs"] == pytest.approx(b["token_logprobs"], abs=1e-5)
-    assert cached.stats()["prefix_cache_hits"] == before
+    assert cached.stats()["prefix_cache_hits"] - before == 3 * 36  # rows 2-4 resumed at 36
