@@ -1,11 +1,11 @@
-"""Jamba's selective scan over one sequence: h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t, y_t = C_t h_t.
+"""Jamba's selective scan of one sequence: h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t, y_t = C_t h_t.
 
-With S_t = dt_1 + ... + dt_t counted from a starting state h_0, the decays multiply into one
+With S_t = dt_1 + ... + dt_t counted from a start state h_0, the decays multiply into one
 exponential: h_t = exp(A S_t) h_0 + sum_{s <= t} exp(A (S_t - S_s)) dt_s B_s u_s. Every exponent
-there is <= 0 (dt >= 0, A < 0), so each factor lies in [0, 1]: these differences of cumulative sums
-("segment sums") are stable, unlike exp(-A S_s) on its own, which overflows. `chunked_scan` uses them
-within short segments of a chunk, carries the segments' start states through the chunk, and keeps
-only one chunk's [chunk, DI, N] states alive at a time.
+there is <= 0 (dt >= 0, A < 0), so every factor lies in [0, 1]: these differences of cumulative
+sums ("segment sums") are stable, unlike exp(-A S_s) alone, which overflows. `chunked_scan` applies
+them within short segments, carries the segments' start states through each chunk, and keeps one
+chunk's [chunk, DI, N] states alive at a time.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-CHUNK = 64  # tokens per step: [64, DI, N] fp32 states are 4 MiB at d_inner=1024, d_state=16
-SEGMENT = 2  # tokens per segment: its pairwise decays cost (SEGMENT - 1) / 2 exps per token and state
+CHUNK = 32  # tokens per step: [32, DI, N] fp32 is 2 MiB at DI=1024, N=16 (peak about 3.5 of those)
+SEGMENT = 2  # tokens per segment: costs 1 + (SEGMENT - 1) / 2 exps per token and (d, n)
 
 
 def scan_reference(u, dt, A, B, C, state):
@@ -35,46 +35,61 @@ def scan_reference(u, dt, A, B, C, state):
 
 
 def chunked_scan(u, dt, A, B, C, state, chunk: int = CHUNK, emit_at: Sequence[int] = ()):
-    """The same scan, `chunk` tokens at a time. Shapes as `scan_reference`; `emit_at` holds token
-    indices p whose states (after token p) are also returned, as [len(emit_at), DI, N]."""
+    """The same scan, about `chunk` tokens at a time (whole segments). Shapes as `scan_reference`;
+    returns (y [n, DI], final state [DI, N], the states after tokens `emit_at` [E, DI, N])."""
     n = u.shape[0]
     if any(not 0 <= p < n for p in emit_at):
         raise ValueError(f"emit_at positions must lie in [0, {n}), got {list(emit_at)}")
     y = u.new_empty(u.shape)  # [n, DI]
     emitted = u.new_empty(len(emit_at), *state.shape)  # [E, DI, N]
-    for lo in range(0, n, chunk):
-        hi = min(lo + chunk, n)
-        states = chunk_states(u[lo:hi], dt[lo:hi], A, B[lo:hi], state)  # [m, DI, N]
-        y[lo:hi] = torch.einsum("tdn,tn->td", states, C[lo:hi])
+    for lo, states in chunk_states(u, dt, A, B, state, chunk):  # states [m, DI, N]
+        hi = min(lo + states.shape[0], n)  # the last chunk may end in padding
+        y[lo:hi] = (states[: hi - lo] * C[lo:hi, None, :]).sum(-1)
         for i, p in enumerate(emit_at):
             if lo <= p < hi:
                 emitted[i] = states[p - lo]
-        state = states[-1].clone()
-    return y, state, emitted
+        state = states[-1]  # padding keeps the state: this is the one after token hi - 1
+    return y, state.clone(), emitted
 
 
-def chunk_states(u, dt, A, B, state, segment: int = SEGMENT):
-    """All m states of a chunk from its start state [DI, N]: [m, DI, N]."""
-    m = u.shape[0]
-    pad = -m % segment  # padding tokens have dt = 0: decay 1, input 0, so they keep the state
-    u, dt, B = (F.pad(x, (0, 0, 0, pad)) for x in (u, dt, B))
-    g = dt.shape[0] // segment
-    dt = dt.view(g, segment, -1)  # [G, W, DI]
-    cum = dt.cumsum(1)  # [G, W, DI]: S_t from each segment's start
-    inputs = (dt * u.view(dt.shape))[..., None] * B.view(g, segment, 1, -1)  # [G, W, DI, N]
-    local = _segment_scan(inputs, cum, A)  # [G, W, DI, N] from zero start states
-    decay = torch.exp_(cum[..., None] * A)  # [G, W, DI, N]: exp(A S_t), the start state's decay
-    starts = _carry(local[:, -1], decay[:, -1], state)  # [G, DI, N]
-    return local.addcmul_(decay, starts[:, None]).flatten(0, 1)[:m]
+def chunk_states(u, dt, A, B, state, chunk: int = CHUNK, segment: int = SEGMENT):
+    """Yield (first token, states [m, DI, N]) chunk by chunk, each chunk from the previous one's
+    last state; the tokens are padded to whole segments with dt = 0 (decay 1, input 0)."""
+    pad = -u.shape[0] % segment
+    dtu, dt, B = (F.pad(x, (0, 0, 0, pad)) if pad else x for x in (dt * u, dt, B))
+    g, di = dt.shape[0] // segment, dt.shape[1]
+    exponents = _segment_sums(dt.reshape(g, segment, di))  # [S, W + P, DI], all >= 0
+    dtu, B = dtu.reshape(g, segment, di), B.reshape(g, segment, 1, B.shape[1])
+    step = max(1, chunk // segment)  # segments per chunk
+    for a in range(0, g, step):
+        c = slice(a, a + step)
+        states = _chunk(dtu[c], B[c], exponents[c], A, state)  # [G * W, DI, N]
+        yield a * segment, states
+        state = states[-1]
 
 
-def _segment_scan(inputs, cum, A):
-    """States of each segment from a zero start: sum_{s <= t} exp(A (S_t - S_s)) inputs_s.
+def _segment_sums(dt):
+    """dt [S, W, DI] -> [S, W + P, DI]: S_t from each segment's start (t < W), then the sums
+    S_t - S_{t-k} over the pairs inside a segment, diagonal by diagonal (k = 1 .. W - 1)."""
+    cum = dt.cumsum(1)  # [S, W, DI]
+    w = cum.shape[1]
+    return torch.cat([cum] + [cum[:, k:] - cum[:, : w - k] for k in range(1, w)], 1)
 
-    Only the pairs s < t get an exponential (the diagonal's decay is 1): the mask is an index."""
-    t, s = torch.tril_indices(cum.shape[1], cum.shape[1], -1, device=cum.device)  # [P] each
-    pairs = torch.exp_((cum[:, t] - cum[:, s])[..., None] * A)  # [G, P, DI, N], all in [0, 1]
-    return inputs.index_add_(1, t, pairs.mul_(inputs[:, s]))  # [G, W, DI, N]
+
+def _chunk(dtu, B, exponents, A, state):
+    """States [G * W, DI, N] of G segments of W tokens, from the chunk's start state [DI, N].
+
+    Within a segment: h_t = exp(A S_t) h_start + sum_{s <= t} exp(A (S_t - S_s)) dt_s B_s u_s."""
+    w = dtu.shape[1]
+    inputs = dtu[..., None] * B  # [G, W, DI, N]: dt_s B_s u_s
+    decays = torch.exp_(exponents[..., None] * A)  # [G, W + P, DI, N], all in [0, 1]
+    start_decay, pairs = decays[:, :w], decays[:, w:]  # exp(A S_t); exp(A (S_t - S_s)), s < t
+    local = inputs.clone() if w > 2 else inputs  # from a zero start state (diagonal decay 1)
+    for k in range(1, w):  # add input s = t - k to state t
+        local[:, k:].addcmul_(pairs[:, : w - k], inputs[:, : w - k])
+        pairs = pairs[:, w - k :]
+    starts = _carry(local[:, -1], start_decay[:, -1], state)  # [G, DI, N]
+    return local.addcmul_(start_decay, starts[:, None]).flatten(0, 1)
 
 
 def _carry(ends, decays, state):
