@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-CHUNK = 32  # tokens per step: [32, DI, N] fp32 is 2 MiB at DI=1024, N=16 (peak about 3.5 of those)
+CHUNK = 32  # tokens per step: [32, DI, N] fp32 is 2 MiB at DI=1024, N=16; the step holds ~6 of them
 SEGMENT = 2  # tokens per segment: costs 1 + (SEGMENT - 1) / 2 exps per token and (d, n)
 
 
@@ -44,7 +44,7 @@ def chunked_scan(u, dt, A, B, C, state, chunk: int = CHUNK, emit_at: Sequence[in
     emitted = u.new_empty(len(emit_at), *state.shape)  # [E, DI, N]
     for lo, states in chunk_states(u, dt, A, B, state, chunk):  # states [m, DI, N]
         hi = min(lo + states.shape[0], n)  # the last chunk may end in padding
-        y[lo:hi] = (states[: hi - lo] * C[lo:hi, None, :]).sum(-1)
+        y[lo:hi] = (states[: hi - lo] * C[lo:hi, None, :]).sum(-1)  # [m, DI]
         for i, p in enumerate(emit_at):
             if lo <= p < hi:
                 emitted[i] = states[p - lo]
@@ -84,8 +84,10 @@ def _chunk(dtu, B, exponents, A, state):
     inputs = dtu[..., None] * B  # [G, W, DI, N]: dt_s B_s u_s
     decays = torch.exp_(exponents[..., None] * A)  # [G, W + P, DI, N], all in [0, 1]
     start_decay, pairs = decays[:, :w], decays[:, w:]  # exp(A S_t); exp(A (S_t - S_s)), s < t
-    local = inputs.clone() if w > 2 else inputs  # from a zero start state (diagonal decay 1)
-    for k in range(1, w):  # add input s = t - k to state t
+    # From a zero start state: each input itself (its own decay is exp(0) = 1), then diagonal k
+    # adds input t - k to state t. Past W = 2 a diagonal reads rows an earlier one updated.
+    local = inputs.clone() if w > 2 else inputs  # [G, W, DI, N]
+    for k in range(1, w):
         local[:, k:].addcmul_(pairs[:, : w - k], inputs[:, : w - k])
         pairs = pairs[:, w - k :]
     starts = _carry(local[:, -1], start_decay[:, -1], state)  # [G, DI, N]

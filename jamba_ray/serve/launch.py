@@ -25,7 +25,15 @@ def start(config: PipelineConfig, blocking: bool = False):
         grpc = gRPCOptions(port=opts.grpc_port, grpc_servicer_functions=[GRPC_SERVICER])
     serve.start(http_options={"host": opts.host, "port": opts.port}, grpc_options=grpc)
     app = deployment(config)
-    handle = serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+    # serve.run() connects to the Serve just started with the options above and says it will not
+    # apply its own (defaults nobody passed): true, and misleading, so not shown.
+    quiet = _DropMessage("New http_options/controller_options will not be applied")
+    serve_log = logging.getLogger("ray.serve")
+    serve_log.addFilter(quiet)
+    try:
+        handle = serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+    finally:
+        serve_log.removeFilter(quiet)
     log.info(
         "serving on http://%s:%d%s",
         opts.host,
@@ -38,6 +46,15 @@ def start(config: PipelineConfig, blocking: bool = False):
         while True:
             time.sleep(3600)
     return handle
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
 
 
 def serve_config(pipeline_path: str, pipeline: PipelineFile) -> dict:
