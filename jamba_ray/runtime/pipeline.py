@@ -35,11 +35,7 @@ StageActor = ray.remote(Stage)
 def ensure_ray(address: str | None = None) -> None:
     """Join the running Ray cluster, or start a local one."""
     if not ray.is_initialized():
-        # INFO: stages log what they load (bytes, tensors) to their worker logs
-        logging = ray.LoggingConfig(log_level="INFO")
-        ray.init(
-            address=address, ignore_reinit_error=True, log_to_driver=False, logging_config=logging
-        )
+        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
 
 
 def call(method, *args):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections import deque
@@ -97,6 +98,7 @@ def probe_message(spec: StageSpec) -> StepMessage:
 class Stage:
     def __init__(self, spec: StageSpec):
         torch.set_num_threads(max(1, spec.threads))
+        logging.getLogger("jamba_ray").setLevel(logging.INFO)  # what it loads, in its worker log
         if spec.device == "cuda" and not torch.cuda.is_available():
             raise StageFailedError(f"stage {spec.index} was placed for CUDA but sees no GPU")
         self.spec = spec
