@@ -107,8 +107,11 @@ class KVCache:
     def save(self, seq: Sequence, length: int) -> None:
         if self.prefix is None or seq.slot is None or length < 1:
             return
-        tail = seq.blocks[length // self.block_size] if length % self.block_size else None
-        ckpt = self.prefix.save(seq.prompt_ids + seq.output_ids, length, tail)
+        full = length // self.block_size
+        tail = seq.blocks[full] if length % self.block_size else None
+        # the chain hash of its full blocks, already committed (else the cache computes it)
+        chain = seq.hashes[full - 1] if 0 < full <= len(seq.hashes) else None
+        ckpt = self.prefix.save(seq.prompt_ids + seq.output_ids, length, tail, chain)
         if ckpt is not None:
             self.saves.append((seq.slot, ckpt))
             self.saved.append((seq, ckpt, length))

@@ -80,12 +80,16 @@ class PrefixCache:
                 return Match(cp, list(cached), hashes)
         return best
 
-    def save(self, tokens: list[int], length: int, tail_block: int | None) -> int | None:
+    def save(
+        self, tokens: list[int], length: int, tail_block: int | None, chain: int | None = None
+    ) -> int | None:
         """Keep the state after tokens[:length] (when not kept already); its checkpoint index,
-        which the stages then fill from the sequence's slot, or None when it exists."""
+        which the stages then fill from the sequence's slot, or None when it exists. `chain`:
+        the hash of its full blocks when the caller holds it (else computed from `tokens`)."""
         bs = self.blocks.block_size
         full = length // bs
-        chain = block_hashes(tokens, bs, full * bs)[-1] if full else None
+        if chain is None and full:
+            chain = block_hashes(tokens, bs, full * bs)[-1]
         key = (chain, tuple(tokens[full * bs : length]))
         if key in self._lru or not (self._free or self._lru):
             return None

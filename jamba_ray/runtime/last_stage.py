@@ -20,10 +20,11 @@ from ..model.sampler import RowInput, sample, top_logprobs
 class _Row:
     info: SeqInfo
     output_ids: list[int] = field(default_factory=list)
+    prompt_ids: list[int] = field(default_factory=list)  # one list, made at registration
 
     def input(self) -> RowInput:
         i = self.info
-        return RowInput(i.params, i.seed, i.index, list(i.prompt_ids), self.output_ids)
+        return RowInput(i.params, i.seed, i.index, self.prompt_ids, self.output_ids)
 
 
 class SamplingTable:
@@ -38,7 +39,7 @@ class SamplingTable:
             self.rows.pop(sid, None)
             self.grammars.forget(sid)
         for info in msg.admitted:  # (again, after a replay: the driver's tokens are the truth)
-            self.rows[info.seq_id] = _Row(info, list(info.output_ids))
+            self.rows[info.seq_id] = _Row(info, list(info.output_ids), list(info.prompt_ids))
             spec = getattr(info.params, "structured", None)
             if spec is not None:
                 self.grammars.admit(info.seq_id, spec, info.output_ids)
