@@ -61,7 +61,9 @@ def derive_capacity(
     slot_bytes, block_bytes = per_stage(plans, st.block_size)
     budget = budget_bytes if budget_bytes is not None else int(st.state_memory_gib * GiB)
     min_blocks = -(-max_len // st.block_size) + 1  # one whole sequence (+ the probe's block)
-    per_seq = slot_bytes * (2 if st.enable_prefix_caching else 1)  # its slot (and a checkpoint)
+    # its slot, and checkpoints: one for prefix reuse, one more for its recovery snapshot
+    per_ckpt = (2 if cfg.recovery.recovery_snapshots else 1) if st.enable_prefix_caching else 0
+    per_seq = slot_bytes * (1 + per_ckpt)
     fit = (budget - min_blocks * block_bytes) // max(per_seq, 1) - 1  # (-1: the probe's slot)
     if fit < 1:
         raise ConfigError(
@@ -76,7 +78,7 @@ def derive_capacity(
             f"per stage holds {fit} Mamba slots beside KV for one {max_len}-token sequence"
         )
         seqs = fit
-    ckpts = (st.num_checkpoints or seqs) if st.enable_prefix_caching else 0
+    ckpts = (st.num_checkpoints or seqs * per_ckpt) if st.enable_prefix_caching else 0
     left = budget - (seqs + 1 + ckpts) * slot_bytes
     # No more blocks than every slot and checkpoint could fill: a bigger budget is not taken.
     useful = (seqs + ckpts) * (min_blocks - 1)

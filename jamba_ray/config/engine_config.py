@@ -117,6 +117,10 @@ class ComputeConfig:
 @dataclass(frozen=True, slots=True)
 class RecoveryConfig:
     max_stage_restarts: int = 3  # replacements per failure before requests fail (503)
+    # Stages export each Mamba checkpoint and full KV block (to the driver-owned object store) as
+    # it is made; a replacement stage imports them, and sequences replay only since their last
+    # checkpoint. Off (or without prefix caching): every running sequence replays in full.
+    recovery_snapshots: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -96,7 +96,8 @@ class ServeOptions(_Strict):
         description="CPUs for the replica (ingress + engine) itself",
     )
     graceful_shutdown_timeout_s: float = Field(
-        d(ServeConfig, "graceful_shutdown_timeout_s"), gt=0,
+        d(ServeConfig, "graceful_shutdown_timeout_s"),
+        gt=0,
         description="on scale-down or redeploy, how long in-flight streams may take to finish",
     )
     health_check_period_s: float = Field(d(ServeConfig, "health_check_period_s"), gt=0)
@@ -148,6 +149,11 @@ class PipelineFile(_Strict):
         d(RecoveryConfig, "max_stage_restarts"),
         ge=0,
         description="stage replacements per failure before 503s",
+    )
+    recovery_snapshots: bool = Field(
+        d(RecoveryConfig, "recovery_snapshots"),
+        description="stages export Mamba checkpoints and full KV blocks as they are made; a "
+        "replaced stage imports them and sequences replay only since their last checkpoint",
     )
     decode_graphs: bool = Field(
         d(ComputeConfig, "decode_graphs"),
@@ -262,7 +268,7 @@ class PipelineFile(_Strict):
                 self.activation_memory_gib,
             ),
             compute=ComputeConfig(self.threads_per_stage, self.transport, self.decode_graphs),
-            recovery=RecoveryConfig(self.max_stage_restarts),
+            recovery=RecoveryConfig(self.max_stage_restarts, self.recovery_snapshots),
         )
 
     def _serve(self) -> ServeConfig:

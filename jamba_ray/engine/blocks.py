@@ -83,10 +83,23 @@ class BlockAllocator:
                 else:
                     self._cached[b] = None
 
-    def commit(self, block: int, h: int) -> None:
-        """`block` is full and holds the tokens `h` names: others may reuse it from now on."""
+    def commit(self, block: int, h: int) -> bool:
+        """`block` is full and holds the tokens `h` names: others may reuse it from now on.
+        False when it, or another block with these tokens, is already committed."""
         if self._hash_of[block] is None and h not in self._by_hash:
             self._hash_of[block], self._by_hash[h] = h, block
+            return True
+        return False
+
+    def uncommit(self, block: int) -> None:
+        """Forget `block`'s hash (its content cannot be trusted everywhere): no one reuses it."""
+        h, self._hash_of[block] = self._hash_of[block], None
+        if h is None:
+            return
+        del self._by_hash[h]
+        if block in self._cached:  # a cached block without a hash is a free one
+            del self._cached[block]
+            self._free.append(block)
 
     def lookup(self, h: int) -> int | None:
         return self._by_hash.get(h)

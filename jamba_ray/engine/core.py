@@ -62,7 +62,13 @@ class EngineCore:
             self.capacity = derive_capacity(self.spec, config, self.plans, budget)
         self.pipeline.allocate(self.capacity)
         cap, st = self.capacity, config.state
-        self.kv = KVCache(cap.num_blocks, cap.block_size, cap.num_checkpoints, st.checkpoint_every)
+        self.kv = KVCache(
+            cap.num_blocks,
+            cap.block_size,
+            cap.num_checkpoints,
+            st.checkpoint_every,
+            snapshots=config.recovery.recovery_snapshots and self.pipeline.snapshots,
+        )
         self.scheduler = Scheduler(config.scheduler, cap.max_num_seqs, self.kv, len(self.plans))
         self.outputs = OutputProcessor(
             self.tokenizer, self.spec.eos_token_id, self.capacity.max_model_len
@@ -186,6 +192,7 @@ class EngineCore:
         if isinstance(result, StepFailure):
             self.recovery.failed(mb, result)
             return
+        self.kv.drop_superseded(mb.superseded)
         for seg, seq in zip(mb.message.segments, mb.seqs):
             try:
                 self._land(seg, seq, result)

@@ -6,26 +6,57 @@ Pure Python bookkeeping over `BlockAllocator` and `PrefixCache`; the state opera
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from .blocks import BlockAllocator, chain_hash
 from .prefix import PrefixCache
 from .sequence import Sequence
 
 
+@dataclass(frozen=True, slots=True)
+class StateOps:
+    """What the next message does to the stages' state before its segments run."""
+
+    copies: tuple[tuple[int, int], ...] = ()  # (src block, dst block)
+    saves: tuple[tuple[int, int], ...] = ()  # (slot, checkpoint)
+    export_ckpts: tuple[int, ...] = ()
+    export_blocks: tuple[int, ...] = ()
+    superseded: tuple[tuple[int, int], ...] = ()  # (checkpoint, length): dropped once it lands
+
+
 class KVCache:
     def __init__(
-        self, num_blocks: int, block_size: int, num_checkpoints: int, checkpoint_every: int
+        self,
+        num_blocks: int,
+        block_size: int,
+        num_checkpoints: int,
+        checkpoint_every: int,
+        snapshots: bool = False,
     ):
         self.blocks = BlockAllocator(num_blocks, block_size)
         self.prefix = PrefixCache(self.blocks, num_checkpoints) if num_checkpoints else None
         self.block_size, self.checkpoint_every = block_size, checkpoint_every
+        # Recovery snapshots: every checkpoint and full block is exported as it is made, and
+        # decoding sequences are checkpointed every `checkpoint_every` tokens too.
+        self.snapshots = snapshots and self.prefix is not None
         self.copies: list[tuple[int, int]] = []  # (src block, dst block), for the next message
         self.saves: list[tuple[int, int]] = []  # (slot, checkpoint)
+        self.exports: list[int] = []  # full blocks to export with the next message
+        self.superseded: list[tuple[int, int]] = []  # snapshots the next message's saves replace
         self.saved: list[tuple[Sequence, int, int]] = []  # (seq, checkpoint, length): the engine
         # keeps prompt logprobs beside them
 
-    def take_ops(self) -> tuple[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...]]:
-        copies, saves, self.copies, self.saves = self.copies, self.saves, [], []
-        return tuple(copies), tuple(saves)
+    def take_ops(self) -> StateOps:
+        copies, saves, exports, superseded = self.copies, self.saves, self.exports, self.superseded
+        self.copies, self.saves, self.exports, self.superseded = [], [], [], []
+        ckpts = tuple(c for _, c in saves) if self.snapshots else ()
+        return StateOps(tuple(copies), tuple(saves), ckpts, tuple(exports), tuple(superseded))
+
+    def drop_superseded(self, superseded: tuple[tuple[int, int], ...]) -> None:
+        """The message that saved their successors landed: older snapshots go (by index and
+        length: one evicted meanwhile has nothing to drop)."""
+        for ckpt, length in superseded:
+            self.prefix.discard({ckpt}, length)
 
     # ---- growth ------------------------------------------------------------------------------
     def needed(self, seq: Sequence, end: int) -> int:
@@ -99,14 +130,24 @@ class KVCache:
             h = chain_hash(
                 seq.hashes[-1] if seq.hashes else None, tuple(tokens[i * bs : (i + 1) * bs])
             )
-            self.blocks.commit(seq.blocks[i], h)
+            if self.blocks.commit(seq.blocks[i], h) and self.snapshots:
+                self.exports.append(seq.blocks[i])
             seq.hashes.append(h)
-        if end == len(seq.prompt_ids) or (seq.in_prefill and end % self.checkpoint_every == 0):
+        periodic = end % self.checkpoint_every == 0
+        if end == len(seq.prompt_ids) or (seq.in_prefill and periodic):
             self.save(seq, end)
+        elif self.snapshots and periodic:
+            self.save(seq, end, snapshot=True)
 
-    def save(self, seq: Sequence, length: int) -> None:
+    def save(self, seq: Sequence, length: int, snapshot: bool = False) -> None:
+        """A checkpoint of `seq` after `length` tokens. A `snapshot` (a decoding sequence's,
+        kept for recovery) supersedes its previous one once the message saving it lands; so does
+        its last state when it ends."""
         if self.prefix is None or seq.slot is None or length < 1:
             return
+        if seq.snapshot is not None:
+            self.superseded.append(seq.snapshot)
+            seq.snapshot = None
         full = length // self.block_size
         tail = seq.blocks[full] if length % self.block_size else None
         # the chain hash of its full blocks, already committed (else the cache computes it)
@@ -115,6 +156,7 @@ class KVCache:
         if ckpt is not None:
             self.saves.append((seq.slot, ckpt))
             self.saved.append((seq, ckpt, length))
+            seq.snapshot = (ckpt, length) if snapshot else None
 
     def next_stop(self, seq: Sequence, end: int) -> int:
         """Where a prefill chunk ending at `end` should stop: at the next checkpoint inside it."""
@@ -130,4 +172,16 @@ class KVCache:
             self.prefix.clear()
         else:
             self.blocks.drop_cache()
-        self.copies, self.saves, self.saved = [], [], []
+        self.copies, self.saves, self.exports, self.saved = [], [], [], []
+        self.superseded = []
+
+    def forget_unexported(self, ckpts: list[int], blocks: list[int]) -> None:
+        """A stage was replaced from the snapshots: what did not reach it (these, from failed
+        messages, and what was still to be sent) is not cached any more."""
+        ckpts = set(ckpts) | {c for _, c in self.saves}
+        if self.prefix is not None:
+            self.prefix.discard(ckpts)
+        for b in [*blocks, *self.exports]:
+            self.blocks.uncommit(b)
+        self.copies, self.saves, self.exports, self.saved = [], [], [], []
+        self.superseded = []

@@ -73,13 +73,17 @@ class SeqInfo:
 @dataclass(frozen=True, slots=True)
 class StepMessage:
     """One micro-batch: tokens are packed in segment order. The state operations apply first, in
-    this order: forgotten sequences, block copies, forks, checkpoint saves; then the segments."""
+    this order: forgotten sequences, block copies, forks, checkpoint saves, exports; then the
+    segments. An export hands copies of the named checkpoints and full KV blocks to the driver
+    (recovery snapshots: a replacement stage imports them)."""
 
     step_id: int
     segments: tuple[Segment, ...]
     forks: tuple[Fork, ...] = ()
     copies: tuple[tuple[int, int], ...] = ()  # KV blocks (src, dst): copy-on-write tails
     saves: tuple[tuple[int, int], ...] = ()  # (slot, checkpoint): Mamba state kept for reuse
+    export_ckpts: tuple[int, ...] = ()  # checkpoints exported (after this message's saves)
+    export_blocks: tuple[int, ...] = ()  # full KV blocks exported (filled by earlier messages)
     admitted: tuple[SeqInfo, ...] = ()
     finished: tuple[int, ...] = ()  # sequence ids the stages forget (block tables, sampling state)
     in_flight: int = 1  # micro-batches in flight with this one: stages share cores between them
@@ -88,6 +92,10 @@ class StepMessage:
     @property
     def num_tokens(self) -> int:
         return sum(s.length for s in self.segments)
+
+    @property
+    def num_exports(self) -> int:
+        return len(self.export_ckpts) + len(self.export_blocks)
 
     def logit_rows(self) -> list[int]:
         """Packed row indices whose logits the last stage computes, in segment order."""

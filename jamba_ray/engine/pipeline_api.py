@@ -13,6 +13,7 @@ from .messages import StepFailure, StepMessage, StepResult
 
 class Pipeline(Protocol):
     num_stages: int
+    snapshots: bool  # it keeps the stages' exports and hands them to replacements
 
     def submit(self, msg: StepMessage, token_ids: list[int]) -> object:
         """Queue one micro-batch through every stage; returns a handle on its result."""
@@ -32,8 +33,9 @@ class Pipeline(Protocol):
     def dead_stages(self) -> list[int]:
         """Stages that no longer answer."""
 
-    def replace(self, indices: list[int]) -> None:
-        """Start fresh stages in place of dead ones (blocking: they load their slice)."""
+    def replace(self, indices: list[int]) -> bool:
+        """Start fresh stages in place of dead ones (blocking: they load their slice); True when
+        each imported every export of its predecessor's that landed."""
 
     def reconnect(self) -> None:
         """Re-form the stages' p2p link after a failure (no-op without one)."""

@@ -107,6 +107,21 @@ class PrefixCache:
         self.logprobs.pop(cp.ckpt, None)
         return cp.ckpt
 
+    def discard(self, ckpts: set[int], length: int | None = None) -> None:
+        """Drop these checkpoints (their state did not reach every stage, or a newer one of the
+        same sequence supersedes them: only those of `length` then)."""
+        gone = [
+            k
+            for k, cp in self._lru.items()
+            if cp.ckpt in ckpts and (length is None or cp.length == length)
+        ]
+        for key in gone:
+            cp = self._lru.pop(key)
+            if cp.tail_block is not None:
+                self.blocks.free([cp.tail_block])
+            self.logprobs.pop(cp.ckpt, None)
+            self._free.append(cp.ckpt)
+
     def keep_logprobs(self, ckpt: int, length: int, k: int, entries: list) -> None:
         """Prompt-logprob entries of positions 0..length, beside the checkpoint at `length`."""
         if any(cp.ckpt == ckpt and cp.length == length for cp in self._lru.values()):

@@ -2,8 +2,11 @@
 
 A micro-batch that does not come back is held until every other one in flight has landed; then
 `replace_dead()` (blocking, pipeline only) finds out why and `resume()` repairs the bookkeeping:
-- a stage died: it is replaced, and every running sequence re-runs its tokens on fresh state
-  (the healthy stages' state must match the new one's), so streams just continue;
+- a stage died: it is replaced, and the running sequences re-run their tokens, so streams just
+  continue. With recovery snapshots the replacement imports every checkpoint and full KV block
+  its predecessor exported, healthy stages keep theirs, and each sequence resumes from its latest
+  checkpoint (at most `checkpoint_every` tokens back, whatever its length); without them (or when
+  the import fails) every sequence re-runs all its tokens on fresh state;
 - every stage is alive (a compute error): the requests of the failed micro-batch are at fault. One
   request alone fails with a clear error; several re-run alone ("suspect"), so that a second
   failure is pinned on its own request and the others go on;
@@ -13,6 +16,7 @@ A micro-batch that does not come back is held until every other one in flight ha
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import StageFailedError
@@ -24,6 +28,12 @@ if TYPE_CHECKING:
     from .core import EngineCore
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Replaced:
+    stages: list[int]  # the stages replaced (none: a compute error)
+    restored: bool  # every replacement imported its predecessor's snapshots
 
 
 class Recovery:
@@ -42,24 +52,25 @@ class Recovery:
         self.core.scheduler.requeue(mb)
         self.failures.append((mb, failure))
 
-    def replace_dead(self) -> list[int] | StageFailedError:
-        """Blocking: the stages replaced (none: a compute error), or why they could not be. Dead
-        stages are looked for again after each replacement: a second stage dying meanwhile, a
-        replacement dying, or one that missed its start-up deadline but came up after all."""
-        pipeline, replaced = self.core.pipeline, set()
+    def replace_dead(self) -> Replaced | StageFailedError:
+        """Blocking: the stages replaced, or why they could not be. Dead stages are looked for
+        again after each replacement: a second stage dying meanwhile, a replacement dying, or one
+        that missed its start-up deadline but came up after all."""
+        pipeline, replaced, restored = self.core.pipeline, set(), True
         for attempt in range(self.max_restarts + 1):
             dead = pipeline.dead_stages()
             if not dead:
                 if not replaced:  # a compute error may have left the p2p link out of step
                     _reconnect(pipeline)
-                return sorted(replaced)
+                return Replaced(sorted(replaced), restored)
             if attempt == self.max_restarts:
                 break
             log.warning("stages %s died; starting replacements (attempt %d)", dead, attempt + 1)
             replaced |= set(dead)
             try:
-                pipeline.replace(dead)
+                restored = pipeline.replace(dead) and restored
             except StageFailedError as e:
+                restored = False  # (a half-imported stage is not trusted)
                 log.error("replacement failed: %s", e)
         return StageFailedError("pipeline stages died and could not be replaced")
 
@@ -68,7 +79,7 @@ class Recovery:
         if not self.failures:
             self.failures.append((None, StepFailure("a stage stopped answering")))
 
-    def resume(self, outcome: list[int] | StageFailedError) -> None:
+    def resume(self, outcome: Replaced | StageFailedError) -> None:
         """Repair the bookkeeping once nothing is in flight (see the module docstring)."""
         failures, self.failures = self.failures, []
         core = self.core
@@ -76,9 +87,12 @@ class Recovery:
             log.error("failing all requests: %s", outcome)
             for rid in list(core.outputs.requests):
                 core.fail_request(rid, outcome)
-        elif outcome:
-            core.counters["stage_restarts"] += len(outcome)
-            self._replay(list(core.scheduler.running), suspect=False)
+        elif outcome.stages:
+            core.counters["stage_restarts"] += len(outcome.stages)
+            if outcome.restored and core.kv.snapshots:
+                self._rewind(failures)
+            else:
+                self._replay(list(core.scheduler.running), suspect=False)
         else:
             for mb, failure in failures:
                 if mb is not None:
@@ -86,6 +100,16 @@ class Recovery:
         for seq in list(core.scheduler.running):  # aborted while its micro-batch was failing
             if seq.aborted:
                 core.finish_seq(seq)
+
+    def _rewind(self, failures: list[tuple[MicroBatch | None, StepFailure]]) -> None:
+        """The replacement holds what its predecessor exported; what failed messages made did
+        not reach it and is forgotten. Every sequence resumes from its latest checkpoint."""
+        msgs = [mb.message for mb, _ in failures if mb is not None]
+        self.core.kv.forget_unexported(
+            [c for m in msgs for c in m.export_ckpts], [b for m in msgs for b in m.export_blocks]
+        )
+        log.warning("resuming %d sequences from their snapshots", len(self.core.scheduler.running))
+        self.core.scheduler.rewind()
 
     def _isolate(self, mb: MicroBatch, failure: StepFailure) -> None:
         core = self.core

@@ -24,6 +24,7 @@ class MicroBatch:
     seqs: list[Sequence]  # one per segment, same order
     token_ids: list[int]
     forked: list[Sequence] = field(default_factory=list)  # whose fork copy rides in this message
+    superseded: tuple[tuple[int, int], ...] = ()  # snapshots dropped once this lands
     handle: object = None  # the pipeline's pending result
 
 
@@ -140,7 +141,7 @@ class Scheduler:
             self.preempt(victim)
         return True
 
-    def preempt(self, seq: Sequence) -> None:
+    def preempt(self, seq: Sequence, count: bool = True) -> None:
         """Drop its state and queue it first: it re-runs its tokens later (or resumes from the
         prefix cache). Nothing of its output changes."""
         self.slots.free([q.slot for q in (seq, *seq.forks)])
@@ -152,7 +153,7 @@ class Scheduler:
         self.running.remove(seq)
         self._enqueue(seq)  # (its arrival rank puts it before later ones of its priority)
         self.preempted.append(seq)
-        self.num_preemptions += 1
+        self.num_preemptions += count
 
     def _build(self, chosen: list[tuple[Sequence, int]], in_flight: int) -> MicroBatch:
         segments, tokens, admitted = [], [], []
@@ -165,19 +166,22 @@ class Scheduler:
             s.in_flight = True
         forks, self._forks = self._forks, []
         finished, self._finished = self._finished, []
-        copies, saves = self.kv.take_ops()
+        ops = self.kv.take_ops()
         self._step += 1
         msg = StepMessage(
             self._step,
             tuple(segments),
-            tuple(f for f, _ in forks),
-            copies,
-            saves,
-            tuple(admitted),
-            tuple(finished),
-            in_flight,
+            forks=tuple(f for f, _ in forks),
+            copies=ops.copies,
+            saves=ops.saves,
+            export_ckpts=ops.export_ckpts,
+            export_blocks=ops.export_blocks,
+            admitted=tuple(admitted),
+            finished=tuple(finished),
+            in_flight=in_flight,
         )
-        return MicroBatch(msg, [s for s, _ in chosen], tokens, [q for _, qs in forks for q in qs])
+        forked = [q for _, qs in forks for q in qs]
+        return MicroBatch(msg, [s for s, _ in chosen], tokens, forked, ops.superseded)
 
     def _segment(self, seq: Sequence, n: int) -> Segment:
         """Which logit rows a segment needs, who samples from it, and the block-table entries
@@ -272,6 +276,13 @@ class Scheduler:
             s.restore, s.cached_logprobs = None, None
             for f in s.forks:
                 f.registered = False
+
+    def rewind(self) -> None:
+        """Every running sequence resumes from its latest checkpoint (a stage was replaced from
+        the snapshots): like a preemption, without dropping the cache."""
+        for s in [s for s in self.running if not s.aborted]:  # (aborted ones just finish)
+            s.in_flight = False
+            self.preempt(s, count=False)
 
     def requeue(self, mb: MicroBatch) -> None:
         """A failed message's forgotten ids go out again; its registrations are sent again."""

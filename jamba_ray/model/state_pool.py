@@ -76,6 +76,26 @@ class StatePool:
         self.conv[:, slot].copy_(self.ckpt_conv[:, ckpt])
         self.ssm[:, slot].copy_(self.ckpt_ssm[:, ckpt])
 
+    def export(self, ckpts: tuple[int, ...], blocks: tuple[int, ...]) -> list[tuple]:
+        """Host copies of checkpoints, then of KV blocks: one (a, b) pair each, in that order:
+        conv [n_mamba, d_inner, d_conv] and ssm [n_mamba, d_inner, d_state] of a checkpoint,
+        k and v [n_attn, kv_heads, block_size, head_dim] of a block."""
+        out = [(_host(self.ckpt_conv[:, c]), _host(self.ckpt_ssm[:, c])) for c in ckpts]
+        return out + [(_host(self.k[:, b]), _host(self.v[:, b])) for b in blocks]
+
+    def load(self, ckpts: list[int], blocks: list[int], items: list[tuple]) -> None:
+        """The inverse of `export`, into this pool (a replacement stage's)."""
+        for c, (conv, ssm) in zip(ckpts, items):
+            self.ckpt_conv[:, c].copy_(conv)
+            self.ckpt_ssm[:, c].copy_(ssm)
+        for b, (k, v) in zip(blocks, items[len(ckpts) :]):
+            self.k[:, b].copy_(k)
+            self.v[:, b].copy_(v)
+
     def nbytes(self) -> int:
         tensors = (self.conv, self.ssm, self.ckpt_conv, self.ckpt_ssm, self.k, self.v)
         return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _host(t: torch.Tensor) -> torch.Tensor:
+    return t.to("cpu", copy=True)

@@ -22,6 +22,7 @@ class LocalPipeline:
         self.specs = stage_specs(config, model, plans, eos_id)
         self.stages = [Stage(spec) for spec in self.specs]
         self.num_stages = len(self.stages)
+        self.snapshots = False  # stages never die here
 
     def submit(self, msg: StepMessage, token_ids: list[int]) -> StepResult | StepFailure:
         x = np.asarray(token_ids, dtype=np.int64)
@@ -52,7 +53,7 @@ class LocalPipeline:
     def dead_stages(self) -> list[int]:
         return []
 
-    def replace(self, indices: list[int]) -> None:
+    def replace(self, indices: list[int]) -> bool:
         raise NotImplementedError("in-process stages do not die")
 
     def reconnect(self) -> None:

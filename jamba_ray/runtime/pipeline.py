@@ -49,10 +49,17 @@ def call(method, *args):
     return contextvars.Context().run(method.remote, *args)
 
 
-def stage_env() -> dict[str, str]:
+def stage_env(replacement: bool = False) -> dict[str, str]:
     """OpenMP threads of an idle stage spin only briefly, then sleep: on shared cores the stages
-    take turns, and a spinning idle stage would steal the busy one's core."""
-    return {"GOMP_SPINCOUNT": os.environ.get("JAMBA_RAY_GOMP_SPINCOUNT", "20000")}
+    take turns, and a spinning idle stage would steal the busy one's core.
+
+    `JAMBA_RAY_REPLACEMENT_DELAY_S` (a test knob) makes replacement stages sleep that long before
+    loading, as a real slice's minutes-long load would."""
+    env = {"GOMP_SPINCOUNT": os.environ.get("JAMBA_RAY_GOMP_SPINCOUNT", "20000")}
+    delay = os.environ.get("JAMBA_RAY_REPLACEMENT_DELAY_S")
+    if replacement and delay:
+        env["JAMBA_RAY_STAGE_START_DELAY_S"] = delay
+    return env
 
 
 class RayPipeline:
@@ -77,6 +84,9 @@ class RayPipeline:
             )
             self._wait(self.pg.ready(), "the placement group for the stages")
         self.specs = stage_specs(config, model, plans, eos_id)
+        self.snapshots = config.recovery.recovery_snapshots
+        self.snapshot = [Snapshot() for _ in plans]  # per stage: what it exported, for a successor
+        self._exports: dict[object, tuple[StepMessage, list[list]]] = {}  # by result handle
         self.stages = [self._start(spec) for spec in self.specs]
         self.info = self._wait([s.ready.remote() for s in self.stages], "stage start-up")
         self.transport = choose(
@@ -87,12 +97,12 @@ class RayPipeline:
         )
         self.reconnect()
 
-    def _start(self, spec: StageSpec):
+    def _start(self, spec: StageSpec, replacement: bool = False):
         strategy = PlacementGroupSchedulingStrategy(
             self.pg, placement_group_bundle_index=spec.index + self.offset
         )
         return StageActor.options(
-            runtime_env={"env_vars": stage_env()},
+            runtime_env={"env_vars": stage_env(replacement)},
             num_cpus=self.bundle["CPU"],
             num_gpus=self.bundle.get("GPU", 0),
             scheduling_strategy=strategy,
@@ -124,19 +134,34 @@ class RayPipeline:
         x = np.asarray(token_ids, dtype=np.int64)
         for stage in self.stages:
             x = call(stage.forward, msg, x)
+        if msg.num_exports:  # this process calls for them, so it owns them: they outlive a stage
+            n = msg.num_exports
+            refs = [call(s.take_export.options(num_returns=n), msg.step_id) for s in self.stages]
+            self._exports[x] = (msg, [r if n > 1 else [r] for r in refs])
         return x
 
     def wait(self, handle) -> StepResult | StepFailure:
         try:
-            return ray.get(handle)
+            return self._landed(handle, ray.get(handle))
         except ray.exceptions.RayError as e:
+            self._exports.pop(handle, None)
             return StepFailure(_summary(e))
 
     async def wait_async(self, handle) -> StepResult | StepFailure:
         try:
-            return await handle
+            return self._landed(handle, await handle)
         except ray.exceptions.RayError as e:
+            self._exports.pop(handle, None)
             return StepFailure(_summary(e))
+
+    def _landed(self, handle, result: StepResult) -> StepResult:
+        """Every stage ran the step: what it exported is now its successor's to import."""
+        exported = self._exports.pop(handle, None)
+        if exported is not None:
+            msg, refs = exported
+            for snapshot, stage_refs in zip(self.snapshot, refs):
+                snapshot.keep(msg, stage_refs)
+        return result
 
     def probe(self, token_id: int):
         return self.submit(probe_message(self.specs[0]), [token_id])
@@ -160,15 +185,32 @@ class RayPipeline:
                 dead.append(i)
         return dead
 
-    def replace(self, indices: list[int]) -> None:
+    def replace(self, indices: list[int]) -> bool:
+        self._exports.clear()  # (all of a failed step's: nothing is in flight now)
         for i in indices:
             try:
                 ray.kill(self.stages[i])
             except Exception:
                 pass
-            self.stages[i] = self._start(self.specs[i])
+            self.stages[i] = self._start(self.specs[i], replacement=True)
         self._wait([call(self.stages[i].ready) for i in indices], "replacement stage start-up")
         self.reconnect()
+        return self.snapshots and all(self._import(i) for i in indices)
+
+    def _import(self, i: int) -> bool:
+        """Stage `i`'s replacement takes its predecessor's exports; False if any is lost."""
+        snapshot = self.snapshot[i]
+        try:
+            for ckpts, blocks, refs in snapshot.batches():
+                self._wait(
+                    call(self.stages[i].import_state, ckpts, blocks, *refs),
+                    f"stage {i}'s snapshot import",
+                )
+        except StageFailedError as e:
+            log.error("%s; its sequences replay in full", e)
+            return False
+        log.info("stage %d imported %d checkpoints, %d blocks", i, *snapshot.size())
+        return True
 
     def stats(self) -> list[dict]:
         return self._wait([call(s.stats) for s in self.stages], "stage stats")
@@ -178,6 +220,30 @@ class RayPipeline:
             ray.kill(stage)
         if not self.placement.in_current_group:
             remove_placement_group(self.pg)
+
+
+class Snapshot:
+    """One stage's exported checkpoints and KV blocks: the latest landed export of each id, held
+    as object refs this process owns (in the object store, spilled to disk under pressure)."""
+
+    def __init__(self):
+        self.ckpts: dict[int, object] = {}
+        self.blocks: dict[int, object] = {}
+
+    def keep(self, msg: StepMessage, refs: list) -> None:
+        n = len(msg.export_ckpts)
+        self.ckpts.update(zip(msg.export_ckpts, refs[:n]))
+        self.blocks.update(zip(msg.export_blocks, refs[n:]))
+
+    def size(self) -> tuple[int, int]:
+        return len(self.ckpts), len(self.blocks)
+
+    def batches(self, per_call: int = 512):
+        """(checkpoint ids, block ids, their refs) in bounded calls."""
+        ckpts, blocks = list(self.ckpts.items()), list(self.blocks.items())
+        for i in range(0, max(len(ckpts), len(blocks)), per_call):
+            c, b = ckpts[i : i + per_call], blocks[i : i + per_call]
+            yield [k for k, _ in c], [k for k, _ in b], [r for _, r in c] + [r for _, r in b]
 
 
 def _summary(e: Exception) -> str:

@@ -98,6 +98,8 @@ def probe_message(spec: StageSpec) -> StepMessage:
 class Stage:
     def __init__(self, spec: StageSpec):
         torch.set_num_threads(max(1, spec.threads))
+        # a test knob: a replacement that loads as slowly as a real slice
+        time.sleep(float(os.environ.get("JAMBA_RAY_STAGE_START_DELAY_S", 0)))
         logging.getLogger("jamba_ray").setLevel(logging.INFO)  # what it loads, in its worker log
         if spec.device == "cuda" and not torch.cuda.is_available():
             raise StageFailedError(f"stage {spec.index} was placed for CUDA but sees no GPU")
@@ -109,6 +111,7 @@ class Stage:
         self.sampling = SamplingTable(spec.eos_id, spec.model) if spec.last else None
         self.tables: dict[int, list[int]] = {}  # each sequence's KV block table
         self.link: PeerLink | None = None  # set by connect() when hidden states go point-to-point
+        self.exported: tuple[int, list[tuple]] | None = None  # (step, items) for take_export()
         self.trace: deque[tuple[int, float, float]] = deque(maxlen=4096)  # (step, start, end) wall
         self.counters = {
             "steps": 0,
@@ -221,6 +224,8 @@ class Stage:
             self.pool.fork(f.src, list(f.dsts))
         for slot, ckpt in msg.saves:
             self.pool.save(slot, ckpt)
+        if msg.num_exports:
+            self.exported = (msg.step_id, self.pool.export(msg.export_ckpts, msg.export_blocks))
         if self.sampling is not None:
             self.sampling.update(msg)
         for s in msg.segments:
@@ -231,6 +236,18 @@ class Stage:
                 self.pool.restore(s.restore, s.slot)
             elif s.start == 0:
                 self.pool.start(s.slot)
+
+    def take_export(self, step_id: int):
+        """The copies step `step_id` exported (the driver calls this right after the step, so
+        it owns them and they outlive this stage): one return value each."""
+        if self.exported is None or self.exported[0] != step_id:
+            raise StageFailedError(f"step {step_id} exported nothing here")
+        items, self.exported = self.exported[1], None
+        return items[0] if len(items) == 1 else tuple(items)
+
+    def import_state(self, ckpts: list[int], blocks: list[int], *items) -> None:
+        """A replacement takes over its predecessor's exported checkpoints and KV blocks."""
+        self.pool.load(ckpts, blocks, list(items))
 
     def _result(self, msg: StepMessage, out) -> StepResult:
         logits, scores = (out["logits"], out["scores"]) if isinstance(out, dict) else (out, None)

@@ -248,6 +248,8 @@ def deployment(config: PipelineConfig) -> serve.Application:
     config = replace(config, engine=engine)
     bundles = [{"CPU": config.serve.replica_cpus}] + [bundle] * place.num_stages
     env = {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}
+    if os.environ.get("JAMBA_RAY_REPLACEMENT_DELAY_S"):  # a test knob: slow replacement stages
+        env["JAMBA_RAY_REPLACEMENT_DELAY_S"] = os.environ["JAMBA_RAY_REPLACEMENT_DELAY_S"]
     if config.serve.api_key_env:
         env[config.serve.api_key_env] = os.environ[config.serve.api_key_env]
     return JambaServer.options(

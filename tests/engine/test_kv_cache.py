@@ -154,3 +154,73 @@ def test_when_blocks_run_out_the_youngest_sequence_is_preempted_and_recomputed_l
     back = s.schedule()  # readmitted: prompt and outputs run again, the last one samples
     assert back.seqs == [young] and back.message.segments[0].length == 9
     assert back.message.admitted[0].output_ids == (7, 7)
+
+
+def snap_sched(blocks=32, checkpoints=8, every=4) -> Scheduler:
+    kv = KVCache(blocks, 4, checkpoints, checkpoint_every=every, snapshots=True)
+    return Scheduler(SchedulerConfig(max_num_seqs=4, max_batched_tokens=64), 4, kv)
+
+
+def test_with_snapshots_each_full_block_and_checkpoint_is_exported_once_as_it_is_made():
+    s = snap_sched()
+    a = seq(0, range(1, 7))  # 6 tokens: one full block, a checkpoint at 4 and at the prompt's end
+    s.add(a)
+    land(s, s.schedule())  # the chunk stops at the checkpoint: 4 tokens, block 0 full
+    mb = s.schedule()
+    assert mb.message.export_blocks == (a.blocks[0],)
+    assert mb.message.export_ckpts == tuple(c for _, c in mb.message.saves) and mb.message.saves
+    land(s, mb)
+    exported = [mb.message.export_blocks]
+    for _ in range(8):  # decode: each block once as it fills, nothing in between
+        mb = s.schedule()
+        exported.append(mb.message.export_blocks)
+        land(s, mb)
+    flat = [b for e in exported for b in e]
+    assert flat == a.blocks[: len(flat)] and len(flat) == a.num_computed // 4
+
+
+def test_a_decoding_sequence_keeps_one_snapshot_the_older_goes_once_the_newer_lands():
+    s = snap_sched(every=4)
+    a = seq(0, range(1, 4))  # 3-token prompt: its end is checkpointed; decode snapshots at 4, 8
+    s.add(a)
+    land(s, s.schedule())
+    cache = s.kv.prefix
+    lengths = []
+    for _ in range(7):
+        mb = s.schedule()
+        land(s, mb)
+        s.kv.drop_superseded(mb.superseded)  # (the engine does this when a message lands)
+        lengths.append(sorted(cp.length for cp in cache._lru.values()))
+    # the prompt's end stays (prefix reuse); of the snapshots only the newest remains
+    assert lengths[-1] == [3, 8] and [3, 4] in lengths and [3, 4, 8] in lengths
+    assert a.snapshot[1] == 8
+
+
+def test_what_a_failed_message_exported_is_forgotten_after_a_replacement():
+    s = snap_sched(every=4)
+    a = seq(0, range(1, 10))  # 9 tokens: checkpoints at 4, 8 and 9
+    s.add(a)
+    land(s, s.schedule())  # 0..4
+    failed = s.schedule()  # 4..8: saves the checkpoint at 4, exports block 0
+    assert failed.message.export_ckpts and failed.message.export_blocks
+    s.kv.forget_unexported(list(failed.message.export_ckpts), list(failed.message.export_blocks))
+    assert s.kv.prefix.num_checkpoints == 0 and s.kv.blocks.num_cached == 0
+    assert s.kv.blocks.lookup(a.hashes[0]) is None
+
+
+def test_rewind_resumes_every_running_sequence_from_its_latest_checkpoint():
+    s = snap_sched(every=4)
+    a = seq(0, range(1, 4))
+    s.add(a)
+    land(s, s.schedule())
+    for _ in range(6):  # to position 9: the snapshot at 8 (saved, exported) has landed
+        mb = s.schedule()
+        land(s, mb)
+        s.kv.drop_superseded(mb.superseded)
+    assert a.num_computed == 9 and a.snapshot[1] == 8
+    s.rewind()
+    assert a in s.waiting and s.num_preemptions == 0
+    back = s.schedule()
+    seg = back.message.segments[0]
+    assert (seg.start, seg.length, seg.restore) == (8, 2, a.snapshot[0])  # 8 and 9 run again
+    assert seg.samples == (a.seq_id,)
