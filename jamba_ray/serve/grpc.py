@@ -190,9 +190,18 @@ class GrpcMethods:
         )
 
     async def Health(self, request: pb.HealthRequest, grpc_context=None) -> pb.HealthResponse:
+        """As /health: UNAVAILABLE while stages are being replaced (status "recovering": new work
+        goes elsewhere, streams in flight go on) or when a stage cannot compute."""
+        stages = self.engine.model_card()["stages"]
+        if self.engine.recovering:
+            self._grpc_fail(
+                grpc_context,
+                StageFailedError("recovering: stages are being replaced; retry new work later"),
+            )
+            return pb.HealthResponse(status="recovering", stages=stages)
         try:
             await self.engine.probe()
-            return pb.HealthResponse(status="ok", stages=self.engine.model_card()["stages"])
+            return pb.HealthResponse(status="ok", stages=stages)
         except Exception as e:
             self._grpc_fail(
                 grpc_context, StageFailedError(f"health probe failed: {type(e).__name__}")
