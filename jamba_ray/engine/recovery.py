@@ -56,22 +56,23 @@ class Recovery:
         """Blocking: the stages replaced, or why they could not be. Dead stages are looked for
         again after each replacement: a second stage dying meanwhile, a replacement dying, or one
         that missed its start-up deadline but came up after all."""
-        pipeline, replaced, restored = self.core.pipeline, set(), True
+        pipeline = self.core.pipeline
+        imported: dict[int, bool] = {}  # stage -> its latest replacement imported the snapshots
         for attempt in range(self.max_restarts + 1):
             dead = pipeline.dead_stages()
             if not dead:
-                if not replaced:  # a compute error may have left the p2p link out of step
+                if not imported:  # a compute error may have left the p2p link out of step
                     _reconnect(pipeline)
-                return Replaced(sorted(replaced), restored)
+                return Replaced(sorted(imported), all(imported.values()))
             if attempt == self.max_restarts:
                 break
             log.warning("stages %s died; starting replacements (attempt %d)", dead, attempt + 1)
-            replaced |= set(dead)
             try:
-                restored = pipeline.replace(dead) and restored
+                ok = pipeline.replace(dead)
             except StageFailedError as e:
-                restored = False  # (a half-imported stage is not trusted)
+                ok = False  # (one that comes up after all holds no snapshot: not trusted)
                 log.error("replacement failed: %s", e)
+            imported.update(dict.fromkeys(dead, ok))
         return StageFailedError("pipeline stages died and could not be replaced")
 
     def stage_died(self) -> None:

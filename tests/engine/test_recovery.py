@@ -143,6 +143,43 @@ def test_a_replacement_that_misses_its_start_up_deadline_but_comes_up_is_used(
     assert stats["stage_restarts"] == 1 and stats["slots_in_use"] == 0
 
 
+def test_a_replacement_killed_while_it_loads_is_replaced_again_and_resumes_from_snapshots(
+    tiny_ckpt, ray_session, monkeypatch
+):
+    """Replacements load slowly (the test knob); the first one is killed while it loads. The
+    recovery starts over, the second one imports the snapshots, and the stream goes on."""
+    monkeypatch.setenv("JAMBA_RAY_REPLACEMENT_DELAY_S", "3")
+
+    async def go():
+        eng = engine(tiny_ckpt, checkpoint_every=8)
+        pipe, real_start, started = eng.core.pipeline, eng.core.pipeline._start, []
+
+        def start_then_kill_the_first(spec, replacement=False):
+            actor = real_start(spec, replacement)
+            if replacement and not started:
+                ray.kill(actor)  # it dies while it sleeps before loading
+            started.append(replacement)
+            return actor
+
+        try:
+            clean = await stream_traced(eng, PROMPTS[2], TRACED64)
+            before = (await eng.stats())["stages"][0]["prefill_tokens"]
+            pipe._start = start_then_kill_the_first
+            disturbed = await asyncio.wait_for(
+                stream_traced(eng, PROMPTS[2], TRACED64, kill_after=30), 180
+            )
+            return clean, disturbed, started, before, await eng.stats()
+        finally:
+            eng.shutdown()
+
+    clean, disturbed, started, before, stats = run(go())
+    assert_replay_like_clean(clean, disturbed)
+    assert started == [True, True] and stats["slots_in_use"] == 0
+    # the prompt's 3 tokens past the clean run's checkpoint at 16, then at most two snapshot
+    # periods again (the newest snapshot's save may ride in the failed message), not all ~49
+    assert 3 < stats["stages"][0]["prefill_tokens"] - before <= 3 + 16
+
+
 def test_a_replay_with_prompt_logprobs_and_forks_samples_only_at_the_end_of_known_tokens(
     tiny_ckpt, ray_session
 ):
