@@ -157,6 +157,8 @@ class KVCache:
             self.saves.append((seq.slot, ckpt))
             self.saved.append((seq, ckpt, length))
             seq.snapshot = (ckpt, length) if snapshot else None
+            if self.snapshots and tail is not None:  # its positions < length are final now
+                self.exports.append(tail)
 
     def next_stop(self, seq: Sequence, end: int) -> int:
         """Where a prefill chunk ending at `end` should stop: at the next checkpoint inside it."""

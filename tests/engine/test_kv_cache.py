@@ -161,7 +161,7 @@ def snap_sched(blocks=32, checkpoints=8, every=4) -> Scheduler:
     return Scheduler(SchedulerConfig(max_num_seqs=4, max_batched_tokens=64), 4, kv)
 
 
-def test_with_snapshots_each_full_block_and_checkpoint_is_exported_once_as_it_is_made():
+def test_with_snapshots_each_full_block_and_checkpoint_is_exported_as_it_is_made():
     s = snap_sched()
     a = seq(0, range(1, 7))  # 6 tokens: one full block, a checkpoint at 4 and at the prompt's end
     s.add(a)
@@ -176,7 +176,19 @@ def test_with_snapshots_each_full_block_and_checkpoint_is_exported_once_as_it_is
         exported.append(mb.message.export_blocks)
         land(s, mb)
     flat = [b for e in exported for b in e]
-    assert flat == a.blocks[: len(flat)] and len(flat) == a.num_computed // 4
+    # block 1 also with the end-of-prompt checkpoint at 6, whose tail it holds
+    assert flat == [a.blocks[0], a.blocks[1], *a.blocks[1 : a.num_computed // 4]]
+
+
+def test_a_checkpoint_inside_a_block_exports_that_partial_block_with_it():
+    """Resuming copies the checkpoint's tail block: a replacement needs its first positions."""
+    s = snap_sched()
+    a = seq(0, range(1, 7))  # the prompt ends at 6, inside its second block
+    s.add(a)
+    land(s, s.schedule())
+    land(s, s.schedule())
+    mb = s.schedule()  # saves the end-of-prompt checkpoint
+    assert mb.message.saves and a.blocks[1] in mb.message.export_blocks
 
 
 def test_a_decoding_sequence_keeps_one_snapshot_the_older_goes_once_the_newer_lands():

@@ -166,7 +166,7 @@ def test_a_replacement_killed_while_it_loads_is_replaced_again_and_resumes_from_
             before = (await eng.stats())["stages"][0]["prefill_tokens"]
             pipe._start = start_then_kill_the_first
             disturbed = await asyncio.wait_for(
-                stream_traced(eng, PROMPTS[2], TRACED64, kill_after=30), 180
+                stream_traced(eng, PROMPTS[2], TRACED64, kill_after=30, victims=(2,)), 180
             )
             return clean, disturbed, started, before, await eng.stats()
         finally:
@@ -305,10 +305,11 @@ def test_a_p2p_link_that_lost_a_message_fails_its_requests_then_is_re_formed(
 def test_a_stage_killed_with_a_warm_prefix_cache_resumes_from_snapshots_or_replays_in_full(
     snapshots, tiny_ckpt, ray_session
 ):
-    """With snapshots, the replacement imports every checkpoint and full KV block its predecessor
-    exported: the cache survives and the sequence resumes from its latest snapshot (at most
-    `checkpoint_every` tokens back). Without, the engine forgets every cached prefix (a hit would
-    read garbage) and the sequence re-runs all its tokens. Either way the stream is unchanged."""
+    """The last stage (it holds attention layer 4: KV blocks) is killed. With snapshots, the
+    replacement imports every checkpoint and KV block its predecessor exported: the cache
+    survives and the sequence resumes from its latest snapshot (at most `checkpoint_every` back).
+    Without, the engine forgets every cached prefix (a hit would read garbage) and the sequence
+    re-runs all its tokens. Either way the stream is unchanged."""
     shared = PROMPTS[2] + PROMPTS[0]  # 26 tokens, checkpoints every 8
 
     async def go():
@@ -318,7 +319,7 @@ def test_a_stage_killed_with_a_warm_prefix_cache_resumes_from_snapshots_or_repla
             clean = await stream_traced(eng, shared + [6], TRACED64)
             warm = await eng.stats()
             disturbed = await asyncio.wait_for(
-                stream_traced(eng, shared + [6], TRACED64, kill_after=30), 120
+                stream_traced(eng, shared + [6], TRACED64, kill_after=30, victims=(2,)), 120
             )
             return clean, disturbed, warm, await eng.stats()
         finally:
