@@ -10,12 +10,15 @@ import signal
 import threading
 from dataclasses import dataclass, field
 
+import grpc
 import openai
 import pytest
 import ray
 import requests
 from ray import serve
 
+from jamba_ray.proto import jamba_pb2 as pb
+from jamba_ray.proto import jamba_pb2_grpc as pb_grpc
 from jamba_ray.serve.errors import RETRY_AFTER_S
 
 try:  # the HTTP library the openai client is built on (httpx2 from openai 3 on)
@@ -142,7 +145,18 @@ def replica_names(app_name: str) -> set[str]:
     return {a["name"] for a in actors if a["name"].startswith(f"SERVE_REPLICA::{app_name}#")}
 
 
-def test_stages_killed_under_streams_and_during_replacement_lose_nothing(app):
+def grpc_health(served) -> tuple[str, str]:
+    """(status code name, details) of the recovery app's gRPC Health."""
+    with grpc.insecure_channel(f"127.0.0.1:{served.grpc_port}") as channel:
+        stub = pb_grpc.JambaServiceStub(channel)
+        try:
+            reply = stub.Health(pb.HealthRequest(), metadata=(("application", APP),), timeout=60)
+            return "OK", reply.status
+        except grpc.RpcError as e:
+            return e.code().name, e.details()
+
+
+def test_stages_killed_under_streams_and_during_replacement_lose_nothing(app, served):
     before = wait_app_idle(app)
     replica = replica_names(APP)
     assert len(replica) == 1
@@ -182,6 +196,7 @@ def test_stages_killed_under_streams_and_during_replacement_lose_nothing(app):
         )
         # stage 1's replacement sleeps DELAY_S before loading: stage 2 dies while it does
         os.kill(pids[2], signal.SIGKILL)
+        during = grpc_health(served)
         late = pool.submit(
             requests.post,
             f"{app}/v1/completions",
@@ -202,6 +217,8 @@ def test_stages_killed_under_streams_and_during_replacement_lose_nothing(app):
     # one recovery, started over for the second death: 503 + Retry-After until "ok"
     assert all(a == (503, "recovering", str(RETRY_AFTER_S)) for a in answers[:-1]), answers
     assert answers[-1][:2] == (200, "ok")
+    assert during[0] == "UNAVAILABLE" and "recovering" in during[1], during
+    assert grpc_health(served) == ("OK", "ok")
     assert health(app)[:2] == (200, "ok")
     assert late.status_code == 200 and late.json()["choices"][0]["finish_reason"] == "length"
     for ref, got in zip(reference, disturbed):
