@@ -33,7 +33,22 @@ def conv_step(xs, conv, lay: Layout, weight, bias):
 
 
 def conv_chunk(xs, conv, slot, weight, bias):
-    """A run of tokens of one sequence: xs [n, DI] continues from conv state [DI, K] of `slot`."""
+    """A run of tokens of one sequence: xs [n, DI] continues from conv state [DI, K] of `slot`.
+
+    The depthwise causal conv as K shifted multiply-adds over [n, DI] rows: the same sums as
+    `F.conv1d(..., groups=DI)` (`conv_chunk_reference`) without transposing the tokens."""
+    n, k = xs.shape[0], conv.shape[-1]
+    full = torch.cat([conv[slot].t(), xs])  # [K + n, DI]: the state's K inputs, then the tokens
+    conv[slot] = full[-k:].t()
+    w = weight[:, 0, :]  # [DI, K]
+    out = full[1 : n + 1] * w[:, 0]  # output t reads inputs t + 1 .. t + K of `full`
+    for j in range(1, k):
+        out.addcmul_(full[1 + j : n + 1 + j], w[:, j])
+    return out + bias if bias is not None else out
+
+
+def conv_chunk_reference(xs, conv, slot, weight, bias):
+    """`conv_chunk` as transformers computes it: one grouped conv1d over [DI, K + n]."""
     k = conv.shape[-1]
     full = torch.cat([conv[slot], xs.t()], dim=-1)  # [DI, K+n]
     conv[slot] = full[:, -k:]

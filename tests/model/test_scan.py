@@ -151,3 +151,19 @@ def test_other_segment_widths_give_the_same_states(segment):
     y_ref, final_ref = scan_reference(u, dt, A, B, C, state)
     close((states * C[:, None, :]).sum(-1), y_ref)
     close(states[-1], final_ref)
+
+
+@pytest.mark.parametrize("n", [1, 3, 17])
+def test_the_conv_as_shifted_multiply_adds_equals_the_grouped_conv1d(n):
+    """Same products, summed in another order: fp32 agreement to ~1e-6, 1e-5 leaves room. The
+    slot's conv state (its last K inputs) comes out the same, bit for bit (a copy)."""
+    from jamba_ray.model.mamba import conv_chunk, conv_chunk_reference
+
+    g = torch.Generator().manual_seed(3)
+    xs = torch.randn(n, 2 * DI, generator=g)[:, :DI]  # a strided view, as in_proj's chunk is
+    weight, bias = torch.randn(DI, 1, 4, generator=g), torch.randn(DI, generator=g)
+    conv = torch.randn(2, DI, 4, generator=g)
+    ref_conv = conv.clone()
+    out = conv_chunk(xs, conv, 1, weight, bias)
+    close(out, conv_chunk_reference(xs, ref_conv, 1, weight, bias))
+    torch.testing.assert_close(conv, ref_conv, atol=0, rtol=0)
