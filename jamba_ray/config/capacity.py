@@ -62,7 +62,8 @@ def derive_capacity(
     budget = budget_bytes if budget_bytes is not None else int(st.state_memory_gib * GiB)
     min_blocks = -(-max_len // st.block_size) + 1  # one whole sequence (+ the probe's block)
     # its slot, and checkpoints: one for prefix reuse, one more for its recovery snapshot
-    per_ckpt = (2 if cfg.recovery.recovery_snapshots else 1) if st.enable_prefix_caching else 0
+    snapshots = cfg.recovery.recovery_snapshots and cfg.placement.backend == "ray"
+    per_ckpt = (2 if snapshots else 1) if st.enable_prefix_caching else 0
     per_seq = slot_bytes * (1 + per_ckpt)
     fit = (budget - min_blocks * block_bytes) // max(per_seq, 1) - 1  # (-1: the probe's slot)
     if fit < 1:

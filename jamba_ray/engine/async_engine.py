@@ -116,6 +116,7 @@ class AsyncEngine:
                         rid, StageFailedError(f"engine step failed: {type(e).__name__}")
                     )
                 core.in_flight.clear()
+                core.kv.clear()  # what the dropped micro-batches saved or exported is unknown
 
     @property
     def recovering(self) -> bool:

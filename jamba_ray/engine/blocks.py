@@ -101,6 +101,9 @@ class BlockAllocator:
             del self._cached[block]
             self._free.append(block)
 
+    def committed(self, block: int) -> bool:
+        return self._hash_of[block] is not None
+
     def lookup(self, h: int) -> int | None:
         return self._by_hash.get(h)
 

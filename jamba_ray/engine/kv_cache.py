@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .blocks import BlockAllocator, chain_hash
-from .prefix import PrefixCache
+from .prefix import Checkpoint, PrefixCache
 from .sequence import Sequence
 
 
@@ -21,7 +21,7 @@ class StateOps:
     saves: tuple[tuple[int, int], ...] = ()  # (slot, checkpoint)
     export_ckpts: tuple[int, ...] = ()
     export_blocks: tuple[int, ...] = ()
-    superseded: tuple[tuple[int, int], ...] = ()  # (checkpoint, length): dropped once it lands
+    superseded: tuple[Checkpoint, ...] = ()  # snapshots dropped once this message lands
 
 
 class KVCache:
@@ -42,7 +42,7 @@ class KVCache:
         self.copies: list[tuple[int, int]] = []  # (src block, dst block), for the next message
         self.saves: list[tuple[int, int]] = []  # (slot, checkpoint)
         self.exports: list[int] = []  # full blocks to export with the next message
-        self.superseded: list[tuple[int, int]] = []  # snapshots the next message's saves replace
+        self.superseded: list[Checkpoint] = []  # snapshots the next message's saves replace
         self.saved: list[tuple[Sequence, int, int]] = []  # (seq, checkpoint, length): the engine
         # keeps prompt logprobs beside them
 
@@ -52,11 +52,11 @@ class KVCache:
         ckpts = tuple(c for _, c in saves) if self.snapshots else ()
         return StateOps(tuple(copies), tuple(saves), ckpts, tuple(exports), tuple(superseded))
 
-    def drop_superseded(self, superseded: tuple[tuple[int, int], ...]) -> None:
-        """The message that saved their successors landed: older snapshots go (by index and
-        length: one evicted meanwhile has nothing to drop)."""
-        for ckpt, length in superseded:
-            self.prefix.discard({ckpt}, length)
+    def drop_superseded(self, superseded: tuple[Checkpoint, ...]) -> None:
+        """The message that saved their successors landed: older snapshots go (those still
+        there: one evicted meanwhile, its index maybe reused, is left alone)."""
+        for cp in superseded:
+            self.prefix.supersede(cp)
 
     # ---- growth ------------------------------------------------------------------------------
     def needed(self, seq: Sequence, end: int) -> int:
@@ -71,8 +71,17 @@ class KVCache:
         return True
 
     def release(self, seq: Sequence) -> None:
+        """Its blocks go back (to the cache where committed); a restore it had not sent yet is
+        off, and so is the pin on that checkpoint."""
         self.blocks.free(seq.blocks)
         seq.blocks, seq.hashes, seq.blocks_sent = [], [], 0
+        self.restore_sent(seq)
+        seq.restore = None
+
+    def restore_sent(self, seq: Sequence) -> None:
+        """Its pending restore is in a message now (or off): its checkpoint may be reused."""
+        if seq.restore is not None and self.prefix is not None:
+            self.prefix.unpin(seq.restore)
 
     # ---- prefix reuse ------------------------------------------------------------------------
     def resume(self, seq: Sequence, logprobs_k: int | None = None) -> None:
@@ -95,6 +104,7 @@ class KVCache:
         seq.hashes = list(match.hashes)
         seq.num_computed = seq.num_cached = cp.length
         seq.restore = cp.ckpt
+        self.prefix.pin(cp.ckpt)
         if logprobs_k is not None:
             seq.cached_logprobs = list(self.prefix.logprobs[cp.ckpt][1])
 
@@ -142,23 +152,23 @@ class KVCache:
     def save(self, seq: Sequence, length: int, snapshot: bool = False) -> None:
         """A checkpoint of `seq` after `length` tokens. A `snapshot` (a decoding sequence's,
         kept for recovery) supersedes its previous one once the message saving it lands; so does
-        its last state when it ends."""
+        its last state when it ends (unless that is the snapshot itself)."""
         if self.prefix is None or seq.slot is None or length < 1:
             return
-        if seq.snapshot is not None:
-            self.superseded.append(seq.snapshot)
-            seq.snapshot = None
         full = length // self.block_size
         tail = seq.blocks[full] if length % self.block_size else None
         # the chain hash of its full blocks, already committed (else the cache computes it)
         chain = seq.hashes[full - 1] if 0 < full <= len(seq.hashes) else None
-        ckpt = self.prefix.save(seq.prompt_ids + seq.output_ids, length, tail, chain)
-        if ckpt is not None:
-            self.saves.append((seq.slot, ckpt))
-            self.saved.append((seq, ckpt, length))
-            seq.snapshot = (ckpt, length) if snapshot else None
-            if self.snapshots and tail is not None:  # its positions < length are final now
-                self.exports.append(tail)
+        cp = self.prefix.save(seq.prompt_ids + seq.output_ids, length, tail, chain)
+        if cp is None:
+            return
+        self.saves.append((seq.slot, cp.ckpt))
+        self.saved.append((seq, cp.ckpt, length))
+        if seq.snapshot is not None:
+            self.superseded.append(seq.snapshot)
+        seq.snapshot = cp if snapshot else None
+        if self.snapshots and tail is not None:  # its positions < length are final now
+            self.exports.append(tail)
 
     def next_stop(self, seq: Sequence, end: int) -> int:
         """Where a prefill chunk ending at `end` should stop: at the next checkpoint inside it."""
@@ -176,6 +186,11 @@ class KVCache:
             self.blocks.drop_cache()
         self.copies, self.saves, self.exports, self.saved = [], [], [], []
         self.superseded = []
+
+    def reexport(self, blocks: list[int]) -> None:
+        """Export these again with the next message (a failed one carried them): those that are
+        still committed, hence unchanged."""
+        self.exports += [b for b in blocks if self.blocks.committed(b)]
 
     def forget_unexported(self, ckpts: list[int], blocks: list[int]) -> None:
         """A stage was replaced from the snapshots: what did not reach it (these, from failed

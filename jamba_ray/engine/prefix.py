@@ -38,6 +38,7 @@ class PrefixCache:
         self.queries = self.hits = 0  # prompt tokens looked up / found
         # checkpoint -> (k, prompt-logprob entries of positions 0..length): scoring resumes too
         self.logprobs: dict[int, tuple[int, list]] = {}
+        self._pins: dict[int, int] = {}  # checkpoint -> restores not sent yet
 
     @property
     def num_checkpoints(self) -> int:
@@ -82,45 +83,63 @@ class PrefixCache:
 
     def save(
         self, tokens: list[int], length: int, tail_block: int | None, chain: int | None = None
-    ) -> int | None:
-        """Keep the state after tokens[:length] (when not kept already); its checkpoint index,
-        which the stages then fill from the sequence's slot, or None when it exists. `chain`:
-        the hash of its full blocks when the caller holds it (else computed from `tokens`)."""
+    ) -> Checkpoint | None:
+        """Keep the state after tokens[:length] (when not kept already): the new checkpoint,
+        whose index the stages then fill from the sequence's slot, or None when it exists (or
+        every index is pinned). `chain`: the hash of its full blocks when the caller holds it
+        (else computed from `tokens`)."""
         bs = self.blocks.block_size
         full = length // bs
         if chain is None and full:
             chain = block_hashes(tokens, bs, full * bs)[-1]
         key = (chain, tuple(tokens[full * bs : length]))
-        if key in self._lru or not (self._free or self._lru):
+        if key in self._lru:
             return None
         ckpt = self._free.pop() if self._free else self._evict()
+        if ckpt is None:
+            return None
         tail = tail_block if length % bs else None
         if tail is not None:
             self.blocks.share(tail)
-        self._lru[key] = Checkpoint(ckpt, length, chain, key[1], tail)
-        return ckpt
+        cp = self._lru[key] = Checkpoint(ckpt, length, chain, key[1], tail)
+        return cp
 
-    def _evict(self) -> int:
-        _, cp = self._lru.popitem(last=False)
+    # A checkpoint a sequence will restore (its segment not sent yet) is pinned: its index must
+    # not be refilled before the restore runs.
+    def pin(self, ckpt: int) -> None:
+        self._pins[ckpt] = self._pins.get(ckpt, 0) + 1
+
+    def unpin(self, ckpt: int) -> None:
+        if self._pins.get(ckpt, 0) > 1:
+            self._pins[ckpt] -= 1
+        else:
+            self._pins.pop(ckpt, None)
+
+    def _evict(self) -> int | None:
+        """The least recently used unpinned checkpoint's index, freed for reuse."""
+        key = next((k for k, cp in self._lru.items() if cp.ckpt not in self._pins), None)
+        if key is None:
+            return None
+        return self._drop(key)
+
+    def _drop(self, key) -> int:
+        cp = self._lru.pop(key)
         if cp.tail_block is not None:
             self.blocks.free([cp.tail_block])
         self.logprobs.pop(cp.ckpt, None)
         return cp.ckpt
 
-    def discard(self, ckpts: set[int], length: int | None = None) -> None:
-        """Drop these checkpoints (their state did not reach every stage, or a newer one of the
-        same sequence supersedes them: only those of `length` then)."""
-        gone = [
-            k
-            for k, cp in self._lru.items()
-            if cp.ckpt in ckpts and (length is None or cp.length == length)
-        ]
-        for key in gone:
-            cp = self._lru.pop(key)
-            if cp.tail_block is not None:
-                self.blocks.free([cp.tail_block])
-            self.logprobs.pop(cp.ckpt, None)
-            self._free.append(cp.ckpt)
+    def discard(self, ckpts: set[int]) -> None:
+        """Drop these checkpoints: their state did not reach every stage."""
+        for key in [k for k, cp in self._lru.items() if cp.ckpt in ckpts]:
+            self._free.append(self._drop(key))
+
+    def supersede(self, cp: Checkpoint) -> None:
+        """Drop `cp` (a newer snapshot of its sequence landed) if it is still there and no one
+        is about to restore it."""
+        key = (cp.chain, cp.tail)
+        if self._lru.get(key) == cp and cp.ckpt not in self._pins:
+            self._free.append(self._drop(key))
 
     def keep_logprobs(self, ckpt: int, length: int, k: int, entries: list) -> None:
         """Prompt-logprob entries of positions 0..length, beside the checkpoint at `length`."""
@@ -129,6 +148,7 @@ class PrefixCache:
 
     def clear(self) -> None:
         """Drop every checkpoint and block hash (a stage that held them was replaced)."""
+        self._pins.clear()
         while self._lru:
-            self._free.append(self._evict())
+            self._free.append(self._drop(next(iter(self._lru))))
         self.blocks.drop_cache()

@@ -98,6 +98,7 @@ class Recovery:
             for mb, failure in failures:
                 if mb is not None:
                     self._isolate(mb, failure)
+            self._untrust([mb.message for mb, _ in failures if mb is not None])
         for seq in list(core.scheduler.running):  # aborted while its micro-batch was failing
             if seq.aborted:
                 core.finish_seq(seq)
@@ -111,6 +112,18 @@ class Recovery:
         )
         log.warning("resuming %d sequences from their snapshots", len(self.core.scheduler.running))
         self.core.scheduler.rewind()
+
+    def _untrust(self, msgs: list) -> None:
+        """A compute error stopped these messages part-way down the pipeline: their state
+        operations ran on the stages before it only. Copies and checkpoint saves are then not
+        everywhere: every running sequence re-runs on fresh state and the cache is forgotten.
+        Their exports did not land: blocks still cached go out again."""
+        core = self.core
+        if any(m.copies or m.saves for m in msgs):
+            running = core.scheduler.running  # (suspects, replayed alone already, stay so)
+            self._replay([s for s in running if not s.aborted and not s.suspect], suspect=False)
+        elif core.kv.snapshots:
+            core.kv.reexport([b for m in msgs for b in m.export_blocks])
 
     def _isolate(self, mb: MicroBatch, failure: StepFailure) -> None:
         core = self.core

@@ -24,7 +24,7 @@ class MicroBatch:
     seqs: list[Sequence]  # one per segment, same order
     token_ids: list[int]
     forked: list[Sequence] = field(default_factory=list)  # whose fork copy rides in this message
-    superseded: tuple[tuple[int, int], ...] = ()  # snapshots dropped once this lands
+    superseded: tuple = ()  # snapshots (prefix.Checkpoint) dropped once this lands
     handle: object = None  # the pipeline's pending result
 
 
@@ -192,6 +192,7 @@ class Scheduler:
             seq.blocks_sent,
             seq.restore,
         )
+        self.kv.restore_sent(seq)
         seq.blocks_sent, seq.restore = len(seq.blocks), None
         state = dict(blocks=blocks, table_start=table_start, restore=restore)
         if seq.pooling:

@@ -35,7 +35,7 @@ class Sequence:
     blocks_sent: int = 0  # table entries the stages already hold
     num_cached: int = 0  # prompt tokens resumed from the prefix cache
     restore: int | None = None  # checkpoint to restore into the slot before its next segment
-    snapshot: tuple[int, int] | None = None  # (checkpoint, length) of its latest decode snapshot
+    snapshot: object = None  # its latest decode snapshot (a prefix.Checkpoint), for recovery
     cached_logprobs: list | None = None  # prompt-logprob entries of the prefix it resumed from
 
     @property

@@ -141,22 +141,21 @@ class RayPipeline:
         return x
 
     def wait(self, handle) -> StepResult | StepFailure:
+        exported = self._exports.pop(handle, None)
         try:
-            return self._landed(handle, ray.get(handle))
+            return self._landed(exported, ray.get(handle))
         except ray.exceptions.RayError as e:
-            self._exports.pop(handle, None)
             return StepFailure(_summary(e))
 
     async def wait_async(self, handle) -> StepResult | StepFailure:
+        exported = self._exports.pop(handle, None)
         try:
-            return self._landed(handle, await handle)
+            return self._landed(exported, await handle)
         except ray.exceptions.RayError as e:
-            self._exports.pop(handle, None)
             return StepFailure(_summary(e))
 
-    def _landed(self, handle, result: StepResult) -> StepResult:
+    def _landed(self, exported, result: StepResult) -> StepResult:
         """Every stage ran the step: what it exported is now its successor's to import."""
-        exported = self._exports.pop(handle, None)
         if exported is not None:
             msg, refs = exported
             for snapshot, stage_refs in zip(self.snapshot, refs):
@@ -206,8 +205,9 @@ class RayPipeline:
                     call(self.stages[i].import_state, ckpts, blocks, *refs),
                     f"stage {i}'s snapshot import",
                 )
-        except StageFailedError as e:
+        except StageFailedError as e:  # (an export lost, or the stage died before handing it)
             log.error("%s; its sequences replay in full", e)
+            self.snapshot[i] = Snapshot()  # the engine forgets every cached prefix: start over
             return False
         log.info("stage %d imported %d checkpoints, %d blocks", i, *snapshot.size())
         return True

@@ -54,8 +54,8 @@ def test_a_prompt_resumes_from_the_longest_checkpoint_at_an_exact_position():
     alloc, cache = prefix_cache()
     system = list(range(10, 20))  # 10 tokens: two full blocks and a tail of 2
     blocks = commit_all(alloc, system)
-    assert cache.save(system, 10, tail_block=blocks[2]) == 0
-    assert cache.save(system, 8, tail_block=None) == 1
+    assert cache.save(system, 10, tail_block=blocks[2]).ckpt == 0
+    assert cache.save(system, 8, tail_block=None).ckpt == 1
     match = cache.match(system + [7, 7])
     assert match.checkpoint.length == 10 and match.blocks == blocks[:2]
     assert match.checkpoint.tail_block == blocks[2] and alloc.refs(blocks[2]) == 2  # held
@@ -205,7 +205,7 @@ def test_a_decoding_sequence_keeps_one_snapshot_the_older_goes_once_the_newer_la
         lengths.append(sorted(cp.length for cp in cache._lru.values()))
     # the prompt's end stays (prefix reuse); of the snapshots only the newest remains
     assert lengths[-1] == [3, 8] and [3, 4] in lengths and [3, 4, 8] in lengths
-    assert a.snapshot[1] == 8
+    assert a.snapshot.length == 8
 
 
 def test_what_a_failed_message_exported_is_forgotten_after_a_replacement():
@@ -229,10 +229,34 @@ def test_rewind_resumes_every_running_sequence_from_its_latest_checkpoint():
         mb = s.schedule()
         land(s, mb)
         s.kv.drop_superseded(mb.superseded)
-    assert a.num_computed == 9 and a.snapshot[1] == 8
+    assert a.num_computed == 9 and a.snapshot.length == 8
     s.rewind()
     assert a in s.waiting and s.num_preemptions == 0
     back = s.schedule()
     seg = back.message.segments[0]
-    assert (seg.start, seg.length, seg.restore) == (8, 2, a.snapshot[0])  # 8 and 9 run again
+    assert (seg.start, seg.length, seg.restore) == (8, 2, a.snapshot.ckpt)  # 8 and 9 run again
     assert seg.samples == (a.seq_id,)
+
+
+def test_a_sequence_ending_on_a_snapshot_keeps_it_as_its_final_state():
+    s = snap_sched(every=4)
+    a = seq(0, range(1, 4))
+    s.add(a)
+    land(s, s.schedule())
+    while a.num_computed < 8:  # the snapshot at 8 lands
+        mb = s.schedule()
+        land(s, mb)
+        s.kv.drop_superseded(mb.superseded)
+    s.finish(a, "stop")  # its last state is the snapshot at 8: that one stays
+    assert [cp.length for cp in s.kv.superseded] == [4]  # (the one 8 replaced, still to go)
+    assert sorted(cp.length for cp in s.kv.prefix._lru.values()) == [3, 4, 8]
+
+
+def test_a_checkpoint_waiting_to_be_restored_is_not_evicted_for_another():
+    alloc, cache = prefix_cache(checkpoints=1)
+    a = list(range(10, 15))
+    kept = cache.save(a, 5, tail_block=None)
+    cache.pin(kept.ckpt)  # a sequence resumed from it; its segment has not gone out yet
+    assert cache.save(list(range(20, 25)), 5, tail_block=None) is None  # no index to reuse
+    cache.unpin(kept.ckpt)
+    assert cache.save(list(range(20, 25)), 5, tail_block=None).ckpt == kept.ckpt
