@@ -120,6 +120,7 @@ class Recovery:
         Their exports did not land: blocks still cached go out again."""
         core = self.core
         if any(m.copies or m.saves for m in msgs):
+            core.kv.clear()  # (even with no sequence left to replay)
             running = core.scheduler.running  # (suspects, replayed alone already, stay so)
             self._replay([s for s in running if not s.aborted and not s.suspect], suspect=False)
         elif core.kv.snapshots:

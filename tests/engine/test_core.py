@@ -151,3 +151,26 @@ def test_prompt_logprobs_cover_every_position_even_when_the_prefix_is_cached(tin
         ref = torch.log_softmax(hf_model(tiny_ckpt)(torch.tensor([prompt])).logits[0], -1)
     for i in range(1, len(prompt)):
         assert lps[i][prompt[i]] == pytest.approx(float(ref[i - 1, prompt[i]]), abs=1e-4), i
+
+
+def test_a_checkpoint_saved_by_a_message_that_failed_part_way_is_not_reused(tiny_ckpt):
+    """The last stage fails the message that also saves a checkpoint: the first stage saved it,
+    the last did not. Its request fails alone; the same prompt again must not resume from it."""
+    eng = core(tiny_ckpt, checkpoint_every=8, max_batched_tokens=8)
+    last, failed = eng.pipeline.stages[1], []
+    real = last.forward
+
+    def forward(msg, x):
+        if msg.saves and not failed:
+            failed.append(msg.step_id)
+            raise RuntimeError("lost in the last stage")
+        return real(msg, x)
+
+    last.forward = forward
+    first = run(eng, [PROMPTS[2]])
+    assert failed and isinstance(first["r0"], StageFailedError)
+    again = run(eng, [PROMPTS[2]])  # ids restart at r0: the first request has ended
+    assert_greedy_like_hf(tiny_ckpt, PROMPTS[2], again["r0"])
+    # (the last stage's checkpoint there would be zeros: the tiny model's greedy tokens may not
+    # show it, so the reuse itself is what is checked)
+    assert eng.stats_local()["prefix_cache_hits"] == 0 and eng.stats_local()["slots_in_use"] == 0
