@@ -47,10 +47,10 @@ def one_run(path, snapshots: bool, seqs: int, prompt: int, decode: int) -> dict:
         before = core.pipeline.stats()[0]["prefill_tokens"]
         replace, timed = core.pipeline.replace, {}
 
-        def timed_replace(indices):
+        def timed_replace(indices, trusted=None):
             t = time.perf_counter()
             try:
-                return replace(indices)
+                return replace(indices, trusted)
             finally:
                 timed["replace_s"] = time.perf_counter() - t
 

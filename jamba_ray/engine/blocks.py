@@ -104,6 +104,9 @@ class BlockAllocator:
     def committed(self, block: int) -> bool:
         return self._hash_of[block] is not None
 
+    def committed_blocks(self) -> set[int]:
+        return set(self._by_hash.values())
+
     def lookup(self, h: int) -> int | None:
         return self._by_hash.get(h)
 

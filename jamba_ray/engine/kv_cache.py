@@ -187,6 +187,14 @@ class KVCache:
         self.copies, self.saves, self.exports, self.saved = [], [], [], []
         self.superseded = []
 
+    def trusted(self) -> tuple[set[int], set[int]]:
+        """The checkpoints and KV blocks the engine may still read from: what a replacement
+        must import (committed blocks, and the partial tail blocks checkpoints hold)."""
+        if self.prefix is None:
+            return set(), set()
+        ckpts, tails = self.prefix.held()
+        return ckpts, tails | self.blocks.committed_blocks()
+
     def reexport(self, blocks: list[int]) -> None:
         """Export these again with the next message (a failed one carried them): those that are
         still committed, hence unchanged."""

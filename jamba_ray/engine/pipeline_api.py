@@ -33,9 +33,10 @@ class Pipeline(Protocol):
     def dead_stages(self) -> list[int]:
         """Stages that no longer answer."""
 
-    def replace(self, indices: list[int]) -> bool:
-        """Start fresh stages in place of dead ones (blocking: they load their slice); True when
-        each imported every export of its predecessor's that landed."""
+    def replace(self, indices: list[int], trusted: tuple[set[int], set[int]] | None = None) -> bool:
+        """Start fresh stages in place of dead ones (blocking: they load their slice). With
+        `trusted` (checkpoint and block ids), each imports its predecessor's exports of those;
+        True when every one was there."""
 
     def reconnect(self) -> None:
         """Re-form the stages' p2p link after a failure (no-op without one)."""

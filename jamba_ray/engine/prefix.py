@@ -104,6 +104,11 @@ class PrefixCache:
         cp = self._lru[key] = Checkpoint(ckpt, length, chain, key[1], tail)
         return cp
 
+    def held(self) -> tuple[set[int], set[int]]:
+        """Indices of the live checkpoints, and the tail blocks they hold."""
+        cps = self._lru.values()
+        return {cp.ckpt for cp in cps}, {cp.tail_block for cp in cps if cp.tail_block is not None}
+
     # A checkpoint a sequence will restore (its segment not sent yet) is pinned: its index must
     # not be refilled before the restore runs.
     def pin(self, ckpt: int) -> None:

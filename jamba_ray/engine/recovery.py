@@ -68,12 +68,24 @@ class Recovery:
                 break
             log.warning("stages %s died; starting replacements (attempt %d)", dead, attempt + 1)
             try:
-                ok = pipeline.replace(dead)
+                ok = pipeline.replace(dead, self._trusted())
             except StageFailedError as e:
                 ok = False  # (one that comes up after all holds no snapshot: not trusted)
                 log.error("replacement failed: %s", e)
             imported.update(dict.fromkeys(dead, ok))
         return StageFailedError("pipeline stages died and could not be replaced")
+
+    def _trusted(self) -> tuple[set[int], set[int]] | None:
+        """What a replacement must import: checkpoints and blocks the engine still trusts,
+        less what the failed messages and the unsent ops would have exported."""
+        kv = self.core.kv
+        if not kv.snapshots:
+            return None
+        ckpts, blocks = kv.trusted()
+        msgs = [mb.message for mb, _ in self.failures if mb is not None]
+        ckpts -= {c for m in msgs for c in m.export_ckpts} | {c for _, c in kv.saves}
+        blocks -= {b for m in msgs for b in m.export_blocks} | set(kv.exports)
+        return ckpts, blocks
 
     def stage_died(self) -> None:
         """A probe found a dead stage with nothing in flight: recover in the next step."""

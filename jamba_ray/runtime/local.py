@@ -53,7 +53,7 @@ class LocalPipeline:
     def dead_stages(self) -> list[int]:
         return []
 
-    def replace(self, indices: list[int]) -> bool:
+    def replace(self, indices: list[int], trusted=None) -> bool:
         raise NotImplementedError("in-process stages do not die")
 
     def reconnect(self) -> None:

@@ -184,7 +184,7 @@ class RayPipeline:
                 dead.append(i)
         return dead
 
-    def replace(self, indices: list[int]) -> bool:
+    def replace(self, indices: list[int], trusted: tuple[set[int], set[int]] | None = None) -> bool:
         self._exports.clear()  # (all of a failed step's: nothing is in flight now)
         for i in indices:
             try:
@@ -194,11 +194,18 @@ class RayPipeline:
             self.stages[i] = self._start(self.specs[i], replacement=True)
         self._wait([call(self.stages[i].ready) for i in indices], "replacement stage start-up")
         self.reconnect()
-        return self.snapshots and all(self._import(i) for i in indices)
+        if not self.snapshots or trusted is None:
+            return False
+        return all(self._import(i, trusted) for i in indices)
 
-    def _import(self, i: int) -> bool:
-        """Stage `i`'s replacement takes its predecessor's exports; False if any is lost."""
+    def _import(self, i: int, trusted: tuple[set[int], set[int]]) -> bool:
+        """Stage `i`'s replacement takes its predecessor's exports of the `trusted` ids (the
+        others are dropped); False if one is missing or lost."""
         snapshot = self.snapshot[i]
+        if not snapshot.keep_only(*trusted):
+            log.error("stage %d's snapshot lacks ids the engine trusts; full replay", i)
+            self.snapshot[i] = Snapshot()
+            return False
         try:
             for ckpts, blocks, refs in snapshot.batches():
                 self._wait(
@@ -234,6 +241,12 @@ class Snapshot:
         n = len(msg.export_ckpts)
         self.ckpts.update(zip(msg.export_ckpts, refs[:n]))
         self.blocks.update(zip(msg.export_blocks, refs[n:]))
+
+    def keep_only(self, ckpts: set[int], blocks: set[int]) -> bool:
+        """Drop every entry but these; False if one of these is missing."""
+        self.ckpts = {c: r for c, r in self.ckpts.items() if c in ckpts}
+        self.blocks = {b: r for b, r in self.blocks.items() if b in blocks}
+        return len(self.ckpts) == len(ckpts) and len(self.blocks) == len(blocks)
 
     def size(self) -> tuple[int, int]:
         return len(self.ckpts), len(self.blocks)

@@ -123,8 +123,8 @@ def test_a_replacement_that_misses_its_start_up_deadline_but_comes_up_is_used(
         eng = engine(tiny_ckpt)
         pipe, real_replace = eng.core.pipeline, eng.core.pipeline.replace
 
-        def late(indices):  # the actor starts, but its readiness check gives up first (once)
-            real_replace(indices)
+        def late(indices, trusted=None):  # the actor starts, but its readiness check gives up
+            real_replace(indices, trusted)  # first (once)
             pipe.replace = real_replace
             raise StageFailedError("timed out waiting for replacement stage start-up")
 
@@ -348,9 +348,9 @@ def test_a_second_stage_dying_while_the_first_is_replaced_is_replaced_too(tiny_c
         eng = engine(tiny_ckpt, max_stage_restarts=3)
         pipe, real_replace = eng.core.pipeline, eng.core.pipeline.replace
 
-        def replace_then_lose_another(indices):
+        def replace_then_lose_another(indices, trusted=None):
             pipe.replace = real_replace  # once
-            real_replace(indices)
+            real_replace(indices, trusted)
             ray.kill(pipe.stages[2])  # stage 2 dies while stage 1's replacement comes up
 
         try:
