@@ -6,6 +6,8 @@ update, sequential scan), but each segment starts from its slot's state, so pref
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
@@ -79,6 +81,18 @@ def ssm_scan(u, dt, A, B, C, ssm, slot):
     return y  # [n, DI]
 
 
+def scan_chunks(uf, dt, A, B, C, ssm, chunks):
+    """The prefill chunks of a micro-batch through the varlen scan kernel at once, each from and
+    back into its slot (the torch path: `ssm_scan` chunk by chunk). Returns their rows [Tc] and
+    outputs [Tc, DI]."""
+    dev = uf.device
+    rows = torch.cat([torch.arange(c.row, c.row + c.n, device=dev) for c in chunks])  # [Tc]
+    cu = torch.tensor([0, *itertools.accumulate(c.n for c in chunks)], device=dev)  # [G+1]
+    slots = torch.tensor([c.slot for c in chunks], device=dev)  # [G]
+    y, _ = kernels.varlen_scan(uf[rows], dt[rows], A, B[rows], C[rows], ssm, cu, slots)
+    return rows, y
+
+
 def mamba_mix(mixer, x: torch.Tensor, lay: Layout, conv: torch.Tensor, ssm: torch.Tensor):
     """x [T, H] -> [T, H] for one Mamba layer; conv [S, DI, K] and ssm [S, DI, N] are its slots."""
     dtype = x.dtype
@@ -103,8 +117,12 @@ def mamba_mix(mixer, x: torch.Tensor, lay: Layout, conv: torch.Tensor, ssm: torc
     if lay.num_decode:
         d = lay.decode_rows
         y[d] = ssm_step(uf[d], dt[d], A, B[d], C[d], ssm, lay)
-    for c in lay.chunks:
-        s = slice(c.row, c.row + c.n)
-        y[s] = ssm_scan(uf[s], dt[s], A, B[s], C[s], ssm, c.slot)
+    if lay.chunks and kernels.enabled_for(uf):  # ours: every chunk in one launch, by slot
+        rows, y_chunks = scan_chunks(uf, dt, A, B, C, ssm, lay.chunks)
+        y[rows] = y_chunks
+    else:
+        for c in lay.chunks:
+            s = slice(c.row, c.row + c.n)
+            y[s] = ssm_scan(uf[s], dt[s], A, B[s], C[s], ssm, c.slot)
     y = (y + uf * mixer.D.float()) * F.silu(gate.float())
     return mixer.out_proj(y.to(dtype))

@@ -61,3 +61,26 @@ def test_decode_through_the_kernels_matches_the_torch_path(tiny_ckpt, monkeypatc
     for a, b in zip(torch_path, kernel_path):
         torch.testing.assert_close(b.pool.conv[:, live], a.pool.conv[:, live], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(b.pool.ssm[:, live], a.pool.ssm[:, live], atol=1e-5, rtol=1e-5)
+
+
+def test_prefill_chunks_through_the_varlen_scan_kernel_match_the_torch_path(tiny_ckpt, monkeypatch):
+    """Three prompts prefilled in one micro-batch, odd slots, the second continuing from its
+    slot's state: the varlen kernel (one launch per layer) against `ssm_scan` chunk by chunk."""
+    torch_path, kernel_path = pipeline(tiny_ckpt), pipeline(tiny_ckpt)
+    prompts = {4: [1, 5, 9, 200, 3, 77, 12], 0: [1, 44], 2: [1, 250, 7, 9, 10]}
+    first = StepMessage(0, (seg(0, 0, 0, 2, max_len=MAX_LEN),))
+    for path in (torch_path, kernel_path):  # slot 0 holds state from a first chunk
+        stage_logits(path, first, prompts[0])
+    segs = (seg(4, 4, 0, 7, max_len=MAX_LEN), seg(0, 0, 2, 3, max_len=MAX_LEN))
+    segs += (seg(2, 2, 0, 5, max_len=MAX_LEN),)
+    msg = StepMessage(1, segs)
+    flat = prompts[4] + [3, 8, 13] + prompts[2]
+    want = stage_logits(torch_path, msg, flat)
+    with monkeypatch.context() as m:
+        m.setattr(kernels, "enabled_for", lambda t: True)
+        got = stage_logits(kernel_path, msg, flat)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for a, b in zip(torch_path, kernel_path):
+        torch.testing.assert_close(
+            b.pool.ssm[:, [4, 0, 2]], a.pool.ssm[:, [4, 0, 2]], atol=1e-5, rtol=1e-5
+        )
