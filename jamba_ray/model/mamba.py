@@ -42,11 +42,13 @@ def conv_chunk(xs, conv, slot, weight, bias):
     n, k = xs.shape[0], conv.shape[-1]
     full = torch.cat([conv[slot].t(), xs])  # [K + n, DI]: the state's K inputs, then the tokens
     conv[slot] = full[-k:].t()
-    w = weight[:, 0, :]  # [DI, K]
+    # sums in fp32 (as a conv kernel accumulates): bf16 would round after every term
+    full, w = full.float(), weight[:, 0, :].float()  # w [DI, K]
     out = full[1 : n + 1] * w[:, 0]  # output t reads inputs t + 1 .. t + K of `full`
     for j in range(1, k):
         out.addcmul_(full[1 + j : n + 1 + j], w[:, j])
-    return out + bias if bias is not None else out
+    out = out + bias.float() if bias is not None else out
+    return out.to(xs.dtype)
 
 
 def conv_chunk_reference(xs, conv, slot, weight, bias):

@@ -167,3 +167,19 @@ def test_the_conv_as_shifted_multiply_adds_equals_the_grouped_conv1d(n):
     out = conv_chunk(xs, conv, 1, weight, bias)
     close(out, conv_chunk_reference(xs, ref_conv, 1, weight, bias))
     torch.testing.assert_close(conv, ref_conv, atol=0, rtol=0)
+
+
+def test_the_conv_in_bf16_sums_in_fp32_like_the_grouped_conv1d():
+    """bf16 inputs: both round the same fp32 sums once to bf16, so they agree to one bf16 ulp
+    (2**-7 relative) at most."""
+    from jamba_ray.model.mamba import conv_chunk, conv_chunk_reference
+
+    g = torch.Generator().manual_seed(4)
+    xs = torch.randn(9, DI, generator=g).bfloat16()
+    weight = torch.randn(DI, 1, 4, generator=g).bfloat16()
+    bias = torch.randn(DI, generator=g).bfloat16()
+    conv = torch.randn(1, DI, 4, generator=g).bfloat16()
+    out = conv_chunk(xs, conv.clone(), 0, weight, bias)
+    want = conv_chunk_reference(xs.float(), conv.float(), 0, weight.float(), bias.float())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), want, rtol=2**-7, atol=1e-6)
