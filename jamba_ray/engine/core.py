@@ -67,7 +67,7 @@ class EngineCore:
             cap.block_size,
             cap.num_checkpoints,
             st.checkpoint_every,
-            snapshots=config.recovery.recovery_snapshots and self.pipeline.snapshots,
+            snapshots=self.pipeline.snapshots,  # (the pipeline reads `recovery_snapshots`)
         )
         self.scheduler = Scheduler(config.scheduler, cap.max_num_seqs, self.kv, len(self.plans))
         self.outputs = OutputProcessor(

@@ -187,26 +187,34 @@ class KVCache:
         self.copies, self.saves, self.exports, self.saved = [], [], [], []
         self.superseded = []
 
-    def trusted(self) -> tuple[set[int], set[int]]:
-        """The checkpoints and KV blocks the engine may still read from: what a replacement
-        must import (committed blocks, and the partial tail blocks checkpoints hold)."""
+    def unexported(self, failed: list) -> tuple[set[int], set[int]]:
+        """Checkpoints and blocks whose exports never landed: those the `failed` messages
+        carried, and those still waiting for the next message."""
+        ckpts = {c for m in failed for c in m.export_ckpts} | {c for _, c in self.saves}
+        blocks = {b for m in failed for b in m.export_blocks} | set(self.exports)
+        return ckpts, blocks
+
+    def trusted(self, failed: list) -> tuple[set[int], set[int]]:
+        """What a replacement must import: the checkpoints and KV blocks the engine may still
+        read from (committed blocks, and the tail blocks checkpoints hold), less `unexported`."""
         if self.prefix is None:
             return set(), set()
         ckpts, tails = self.prefix.held()
-        return ckpts, tails | self.blocks.committed_blocks()
+        lost_ckpts, lost_blocks = self.unexported(failed)
+        return ckpts - lost_ckpts, (tails | self.blocks.committed_blocks()) - lost_blocks
 
     def reexport(self, blocks: list[int]) -> None:
         """Export these again with the next message (a failed one carried them): those that are
         still committed, hence unchanged."""
         self.exports += [b for b in blocks if self.blocks.committed(b)]
 
-    def forget_unexported(self, ckpts: list[int], blocks: list[int]) -> None:
-        """A stage was replaced from the snapshots: what did not reach it (these, from failed
-        messages, and what was still to be sent) is not cached any more."""
-        ckpts = set(ckpts) | {c for _, c in self.saves}
+    def forget_unexported(self, failed: list) -> None:
+        """A stage was replaced from the snapshots: what did not reach it (`unexported`) is not
+        cached any more."""
+        ckpts, blocks = self.unexported(failed)
         if self.prefix is not None:
             self.prefix.discard(ckpts)
-        for b in [*blocks, *self.exports]:
+        for b in blocks:
             self.blocks.uncommit(b)
         self.copies, self.saves, self.exports, self.saved = [], [], [], []
         self.superseded = []

@@ -76,16 +76,9 @@ class Recovery:
         return StageFailedError("pipeline stages died and could not be replaced")
 
     def _trusted(self) -> tuple[set[int], set[int]] | None:
-        """What a replacement must import: checkpoints and blocks the engine still trusts,
-        less what the failed messages and the unsent ops would have exported."""
+        """What a replacement must import (None: there are no snapshots)."""
         kv = self.core.kv
-        if not kv.snapshots:
-            return None
-        ckpts, blocks = kv.trusted()
-        msgs = [mb.message for mb, _ in self.failures if mb is not None]
-        ckpts -= {c for m in msgs for c in m.export_ckpts} | {c for _, c in kv.saves}
-        blocks -= {b for m in msgs for b in m.export_blocks} | set(kv.exports)
-        return ckpts, blocks
+        return kv.trusted(_messages(self.failures)) if kv.snapshots else None
 
     def stage_died(self) -> None:
         """A probe found a dead stage with nothing in flight: recover in the next step."""
@@ -102,7 +95,7 @@ class Recovery:
                 core.fail_request(rid, outcome)
         elif outcome.stages:
             core.counters["stage_restarts"] += len(outcome.stages)
-            if outcome.restored and core.kv.snapshots:
+            if outcome.restored:  # (only with snapshots)
                 self._rewind(failures)
             else:
                 self._replay(list(core.scheduler.running), suspect=False)
@@ -110,7 +103,7 @@ class Recovery:
             for mb, failure in failures:
                 if mb is not None:
                     self._isolate(mb, failure)
-            self._untrust([mb.message for mb, _ in failures if mb is not None])
+            self._untrust(_messages(failures))
         for seq in list(core.scheduler.running):  # aborted while its micro-batch was failing
             if seq.aborted:
                 core.finish_seq(seq)
@@ -118,10 +111,7 @@ class Recovery:
     def _rewind(self, failures: list[tuple[MicroBatch | None, StepFailure]]) -> None:
         """The replacement holds what its predecessor exported; what failed messages made did
         not reach it and is forgotten. Every sequence resumes from its latest checkpoint."""
-        msgs = [mb.message for mb, _ in failures if mb is not None]
-        self.core.kv.forget_unexported(
-            [c for m in msgs for c in m.export_ckpts], [b for m in msgs for b in m.export_blocks]
-        )
+        self.core.kv.forget_unexported(_messages(failures))
         log.warning("resuming %d sequences from their snapshots", len(self.core.scheduler.running))
         self.core.scheduler.rewind()
 
@@ -162,6 +152,11 @@ class Recovery:
         for s in seqs:  # prompt logprobs come from the first sample's prefill: it runs again
             if s.index == 0:
                 self.core.outputs.restart_prompt_logprobs(s.request_id)
+
+
+def _messages(failures: list[tuple[MicroBatch | None, StepFailure]]) -> list:
+    """The step messages of the failed micro-batches (a probe's failure has none)."""
+    return [mb.message for mb, _ in failures if mb is not None]
 
 
 def _reconnect(pipeline) -> None:

@@ -215,7 +215,7 @@ def test_what_a_failed_message_exported_is_forgotten_after_a_replacement():
     land(s, s.schedule())  # 0..4
     failed = s.schedule()  # 4..8: saves the checkpoint at 4, exports block 0
     assert failed.message.export_ckpts and failed.message.export_blocks
-    s.kv.forget_unexported(list(failed.message.export_ckpts), list(failed.message.export_blocks))
+    s.kv.forget_unexported([failed.message])
     assert s.kv.prefix.num_checkpoints == 0 and s.kv.blocks.num_cached == 0
     assert s.kv.blocks.lookup(a.hashes[0]) is None
 
