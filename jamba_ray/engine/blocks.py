@@ -1,27 +1,45 @@
-"""KV blocks: a free list with refcounts, and full blocks shared by the hash of their tokens. Pure.
+"""KV blocks: a free list with refcounts, and full blocks shared by the key of their tokens. Pure.
 
-Every stage holds the same block numbering; the engine alone hands blocks out. A full block's hash
-chains its parent's, so equal hashes mean equal token prefixes. A block nobody references but
-whose hash is known stays cached (least recently used first out) until its memory is needed.
+Every stage holds the same block numbering; the engine alone hands blocks out. A full block's key
+is a SHA-256 over its parent's key and its tokens (vLLM's default since its prefix-cache collision
+advisory): equal keys mean equal token prefixes, and no prompt can be crafted to collide with
+another. A request's `cache_salt` seeds the chain, so only requests with the same salt share a
+prefix. A block nobody references but whose key is known stays cached (least recently used first
+out) until its memory is needed.
 """
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict, deque
 
+Key = bytes  # a 32-byte SHA-256 digest
 
-def chain_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
-    return hash((parent, tokens))
+UNSALTED: Key = b""  # the chain's root when a request gives no cache_salt
 
 
-def block_hashes(tokens: list[int], block_size: int, upto: int | None = None) -> list[int]:
-    """Chained hashes of the full blocks of tokens[:upto]."""
+def root_key(salt: str | None) -> Key:
+    """The parent of a prompt's first block: its `cache_salt` mixed in, or nothing."""
+    if salt is None:
+        return UNSALTED
+    return hashlib.sha256(b"jamba-ray cache_salt\x00" + salt.encode()).digest()
+
+
+def chain_key(parent: Key, tokens) -> Key:
+    h = hashlib.sha256(parent)
+    h.update(array("q", tokens).tobytes())  # fixed-width: (1, 23) and (12, 3) differ
+    return h.digest()
+
+
+def block_keys(tokens: list[int], block_size: int, upto: int | None = None, root=UNSALTED):
+    """Chained keys of the full blocks of tokens[:upto]."""
     n = len(tokens) if upto is None else upto
-    hashes, parent = [], None
+    keys, parent = [], root
     for i in range(n // block_size):
-        parent = chain_hash(parent, tuple(tokens[i * block_size : (i + 1) * block_size]))
-        hashes.append(parent)
-    return hashes
+        parent = chain_key(parent, tokens[i * block_size : (i + 1) * block_size])
+        keys.append(parent)
+    return keys
 
 
 class BlockAllocator:
@@ -31,9 +49,9 @@ class BlockAllocator:
         self.num_blocks, self.block_size = num_blocks, block_size
         self._free: deque[int] = deque(range(num_blocks))
         self._refs = [0] * num_blocks
-        self._hash_of: list[int | None] = [None] * num_blocks
-        self._by_hash: dict[int, int] = {}
-        self._cached: OrderedDict[int, None] = OrderedDict()  # unreferenced, hashed: evictable
+        self._key_of: list[Key | None] = [None] * num_blocks
+        self._by_key: dict[Key, int] = {}
+        self._cached: OrderedDict[int, None] = OrderedDict()  # unreferenced, keyed: evictable
 
     @property
     def num_free(self) -> int:
@@ -46,7 +64,7 @@ class BlockAllocator:
 
     @property
     def num_cached(self) -> int:
-        return len(self._by_hash)
+        return len(self._by_key)
 
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
@@ -61,8 +79,8 @@ class BlockAllocator:
             block = self._free.popleft()
         else:  # evict the least recently used cached block
             block, _ = self._cached.popitem(last=False)
-            del self._by_hash[self._hash_of[block]]
-            self._hash_of[block] = None
+            del self._by_key[self._key_of[block]]
+            self._key_of[block] = None
         self._refs[block] = 1
         return block
 
@@ -78,49 +96,49 @@ class BlockAllocator:
                 raise RuntimeError(f"KV block {b} freed twice or never allocated")
             self._refs[b] -= 1
             if self._refs[b] == 0:
-                if self._hash_of[b] is None:
+                if self._key_of[b] is None:
                     self._free.append(b)
                 else:
                     self._cached[b] = None
 
-    def commit(self, block: int, h: int) -> bool:
-        """`block` is full and holds the tokens `h` names: others may reuse it from now on.
+    def commit(self, block: int, key: Key) -> bool:
+        """`block` is full and holds the tokens `key` names: others may reuse it from now on.
         False when it, or another block with these tokens, is already committed."""
-        if self._hash_of[block] is None and h not in self._by_hash:
-            self._hash_of[block], self._by_hash[h] = h, block
+        if self._key_of[block] is None and key not in self._by_key:
+            self._key_of[block], self._by_key[key] = key, block
             return True
         return False
 
     def uncommit(self, block: int) -> None:
-        """Forget `block`'s hash (its content cannot be trusted everywhere): no one reuses it."""
-        h, self._hash_of[block] = self._hash_of[block], None
-        if h is None:
+        """Forget `block`'s key (its content cannot be trusted everywhere): no one reuses it."""
+        key, self._key_of[block] = self._key_of[block], None
+        if key is None:
             return
-        del self._by_hash[h]
-        if block in self._cached:  # a cached block without a hash is a free one
+        del self._by_key[key]
+        if block in self._cached:  # a cached block without a key is a free one
             del self._cached[block]
             self._free.append(block)
 
     def committed(self, block: int) -> bool:
-        return self._hash_of[block] is not None
+        return self._key_of[block] is not None
 
     def committed_blocks(self) -> set[int]:
-        return set(self._by_hash.values())
+        return set(self._by_key.values())
 
-    def lookup(self, h: int) -> int | None:
-        return self._by_hash.get(h)
+    def lookup(self, key: Key) -> int | None:
+        return self._by_key.get(key)
 
     def touch(self, block: int) -> None:
         if block in self._cached:
             self._cached.move_to_end(block)
 
     def drop_cache(self) -> None:
-        """Forget every hash (after a stage lost its KV): cached blocks become plain free ones."""
+        """Forget every key (after a stage lost its KV): cached blocks become plain free ones."""
         for block in self._cached:
             self._free.append(block)
         self._cached.clear()
-        self._by_hash.clear()
-        self._hash_of = [None] * self.num_blocks
+        self._by_key.clear()
+        self._key_of = [None] * self.num_blocks
 
     def refs(self, block: int) -> int:
         return self._refs[block]

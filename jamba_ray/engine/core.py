@@ -25,7 +25,7 @@ from .kv_cache import KVCache
 from .messages import Segment, StepFailure, StepResult
 from .output_processor import OutputProcessor, Sink
 from .pipeline_api import Pipeline
-from .recovery import Recovery
+from .recovery import Recovery, RecoveryPlan, Replaced
 from .sampling_params import SamplingParams
 from .scheduler import MicroBatch, Scheduler
 from .sequence import Sequence
@@ -73,7 +73,7 @@ class EngineCore:
         self.outputs = OutputProcessor(
             self.tokenizer, self.spec.eos_token_id, self.capacity.max_model_len
         )
-        self.recovery = Recovery(self, config.recovery.max_stage_restarts)
+        self.recovery = Recovery(config.recovery.max_stage_restarts)
         self.in_flight: deque[MicroBatch] = deque()
         self._next_seq = 0
         self.counters = {"forks": 0, "stage_restarts": 0, "isolated_failures": 0}
@@ -105,8 +105,9 @@ class EngineCore:
                 f"{self.scheduler.num_waiting} requests already queued; retry later"
             )
         seed = params.seed if params.seed is not None else random.getrandbits(62)
-        seqs = [self._new_seq(request_id, i, ids, params, seed) for i in range(params.n)]
-        seqs[0].forks, seqs[0].pooling = seqs[1:], task == "classify"
+        forks = [self._new_seq(request_id, i, ids, params, seed) for i in range(1, params.n)]
+        first = self._new_seq(request_id, 0, ids, params, seed, forks, task == "classify")
+        seqs = [first, *forks]
         self.outputs.add(request_id, prompt, ids, params, seqs, sink)
         self.scheduler.add(seqs[0])
 
@@ -127,9 +128,11 @@ class EngineCore:
             )
         return params
 
-    def _new_seq(self, request_id: str, index: int, ids: list[int], params, seed: int) -> Sequence:
+    def _new_seq(self, request_id, index, ids, params, seed, forks=(), pooling=False) -> Sequence:
         self._next_seq += 1
-        return Sequence(self._next_seq, request_id, index, ids, params, seed)
+        return Sequence(
+            self._next_seq, request_id, index, ids, params, seed, forks=list(forks), pooling=pooling
+        )
 
     def abort(self, request_id: str) -> None:
         """Cancel a request; its slots not held by an in-flight micro-batch are free at once."""
@@ -158,7 +161,7 @@ class EngineCore:
         if mb is not None:
             self.postprocess(mb, self.pipeline.wait(mb.handle))
         elif self.recovery.pending:
-            self.recovery.resume(self.recovery.replace_dead())
+            self.recover(self._replace_dead())
 
     async def step_async(self) -> None:
         """One step for an asyncio driver (stage replacement runs in a thread: it blocks)."""
@@ -166,7 +169,7 @@ class EngineCore:
         if mb is not None:
             self.postprocess(mb, await self.pipeline.wait_async(mb.handle))
         elif self.recovery.pending:
-            self.recovery.resume(await asyncio.to_thread(self.recovery.replace_dead))
+            self.recover(await asyncio.to_thread(self._replace_dead))
 
     def schedule(self) -> MicroBatch | None:
         """Submit micro-batches until one per stage is in flight; returns the oldest one.
@@ -190,9 +193,12 @@ class EngineCore:
     def postprocess(self, mb: MicroBatch, result: StepResult | StepFailure) -> None:
         """Fold a landed micro-batch into its sequences and requests."""
         if isinstance(result, StepFailure):
+            for seq in mb.seqs:
+                seq.in_flight = False
+            self.scheduler.requeue(mb)
             self.recovery.failed(mb, result)
             return
-        self.kv.drop_superseded(mb.superseded)
+        self.kv.drop_superseded(mb.ops.superseded)
         for seg, seq in zip(mb.message.segments, mb.seqs):
             try:
                 self._land(seg, seq, result)
@@ -202,19 +208,18 @@ class EngineCore:
                     seq.request_id,
                     StageFailedError(f"postprocessing a step failed: {type(e).__name__}: {e}"),
                 )
-        self._keep_prompt_logprobs()
+        self._keep_prompt_logprobs(mb)
         for rid in dict.fromkeys(s.request_id for s in mb.seqs):
             self.outputs.emit(rid)
 
-    def _keep_prompt_logprobs(self) -> None:
-        """Checkpoints taken this step keep the prompt logprobs they cover, so that a scoring
+    def _keep_prompt_logprobs(self, mb: MicroBatch) -> None:
+        """Checkpoints this message saved keep the prompt logprobs they cover, so that a scoring
         request resuming from one has them all."""
-        saved, self.kv.saved = self.kv.saved, []
-        for seq, ckpt, length in saved:
-            state = self.outputs.requests.get(seq.request_id)
-            entries = state.prompt_logprobs if state is not None and seq.index == 0 else None
-            if entries is not None and len(entries) > length:
-                self.kv.prefix.keep_logprobs(ckpt, length, state.params.prompt_logprobs, entries)
+        for saved in mb.ops.saved:
+            state = self.outputs.requests.get(saved.request_id)
+            entries = state.prompt_logprobs if state is not None and saved.index == 0 else None
+            if entries is not None and len(entries) > saved.length:
+                self.kv.keep_logprobs(saved, state.params.prompt_logprobs, entries)
 
     def _land(self, seg: Segment, seq: Sequence, result: StepResult) -> None:
         self.scheduler.landed(seq, seg)
@@ -248,23 +253,41 @@ class EngineCore:
         for s in (seq, *forks):
             self.outputs.finished(s)
 
+    # ---- recovery ----------------------------------------------------------------------------
+    def _replace_dead(self) -> Replaced | StageFailedError:
+        """Blocking: replace dead stages, importing what the engine still trusts."""
+        trusted = self.kv.trusted(self.recovery.messages()) if self.kv.snapshots else None
+        return self.recovery.replace_dead(self.pipeline, trusted)
+
+    def recover(self, outcome: Replaced | StageFailedError) -> None:
+        """Apply recovery's plan once nothing is in flight."""
+        self.apply(self.recovery.plan(outcome, list(self.scheduler.running)))
+        for seq in list(self.scheduler.running):  # aborted while its micro-batch was failing
+            if seq.aborted:
+                self.finish_seq(seq)
+
+    def apply(self, plan: RecoveryPlan) -> None:
+        self.counters["stage_restarts"] += plan.stage_restarts
+        self.counters["isolated_failures"] += plan.isolated_failures
+        if plan.fail_all is not None:
+            plan.fail += [(rid, plan.fail_all) for rid in self.outputs.requests]
+        for rid, error in plan.fail:
+            self.fail_request(rid, error)
+        replayed = self.scheduler.recover(plan)
+        for s in replayed:  # prompt logprobs come from the first sample's prefill: it runs again
+            if s.index == 0:
+                self.outputs.restart_prompt_logprobs(s.request_id)
+
     # ---- introspection -----------------------------------------------------------------------
     def stats_local(self) -> dict:
         """Engine-side numbers only (no stage round trip)."""
-        slots, blocks, prefix = self.scheduler.slots, self.kv.blocks, self.kv.prefix
+        slots = self.scheduler.slots
         return {
             "requests_running": len({s.request_id for s in self.scheduler.running}),
             "requests_waiting": self.scheduler.num_waiting,
             "slots_in_use": slots.num_used,
             "slots_total": slots.num_slots,
-            "kv_blocks_in_use": blocks.num_used,
-            "kv_blocks_total": blocks.num_blocks,
-            "kv_blocks_cached": blocks.num_cached,
-            "block_size": blocks.block_size,
-            "prefix_checkpoints": prefix.num_checkpoints if prefix else 0,
-            "kv_blocks_held_by_checkpoints": prefix.num_held_blocks if prefix else 0,
-            "prefix_cache_queries": prefix.queries if prefix else 0,
-            "prefix_cache_hits": prefix.hits if prefix else 0,
+            **self.kv.stats(),
             "preemptions": self.scheduler.num_preemptions,
             "in_flight_micro_batches": len(self.in_flight),
             **self.outputs.counters,

@@ -1,27 +1,47 @@
-"""Each sequence's KV block table and its Mamba checkpoints: growth, sharing, commits, resumes.
+"""The owner of every sequence's paged state: its KV block table, block keys, restore pin and
+decode snapshot, the checkpoint catalog, and the operations a step makes on the stages' state.
 
-Pure Python bookkeeping over `BlockAllocator` and `PrefixCache`; the state operations it decides
-(block copies, checkpoint saves) ride in the next step message, before any segment runs.
+Pure Python. Records are keyed by sequence id and change only through the lifecycle below:
+admit (and resume) -> grow -> segment (sent) -> land -> fork -> finish / preempt / release, plus
+clear and forget after failures. Every block refcount change happens here; the state operations
+decided (copies, forks, saves, exports, forgotten ids) go into one builder, sealed into the next
+step message.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
-from .blocks import BlockAllocator, chain_hash
+from .blocks import BlockAllocator, Key, chain_key, root_key
+from .messages import Fork
 from .prefix import Checkpoint, PrefixCache
 from .sequence import Sequence
+from .step_ops import SavedCheckpoint, StateOps, StepOpsBuilder
+
+
+@dataclass(slots=True)
+class SeqState:
+    """What the KV cache keeps for one live sequence."""
+
+    root: Key  # its cache_salt's chain root
+    blocks: list[int] = field(default_factory=list)  # KV block table
+    keys: list[Key] = field(default_factory=list)  # chained keys of its committed full blocks
+    sent: int = 0  # table entries the stages already hold
+    restore: int | None = None  # checkpoint to restore into the slot before its next segment
 
 
 @dataclass(frozen=True, slots=True)
-class StateOps:
-    """What the next message does to the stages' state before its segments run."""
+class Resumed:
+    length: int  # tokens the checkpoint covers
+    logprobs: list | None  # prompt-logprob entries of positions 0..length, when asked for
 
-    copies: tuple[tuple[int, int], ...] = ()  # (src block, dst block)
-    saves: tuple[tuple[int, int], ...] = ()  # (slot, checkpoint)
-    export_ckpts: tuple[int, ...] = ()
-    export_blocks: tuple[int, ...] = ()
-    superseded: tuple[Checkpoint, ...] = ()  # snapshots dropped once this message lands
+
+@dataclass(frozen=True, slots=True)
+class SegmentState:
+    blocks: tuple[int, ...]  # table entries from `table_start` on
+    table_start: int
+    restore: int | None
 
 
 class KVCache:
@@ -39,110 +59,153 @@ class KVCache:
         # Recovery snapshots: every checkpoint and full block is exported as it is made, and
         # decoding sequences are checkpointed every `checkpoint_every` tokens too.
         self.snapshots = snapshots and self.prefix is not None
-        self.copies: list[tuple[int, int]] = []  # (src block, dst block), for the next message
-        self.saves: list[tuple[int, int]] = []  # (slot, checkpoint)
-        self.exports: list[int] = []  # full blocks to export with the next message
-        self.superseded: list[Checkpoint] = []  # snapshots the next message's saves replace
-        self.saved: list[tuple[Sequence, int, int]] = []  # (seq, checkpoint, length): the engine
-        # keeps prompt logprobs beside them
+        self.ops = StepOpsBuilder(exports_ckpts=self.snapshots)
+        self.records: dict[int, SeqState] = {}
+        # seq id -> its latest decode snapshot (kept across preemptions, until it ends)
+        self.snapshots_of: dict[int, Checkpoint] = {}
 
-    def take_ops(self) -> StateOps:
-        copies, saves, exports, superseded = self.copies, self.saves, self.exports, self.superseded
-        self.copies, self.saves, self.exports, self.superseded = [], [], [], []
-        ckpts = tuple(c for _, c in saves) if self.snapshots else ()
-        return StateOps(tuple(copies), tuple(saves), ckpts, tuple(exports), tuple(superseded))
+    def table(self, seq_id: int) -> list[int]:
+        rec = self.records.get(seq_id)
+        return list(rec.blocks) if rec else []
 
-    def drop_superseded(self, superseded: tuple[Checkpoint, ...]) -> None:
-        """The message that saved their successors landed: older snapshots go (those still
-        there: one evicted meanwhile, its index maybe reused, is left alone)."""
-        for cp in superseded:
-            self.prefix.supersede(cp)
+    def snapshot(self, seq_id: int) -> Checkpoint | None:
+        return self.snapshots_of.get(seq_id)
+
+    def stats(self) -> dict:
+        blocks, prefix = self.blocks, self.prefix
+        tails = prefix.held()[1] if prefix else set()
+        return {
+            "kv_blocks_in_use": blocks.num_used,
+            "kv_blocks_total": blocks.num_blocks,
+            "kv_blocks_cached": blocks.num_cached,
+            "block_size": blocks.block_size,
+            "prefix_checkpoints": prefix.num_checkpoints if prefix else 0,
+            "kv_blocks_held_by_checkpoints": len(tails),
+            "prefix_cache_queries": prefix.queries if prefix else 0,
+            "prefix_cache_hits": prefix.hits if prefix else 0,
+        }
+
+    def seal(self) -> StateOps:
+        return self.ops.seal()
+
+    # ---- admission ---------------------------------------------------------------------------
+    def available(self) -> int:
+        """Blocks that can be had now: free or cached ones, and the tail blocks that only
+        unpinned checkpoints hold (they are evicted for them under pressure)."""
+        if self.prefix is None:
+            return self.blocks.num_free
+        holds = Counter(
+            cp.tail_block
+            for cp in self.prefix.checkpoints()
+            if cp.tail_block is not None and not self.prefix.pinned(cp.ckpt)
+        )
+        spare = sum(1 for b, n in holds.items() if self.blocks.refs(b) == n)
+        return self.blocks.num_free + spare
+
+    def _make_room(self, n: int) -> bool:
+        """At least `n` blocks allocatable: checkpoints are evicted for their tail blocks."""
+        while self.blocks.num_free < n and self.prefix is not None:
+            cp = self.prefix.evict_for_block()
+            if cp is None:
+                break
+            self.snapshots_of = {k: v for k, v in self.snapshots_of.items() if v != cp}
+            self._release_checkpoint(cp)
+        return self.blocks.num_free >= n
+
+    def _allocate(self, n: int) -> list[int]:
+        if not self._make_room(n):
+            raise RuntimeError(f"asked for {n} KV blocks, {self.blocks.num_free} free")
+        return self.blocks.allocate(n)
+
+    def can_admit(self, seq: Sequence, forks: int, reserve: int) -> bool:
+        """Room for the whole known sequence plus one block per fork, beyond `reserve`."""
+        need = self.blocks.blocks_for(seq.length) + forks
+        return need + reserve <= self.available()
+
+    def admit(self, seq: Sequence, forks: list[Sequence], logprobs_k=None) -> Resumed | None:
+        """Records for `seq` and its forks (each holds one block for its copied last block), and
+        `seq` resumed from its longest cached prefix, if any: shared full blocks, a copy of the
+        checkpoint's tail block, and the checkpoint restored into its slot by the stages."""
+        root = root_key(getattr(seq.params, "cache_salt", None))
+        rec = self.records[seq.seq_id] = SeqState(root)
+        for f in forks:
+            self.records[f.seq_id] = SeqState(root, self._allocate(1))
+        if self.prefix is None:
+            return None
+        match = self.prefix.match(seq.prompt_ids + seq.output_ids, root, logprobs_k)
+        if match is None:
+            return None
+        cp = match.checkpoint
+        for b in match.blocks:
+            self.blocks.share(b)
+        rec.blocks, rec.keys = list(match.blocks), list(match.keys)
+        if cp.tail_block is not None:  # private: this sequence writes past the checkpoint
+            (own,) = self._allocate(1)
+            self.ops.copies.append((cp.tail_block, own))
+            rec.blocks.append(own)
+        rec.restore = cp.ckpt
+        self.prefix.pin(cp.ckpt)
+        logprobs = list(self.prefix.logprobs[cp.ckpt][1]) if logprobs_k is not None else None
+        return Resumed(cp.length, logprobs)
 
     # ---- growth ------------------------------------------------------------------------------
     def needed(self, seq: Sequence, end: int) -> int:
-        return max(0, self.blocks.blocks_for(end) - len(seq.blocks))
+        return max(0, self.blocks.blocks_for(end) - len(self.records[seq.seq_id].blocks))
 
     def grow(self, seq: Sequence, end: int) -> bool:
         """Blocks for positions [0, end); False (and nothing taken) when too few are free."""
         need = self.needed(seq, end)
-        if need > self.blocks.num_free:
+        if not self._make_room(need):
             return False
-        seq.blocks += self.blocks.allocate(need)
+        self.records[seq.seq_id].blocks += self.blocks.allocate(need)
         return True
 
-    def release(self, seq: Sequence) -> None:
-        """Its blocks go back (to the cache where committed); a restore it had not sent yet is
-        off, and so is the pin on that checkpoint."""
-        self.blocks.free(seq.blocks)
-        seq.blocks, seq.hashes, seq.blocks_sent = [], [], 0
-        self.restore_sent(seq)
-        seq.restore = None
+    def segment(self, seq: Sequence) -> SegmentState:
+        """The table entries and restore the stages lack, now marked sent (a restore in a message
+        no longer pins its checkpoint)."""
+        rec = self.records[seq.seq_id]
+        state = SegmentState(tuple(rec.blocks[rec.sent :]), rec.sent, rec.restore)
+        self._unpin(rec)
+        rec.sent = len(rec.blocks)
+        return state
 
-    def restore_sent(self, seq: Sequence) -> None:
-        """Its pending restore is in a message now (or off): its checkpoint may be reused."""
-        if seq.restore is not None and self.prefix is not None:
-            self.prefix.unpin(seq.restore)
-
-    # ---- prefix reuse ------------------------------------------------------------------------
-    def resume(self, seq: Sequence, logprobs_k: int | None = None) -> None:
-        """Start `seq` from its longest cached prefix, if any: shared full blocks, a copy of the
-        checkpoint's tail block, and the checkpoint restored into its slot by the stages. A
-        sequence that wants prompt logprobs (`logprobs_k`) takes the covered ones from it too."""
-        if self.prefix is None:
-            return
-        match = self.prefix.match(seq.prompt_ids + seq.output_ids, logprobs_k)
-        if match is None:
-            return
-        cp = match.checkpoint
-        for b in match.blocks:
-            self.blocks.share(b)
-        seq.blocks = list(match.blocks)
-        if cp.tail_block is not None:
-            (own,) = self.blocks.allocate(1)
-            self.copies.append((cp.tail_block, own))
-            seq.blocks.append(own)
-        seq.hashes = list(match.hashes)
-        seq.num_computed = seq.num_cached = cp.length
-        seq.restore = cp.ckpt
-        self.prefix.pin(cp.ckpt)
-        if logprobs_k is not None:
-            seq.cached_logprobs = list(self.prefix.logprobs[cp.ckpt][1])
-
-    def can_resume_all(self, seq: Sequence, reserve: int) -> bool:
-        """Room for the whole known sequence plus one block per fork, beyond `reserve`."""
-        need = self.blocks.blocks_for(seq.length) + len(seq.forks)
-        return need + reserve <= self.blocks.num_free
+    def _unpin(self, rec: SeqState) -> None:
+        if rec.restore is not None and self.prefix is not None:
+            self.prefix.unpin(rec.restore)
+        rec.restore = None
 
     # ---- forks -------------------------------------------------------------------------------
-    def fork(self, parent: Sequence, child: Sequence) -> None:
-        """`child` shares the parent's full blocks; its partial last block is a copy (written by
-        both from here on). `child.blocks` holds the one block reserved for it at admission."""
-        reserved = child.blocks
-        full = parent.num_computed // self.block_size
-        for b in parent.blocks[:full]:
-            self.blocks.share(b)
-        child.blocks = parent.blocks[:full]
-        if parent.num_computed % self.block_size:
-            self.copies.append((parent.blocks[full], reserved[0]))
-            child.blocks.append(reserved[0])
-        else:
-            self.blocks.free(reserved)
-        child.hashes, child.blocks_sent = list(parent.hashes), 0
+    def fork(self, parent: Sequence, children: list[Sequence]) -> None:
+        """After `parent`'s prefill: each child shares its full blocks; its partial last block is
+        copied into the block the child holds since admission; the Mamba state is forked."""
+        if not children:
+            return
+        prec, full = self.records[parent.seq_id], parent.num_computed // self.block_size
+        for child in children:
+            rec = self.records[child.seq_id]
+            reserved = rec.blocks
+            for b in prec.blocks[:full]:
+                self.blocks.share(b)
+            rec.blocks = prec.blocks[:full]
+            if parent.num_computed % self.block_size:
+                self.ops.copies.append((prec.blocks[full], reserved[0]))
+                rec.blocks.append(reserved[0])
+            else:
+                self.blocks.free(reserved)
+            rec.keys, rec.sent = list(prec.keys), 0
+        self.ops.forks.append(Fork(parent.slot, tuple(c.slot for c in children)))
 
     # ---- after a segment ran -----------------------------------------------------------------
-    def landed(self, seq: Sequence, end: int) -> None:
+    def land(self, seq: Sequence, end: int) -> None:
         """Full blocks become shareable; a checkpoint at the end of a prompt and every
-        `checkpoint_every` tokens inside it."""
-        tokens = None
-        while (len(seq.hashes) + 1) * self.block_size <= end:
-            tokens = tokens or seq.prompt_ids + seq.output_ids
-            i, bs = len(seq.hashes), self.block_size
-            h = chain_hash(
-                seq.hashes[-1] if seq.hashes else None, tuple(tokens[i * bs : (i + 1) * bs])
-            )
-            if self.blocks.commit(seq.blocks[i], h) and self.snapshots:
-                self.exports.append(seq.blocks[i])
-            seq.hashes.append(h)
+        `checkpoint_every` tokens inside it (and of a decoding sequence, with snapshots)."""
+        rec, bs = self.records[seq.seq_id], self.block_size
+        while (len(rec.keys) + 1) * bs <= end:
+            i = len(rec.keys)
+            key = chain_key(rec.keys[-1] if rec.keys else rec.root, _tokens(seq, i * bs, bs))
+            if self.blocks.commit(rec.blocks[i], key) and self.snapshots:
+                self.ops.export_blocks.append(rec.blocks[i])
+            rec.keys.append(key)
         periodic = end % self.checkpoint_every == 0
         if end == len(seq.prompt_ids) or (seq.in_prefill and periodic):
             self.save(seq, end)
@@ -153,22 +216,48 @@ class KVCache:
         """A checkpoint of `seq` after `length` tokens. A `snapshot` (a decoding sequence's,
         kept for recovery) supersedes its previous one once the message saving it lands; so does
         its last state when it ends (unless that is the snapshot itself)."""
-        if self.prefix is None or seq.slot is None or length < 1:
+        rec = self.records.get(seq.seq_id)
+        if self.prefix is None or rec is None or seq.slot is None or length < 1:
             return
-        full = length // self.block_size
-        tail = seq.blocks[full] if length % self.block_size else None
-        # the chain hash of its full blocks, already committed (else the cache computes it)
-        chain = seq.hashes[full - 1] if 0 < full <= len(seq.hashes) else None
-        cp = self.prefix.save(seq.prompt_ids + seq.output_ids, length, tail, chain)
+        full, bs = length // self.block_size, self.block_size
+        tail = rec.blocks[full] if length % bs else None
+        if 0 < full <= len(rec.keys):
+            chain = rec.keys[full - 1]  # committed already
+        else:
+            chain = rec.root
+            for i in range(full):
+                chain = chain_key(chain, _tokens(seq, i * bs, bs))
+        tail_tokens = tuple(_tokens(seq, full * bs, length % bs))
+        cp, evicted = self.prefix.add(chain, tail_tokens, length, tail)
+        self._release_checkpoint(evicted)
         if cp is None:
             return
-        self.saves.append((seq.slot, cp.ckpt))
-        self.saved.append((seq, cp.ckpt, length))
-        if seq.snapshot is not None:
-            self.superseded.append(seq.snapshot)
-        seq.snapshot = cp if snapshot else None
+        if tail is not None:
+            self.blocks.share(tail)
+        self.ops.saves.append((seq.slot, cp.ckpt))
+        self.ops.saved.append(
+            SavedCheckpoint(seq.seq_id, seq.request_id, seq.index, cp.ckpt, length)
+        )
+        if (old := self.snapshots_of.pop(seq.seq_id, None)) is not None:
+            self.ops.superseded.append(old)
+        if snapshot:
+            self.snapshots_of[seq.seq_id] = cp
         if self.snapshots and tail is not None:  # its positions < length are final now
-            self.exports.append(tail)
+            self.ops.export_blocks.append(tail)
+
+    def drop_superseded(self, superseded: tuple[Checkpoint, ...]) -> None:
+        """The message that saved their successors landed: older snapshots go (those still
+        there: one evicted meanwhile, its index maybe reused, is left alone)."""
+        for cp in superseded if self.prefix is not None else ():
+            self._release_checkpoint(self.prefix.supersede(cp))
+
+    def _release_checkpoint(self, cp: Checkpoint | None) -> None:
+        if cp is not None and cp.tail_block is not None:
+            self.blocks.free([cp.tail_block])
+
+    def keep_logprobs(self, saved: SavedCheckpoint, k: int, entries: list) -> None:
+        if self.prefix is not None:
+            self.prefix.keep_logprobs(saved.ckpt, saved.length, k, entries)
 
     def next_stop(self, seq: Sequence, end: int) -> int:
         """Where a prefill chunk ending at `end` should stop: at the next checkpoint inside it."""
@@ -178,20 +267,59 @@ class KVCache:
         nxt = (seq.num_computed // step + 1) * step
         return min(end, nxt) if nxt < len(seq.prompt_ids) else end
 
+    # ---- the end of a sequence's state ------------------------------------------------------
+    def release(self, seq: Sequence, forget: bool, ended: bool = False) -> None:
+        """Its blocks go back (to the cache where committed); a restore it had not sent is off;
+        pending operations into its blocks or slot are dropped. With `forget` (or when the
+        stages hold its table) they drop it with the next message. Once `ended`, its snapshot
+        is an ordinary checkpoint."""
+        if ended:
+            self.snapshots_of.pop(seq.seq_id, None)
+        rec = self.records.pop(seq.seq_id, None)
+        if rec is None:
+            return
+        self._unpin(rec)
+        self.blocks.free(rec.blocks)
+        gone = {b for b in rec.blocks if self.blocks.refs(b) == 0}
+        self.ops.copies = [(s, d) for s, d in self.ops.copies if d not in gone]
+        if seq.slot is not None:  # a fork into its slot is moot
+            forks = [Fork(f.src, tuple(d for d in f.dsts if d != seq.slot)) for f in self.ops.forks]
+            self.ops.forks = [f for f in forks if f.dsts]
+        if forget or rec.sent:
+            self.ops.forgotten.append(seq.seq_id)
+
+    def restart(self, seq: Sequence) -> None:
+        """`seq` re-runs every token from a fresh state into fresh blocks (a replay); its next
+        segment sends the whole table, replacing the stages' copy."""
+        rec = self.records[seq.seq_id]
+        rec.sent = 0  # (not forgotten: the whole table goes out again)
+        self.release(seq, forget=False)
+        self.records[seq.seq_id] = SeqState(rec.root)
+
+    def forget_again(self, seq_ids: tuple[int, ...]) -> None:
+        """A failed message carried these: the stages may still hold them."""
+        self.ops.forgotten += list(seq_ids)
+
+    # ---- failures ----------------------------------------------------------------------------
     def clear(self) -> None:
-        """A stage lost its state: no cached prefix can be trusted any more."""
+        """A stage lost (or may have half-applied) state: no cached prefix is trusted any more.
+        Pending saves and exports go; copies and forks for live sequences stay."""
         if self.prefix is not None:
-            self.prefix.clear()
-        else:
-            self.blocks.drop_cache()
-        self.copies, self.saves, self.exports, self.saved = [], [], [], []
-        self.superseded = []
+            for cp in self.prefix.clear():
+                self._release_checkpoint(cp)
+            self.snapshots_of.clear()
+        self.blocks.drop_cache()
+        self._drop_pending_checkpoints()
+
+    def _drop_pending_checkpoints(self) -> None:
+        self.ops.saves, self.ops.export_blocks, self.ops.saved = [], [], []
+        self.ops.superseded = []
 
     def unexported(self, failed: list) -> tuple[set[int], set[int]]:
         """Checkpoints and blocks whose exports never landed: those the `failed` messages
         carried, and those still waiting for the next message."""
-        ckpts = {c for m in failed for c in m.export_ckpts} | {c for _, c in self.saves}
-        blocks = {b for m in failed for b in m.export_blocks} | set(self.exports)
+        ckpts = {c for m in failed for c in m.export_ckpts} | self.ops.pending_ckpts()
+        blocks = {b for m in failed for b in m.export_blocks} | set(self.ops.export_blocks)
         return ckpts, blocks
 
     def trusted(self, failed: list) -> tuple[set[int], set[int]]:
@@ -206,15 +334,25 @@ class KVCache:
     def reexport(self, blocks: list[int]) -> None:
         """Export these again with the next message (a failed one carried them): those that are
         still committed, hence unchanged."""
-        self.exports += [b for b in blocks if self.blocks.committed(b)]
+        self.ops.export_blocks += [b for b in blocks if self.blocks.committed(b)]
 
     def forget_unexported(self, failed: list) -> None:
         """A stage was replaced from the snapshots: what did not reach it (`unexported`) is not
         cached any more."""
         ckpts, blocks = self.unexported(failed)
         if self.prefix is not None:
-            self.prefix.discard(ckpts)
+            for cp in self.prefix.discard(ckpts):
+                self._release_checkpoint(cp)
         for b in blocks:
             self.blocks.uncommit(b)
-        self.copies, self.saves, self.exports, self.saved = [], [], [], []
-        self.superseded = []
+        self._drop_pending_checkpoints()
+
+
+def _tokens(seq: Sequence, start: int, n: int) -> list[int]:
+    """seq's tokens [start, start + n) without joining its prompt and output."""
+    p = len(seq.prompt_ids)
+    if start + n <= p:
+        return seq.prompt_ids[start : start + n]
+    if start >= p:
+        return seq.output_ids[start - p : start - p + n]
+    return seq.prompt_ids[start:] + seq.output_ids[: start + n - p]

@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 
 from ..config.engine_config import SchedulerConfig
 from .kv_cache import KVCache
-from .messages import Fork, Segment, SeqInfo, StepMessage
+from .messages import Segment, SeqInfo, StepMessage
 from .sequence import Sequence
 from .slots import SlotAllocator
+from .step_ops import StateOps
 
 
 @dataclass(slots=True)
@@ -24,7 +25,7 @@ class MicroBatch:
     seqs: list[Sequence]  # one per segment, same order
     token_ids: list[int]
     forked: list[Sequence] = field(default_factory=list)  # whose fork copy rides in this message
-    superseded: tuple = ()  # snapshots (prefix.Checkpoint) dropped once this lands
+    ops: StateOps = StateOps()  # its state operations, and what the engine does once it lands
     handle: object = None  # the pipeline's pending result
 
 
@@ -37,12 +38,8 @@ class Scheduler:
         self.slots = SlotAllocator(num_slots)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.preempted: list[
-            Sequence
-        ] = []  # since the engine last looked (prompt logprobs restart)
+        self.preempted: list[Sequence] = []  # since the engine looked (prompt logprobs restart)
         self.num_preemptions = 0
-        self._forks: list[tuple[Fork, list[Sequence]]] = []  # ride in the next message
-        self._finished: list[int] = []
         self._step = 0
 
     @property
@@ -75,14 +72,17 @@ class Scheduler:
             reserve = sum(1 for s in self.running if not s.in_prefill)
             if not self.slots.can_allocate(1 + len(seq.forks)):
                 return
-            if self.running and not self.kv.can_resume_all(seq, reserve):
+            if self.running and not self.kv.can_admit(seq, len(seq.forks), reserve):
                 return
             self.waiting.popleft()
             seq.slot, *fork_slots = self.slots.allocate(1 + len(seq.forks))
             for fork, slot in zip(seq.forks, fork_slots):
-                fork.slot, fork.blocks = slot, self.kv.blocks.allocate(1)  # its copied last block
+                fork.slot = slot
             wants = _wants_prompt_logprobs(seq)  # (those resume only where the logprobs were kept)
-            self.kv.resume(seq, seq.params.prompt_logprobs if wants else None)
+            hit = self.kv.admit(seq, seq.forks, seq.params.prompt_logprobs if wants else None)
+            if hit is not None:
+                seq.num_computed = seq.num_cached = hit.length
+                seq.cached_logprobs = hit.logprobs
             self.running.append(seq)
 
     # ---- what runs next ---------------------------------------------------------------------
@@ -119,7 +119,7 @@ class Scheduler:
             if budget <= 0 or s.slot is None:
                 continue
             end = self.kv.next_stop(s, s.num_computed + min(s.pending(), budget))
-            free = self.kv.blocks.num_free + len(s.blocks)
+            free = self.kv.available() + len(self.kv.table(s.seq_id))
             end = min(end, free * self.kv.block_size)  # a shorter chunk if blocks are short
             if end > s.num_computed and self.kv.grow(s, end):
                 chosen.append((s, end - s.num_computed))
@@ -146,10 +146,9 @@ class Scheduler:
         prefix cache). Nothing of its output changes."""
         self.slots.free([q.slot for q in (seq, *seq.forks)])
         for q in (seq, *seq.forks):
-            self._forget(q)
-            self.kv.release(q)
+            self.kv.release(q, forget=q.registered or q.num_computed > 0)
             q.slot, q.registered = None, False
-        seq.num_computed, seq.restore, seq.suspect, seq.cached_logprobs = 0, None, False, None
+        seq.num_computed, seq.suspect, seq.cached_logprobs = 0, False, None
         self.running.remove(seq)
         self._enqueue(seq)  # (its arrival rank puts it before later ones of its priority)
         self.preempted.append(seq)
@@ -164,37 +163,25 @@ class Scheduler:
             for q in (s, *s.forks):
                 q.registered = True
             s.in_flight = True
-        forks, self._forks = self._forks, []
-        finished, self._finished = self._finished, []
-        ops = self.kv.take_ops()
+        ops = self.kv.seal()
         self._step += 1
         msg = StepMessage(
             self._step,
             tuple(segments),
-            forks=tuple(f for f, _ in forks),
-            copies=ops.copies,
-            saves=ops.saves,
-            export_ckpts=ops.export_ckpts,
-            export_blocks=ops.export_blocks,
             admitted=tuple(admitted),
-            finished=tuple(finished),
             in_flight=in_flight,
+            **ops.message_fields(),
         )
-        forked = [q for _, qs in forks for q in qs]
-        return MicroBatch(msg, [s for s, _ in chosen], tokens, forked, ops.superseded)
+        dsts = {d for f in ops.forks for d in f.dsts}
+        forked = [q for q in self.running if q.slot in dsts]
+        return MicroBatch(msg, [s for s, _ in chosen], tokens, forked, ops)
 
     def _segment(self, seq: Sequence, n: int) -> Segment:
         """Which logit rows a segment needs, who samples from it, and the block-table entries
         and checkpoint the stages need for it: decided here, once."""
         start, end = seq.num_computed, seq.num_computed + n
-        blocks, table_start, restore = (
-            tuple(seq.blocks[seq.blocks_sent :]),
-            seq.blocks_sent,
-            seq.restore,
-        )
-        self.kv.restore_sent(seq)
-        seq.blocks_sent, seq.restore = len(seq.blocks), None
-        state = dict(blocks=blocks, table_start=table_start, restore=restore)
+        st = self.kv.segment(seq)
+        state = dict(blocks=st.blocks, table_start=st.table_start, restore=st.restore)
         if seq.pooling:
             logits = "score" if end >= len(seq.prompt_ids) else "none"
             return Segment(seq.seq_id, seq.slot, start, n, logits, **state)
@@ -211,7 +198,7 @@ class Scheduler:
         seq.num_computed = seg.end
         seq.suspect = seq.suspect and seq.in_prefill  # cleared once its known tokens ran
         if seq.slot is not None:
-            self.kv.landed(seq, seg.end)
+            self.kv.land(seq, seg.end)
 
     def append(self, seq: Sequence, token: int) -> None:
         seq.output_ids.append(token)
@@ -220,10 +207,8 @@ class Scheduler:
         """After `seq`'s prefill, its forks join the running set, sharing its KV blocks; the state
         copy rides in the next message, before any segment of theirs."""
         forks, seq.forks = seq.forks, []
-        if forks:
-            self._forks.append((Fork(seq.slot, tuple(f.slot for f in forks)), forks))
+        self.kv.fork(seq, forks)
         for f in forks:
-            self.kv.fork(seq, f)
             f.num_computed = seq.num_computed
             self.running.append(f)
         return forks
@@ -236,20 +221,14 @@ class Scheduler:
         freed = []
         for s in [seq, *seq.forks]:
             s.finish_reason = s.finish_reason or reason
+            self.kv.release(s, forget=s.registered or s.num_computed > 0, ended=True)
             if s.slot is not None:
                 freed.append(s.slot)
                 s.slot = None
-            self._forget(s)
-            self.kv.release(s)
         seq.forks = []
         if seq in self.running:
             self.running.remove(seq)
         self.slots.free(freed)
-
-    def _forget(self, seq: Sequence) -> None:
-        """The stages drop its block table and sampling state with the next message."""
-        if seq.registered or seq.blocks_sent or seq.num_computed:
-            self._finished.append(seq.seq_id)
 
     def abort(self, request_id: str) -> list[Sequence]:
         """Abort a request: sequences not in flight end now; those in flight when they land."""
@@ -258,6 +237,7 @@ class Scheduler:
             self.waiting.remove(s)
             for q in (s, *s.forks):
                 q.finish_reason = "abort"
+                self.kv.release(q, forget=False, ended=True)  # (a preempted one's snapshot)
         for s in [s for s in self.running if s.request_id == request_id]:
             s.aborted = True
             if not s.in_flight:
@@ -272,11 +252,30 @@ class Scheduler:
         catch up. No cached prefix is trusted after a failure."""
         self.kv.clear()
         for s in seqs:
-            self.kv.release(s)
+            self.kv.restart(s)
             s.in_flight, s.num_computed, s.registered, s.suspect = False, 0, False, suspect
-            s.restore, s.cached_logprobs = None, None
+            s.cached_logprobs = None
             for f in s.forks:
                 f.registered = False
+
+    def recover(self, plan) -> list[Sequence]:
+        """Apply a recovery plan's state changes (to sequences still running); returns those that
+        re-run from their first token."""
+        if plan.forget_unexported is not None:
+            self.kv.forget_unexported(plan.forget_unexported)
+        if plan.rewind:
+            self.rewind()
+        if plan.clear_cache:
+            self.kv.clear()
+        running = {id(s) for s in self.running if not s.aborted}
+        suspect = [s for s in dict.fromkeys(plan.suspect) if id(s) in running]
+        taken = running - {id(s) for s in suspect}
+        replay = [s for s in dict.fromkeys(plan.replay) if id(s) in taken]
+        for seqs, alone in ((suspect, True), (replay, False)):
+            if seqs:
+                self.replay(seqs, alone)
+        self.kv.reexport(plan.reexport)
+        return suspect + replay
 
     def rewind(self) -> None:
         """Every running sequence resumes from its latest checkpoint (a stage was replaced from
@@ -287,7 +286,7 @@ class Scheduler:
 
     def requeue(self, mb: MicroBatch) -> None:
         """A failed message's forgotten ids go out again; its registrations are sent again."""
-        self._finished += list(mb.message.finished)
+        self.kv.forget_again(mb.message.finished)
         for info in mb.message.admitted:
             self._unregister(info)
 

@@ -1,4 +1,7 @@
-"""One sample of a request and where it stands. Only the scheduler mutates it. Pure Python."""
+"""One sample of a request and where it stands. Only the scheduler mutates it. Pure Python.
+
+Its paged state (block table, block keys, restore, snapshot) is the KV cache's, keyed by `seq_id`.
+"""
 
 from __future__ import annotations
 
@@ -21,22 +24,17 @@ class Sequence:
     params: object
     seed: int
     output_ids: list[int] = field(default_factory=list)
+    forks: list[Sequence] = field(default_factory=list)  # samples 1..n-1, waiting for this prefill
+    pooling: bool = False  # classify: run the prompt, return the classification head's logits
     slot: int | None = None
     num_computed: int = 0  # tokens whose state the slot holds
+    num_cached: int = 0  # prompt tokens resumed from the prefix cache
+    cached_logprobs: list | None = None  # prompt-logprob entries of the prefix it resumed from
     in_flight: bool = False
     aborted: bool = False
     finish_reason: str | None = None
-    pooling: bool = False  # classify: run the prompt, return the classification head's logits
-    forks: list[Sequence] = field(default_factory=list)  # samples 1..n-1, waiting for this prefill
     registered: bool = False  # the last stage holds its SeqInfo (sent again after a replay)
     suspect: bool = False  # was in a micro-batch that failed to compute: runs alone until it lands
-    blocks: list[int] = field(default_factory=list)  # KV block table
-    hashes: list[int] = field(default_factory=list)  # chained hashes of its committed full blocks
-    blocks_sent: int = 0  # table entries the stages already hold
-    num_cached: int = 0  # prompt tokens resumed from the prefix cache
-    restore: int | None = None  # checkpoint to restore into the slot before its next segment
-    snapshot: object = None  # its latest decode snapshot (a prefix.Checkpoint), for recovery
-    cached_logprobs: list | None = None  # prompt-logprob entries of the prefix it resumed from
 
     @property
     def length(self) -> int:

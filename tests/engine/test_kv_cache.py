@@ -3,7 +3,7 @@
 import pytest
 
 from jamba_ray.config.engine_config import SchedulerConfig
-from jamba_ray.engine.blocks import BlockAllocator, block_hashes
+from jamba_ray.engine.blocks import UNSALTED, BlockAllocator, block_keys, root_key
 from jamba_ray.engine.kv_cache import KVCache
 from jamba_ray.engine.prefix import PrefixCache
 from jamba_ray.engine.scheduler import Scheduler
@@ -25,17 +25,27 @@ def test_blocks_are_refcounted_and_a_double_free_is_caught():
 def test_freed_hashed_blocks_stay_cached_until_their_memory_is_needed():
     a = BlockAllocator(2, block_size=4)
     x, y = a.allocate(2)
-    a.commit(x, 111)
+    a.commit(x, b"k111")
     a.free([x, y])
-    assert a.lookup(111) == x and a.num_free == 2 and a.num_cached == 1
+    assert a.lookup(b"k111") == x and a.num_free == 2 and a.num_cached == 1
     first, second = a.allocate(2)  # the plain free block goes first, then the cached one
-    assert (first, second) == (y, x) and a.lookup(111) is None
+    assert (first, second) == (y, x) and a.lookup(b"k111") is None
 
 
-def test_block_hashes_chain_so_equal_hashes_mean_equal_prefixes():
-    same = block_hashes([1, 2, 3, 4, 5, 6, 7, 8], 4)
-    assert block_hashes([1, 2, 3, 4, 5, 6, 7, 8, 9], 4) == same
-    assert block_hashes([9, 2, 3, 4, 5, 6, 7, 8], 4)[1] != same[1]  # second block, other parent
+def test_block_keys_chain_so_equal_keys_mean_equal_prefixes():
+    same = block_keys([1, 2, 3, 4, 5, 6, 7, 8], 4)
+    assert block_keys([1, 2, 3, 4, 5, 6, 7, 8, 9], 4) == same
+    assert block_keys([9, 2, 3, 4, 5, 6, 7, 8], 4)[1] != same[1]  # second block, other parent
+    assert all(len(k) == 32 for k in same)  # SHA-256 digests, not Python's hash()
+
+
+def test_a_cache_salt_gives_a_prompt_other_keys_from_its_first_block_on():
+    tokens = [1, 2, 3, 4, 5, 6, 7, 8]
+    plain, salted = block_keys(tokens, 4), block_keys(tokens, 4, root=root_key("tenant-a"))
+    assert not set(plain) & set(salted)
+    assert block_keys(tokens, 4, root=root_key("tenant-a")) == salted  # same salt, same keys
+    assert block_keys(tokens, 4, root=root_key("tenant-b"))[0] != salted[0]
+    assert root_key(None) == UNSALTED
 
 
 def prefix_cache(blocks=16, bs=4, checkpoints=4) -> tuple[BlockAllocator, PrefixCache]:
@@ -45,17 +55,30 @@ def prefix_cache(blocks=16, bs=4, checkpoints=4) -> tuple[BlockAllocator, Prefix
 
 def commit_all(alloc: BlockAllocator, tokens: list[int]) -> list[int]:
     blocks = alloc.allocate(-(-len(tokens) // alloc.block_size))
-    for b, h in zip(blocks, block_hashes(tokens, alloc.block_size)):
+    for b, h in zip(blocks, block_keys(tokens, alloc.block_size)):
         alloc.commit(b, h)
     return blocks
+
+
+def save(cache: PrefixCache, tokens: list[int], length: int, tail_block):
+    """What KVCache.save does: a catalog entry, the tail held, the evicted one's released."""
+    bs = cache.blocks.block_size
+    full = length // bs
+    chain = block_keys(tokens, bs, full * bs)[-1] if full else UNSALTED
+    cp, evicted = cache.add(chain, tuple(tokens[full * bs : length]), length, tail_block)
+    if cp is not None and cp.tail_block is not None:
+        cache.blocks.share(cp.tail_block)
+    if evicted is not None and evicted.tail_block is not None:
+        cache.blocks.free([evicted.tail_block])
+    return cp
 
 
 def test_a_prompt_resumes_from_the_longest_checkpoint_at_an_exact_position():
     alloc, cache = prefix_cache()
     system = list(range(10, 20))  # 10 tokens: two full blocks and a tail of 2
     blocks = commit_all(alloc, system)
-    assert cache.save(system, 10, tail_block=blocks[2]).ckpt == 0
-    assert cache.save(system, 8, tail_block=None).ckpt == 1
+    assert save(cache, system, 10, tail_block=blocks[2]).ckpt == 0
+    assert save(cache, system, 8, tail_block=None).ckpt == 1
     match = cache.match(system + [7, 7])
     assert match.checkpoint.length == 10 and match.blocks == blocks[:2]
     assert match.checkpoint.tail_block == blocks[2] and alloc.refs(blocks[2]) == 2  # held
@@ -68,7 +91,7 @@ def test_a_checkpoint_whose_blocks_were_evicted_is_not_used():
     alloc, cache = prefix_cache(blocks=3)
     tokens = list(range(12))
     blocks = commit_all(alloc, tokens)
-    cache.save(tokens, 8, tail_block=None)
+    save(cache, tokens, 8, tail_block=None)
     alloc.free(blocks)
     alloc.allocate(3)  # all three cached blocks are taken for other work
     assert cache.match(tokens) is None
@@ -78,9 +101,9 @@ def test_checkpoints_are_evicted_least_recently_used_and_release_their_tail():
     alloc, cache = prefix_cache(checkpoints=1)
     a, b = [1, 2, 3, 4, 5], [6, 7, 8, 9, 10]
     tail_a = commit_all(alloc, a)[1]
-    cache.save(a, 5, tail_a)
+    save(cache, a, 5, tail_a)
     commit_all(alloc, b)
-    cache.save(b, 4, None)  # the only checkpoint slot: a's checkpoint goes
+    save(cache, b, 4, None)  # the only checkpoint slot: a's checkpoint goes
     assert cache.match(a + [0]) is None and alloc.refs(tail_a) == 1
 
 
@@ -129,7 +152,8 @@ def test_a_second_request_with_the_same_prefix_resumes_from_its_checkpoint():
     mb = s.schedule()
     resumed = next(g for g in mb.message.segments if g.seq_id == 1)
     assert (resumed.start, resumed.restore, resumed.table_start) == (8, 1, 0)
-    assert b.num_cached == 8 and resumed.blocks[:2] == tuple(a.blocks[:2])  # shared, not copied
+    shared = tuple(s.kv.table(a.seq_id)[:2])
+    assert b.num_cached == 8 and resumed.blocks[:2] == shared  # shared, not copied
     assert mb.message.saves  # a's end-of-prompt state is kept once it lands
 
 
@@ -148,7 +172,7 @@ def test_when_blocks_run_out_the_youngest_sequence_is_preempted_and_recomputed_l
         land(s, mb)
     assert s.num_preemptions == 1 and [q.seq_id for q in mb.seqs] == [0]
     assert young in s.waiting and young.num_computed == 0 and young.output_ids == [7, 7]
-    assert young.slot is None and not young.blocks and 1 in mb.message.finished
+    assert young.slot is None and not s.kv.table(young.seq_id) and 1 in mb.message.finished
     land(s, mb)
     s.finish(old, "stop")
     back = s.schedule()  # readmitted: prompt and outputs run again, the last one samples
@@ -167,7 +191,7 @@ def test_with_snapshots_each_full_block_and_checkpoint_is_exported_as_it_is_made
     s.add(a)
     land(s, s.schedule())  # the chunk stops at the checkpoint: 4 tokens, block 0 full
     mb = s.schedule()
-    assert mb.message.export_blocks == (a.blocks[0],)
+    assert mb.message.export_blocks == (s.kv.table(a.seq_id)[0],)
     assert mb.message.export_ckpts == tuple(c for _, c in mb.message.saves) and mb.message.saves
     land(s, mb)
     exported = [mb.message.export_blocks]
@@ -177,7 +201,8 @@ def test_with_snapshots_each_full_block_and_checkpoint_is_exported_as_it_is_made
         land(s, mb)
     flat = [b for e in exported for b in e]
     # block 1 also with the end-of-prompt checkpoint at 6, whose tail it holds
-    assert flat == [a.blocks[0], a.blocks[1], *a.blocks[1 : a.num_computed // 4]]
+    table = s.kv.table(a.seq_id)
+    assert flat == [table[0], table[1], *table[1 : a.num_computed // 4]]
 
 
 def test_a_checkpoint_inside_a_block_exports_that_partial_block_with_it():
@@ -188,7 +213,7 @@ def test_a_checkpoint_inside_a_block_exports_that_partial_block_with_it():
     land(s, s.schedule())
     land(s, s.schedule())
     mb = s.schedule()  # saves the end-of-prompt checkpoint
-    assert mb.message.saves and a.blocks[1] in mb.message.export_blocks
+    assert mb.message.saves and s.kv.table(a.seq_id)[1] in mb.message.export_blocks
 
 
 def test_a_decoding_sequence_keeps_one_snapshot_the_older_goes_once_the_newer_lands():
@@ -201,11 +226,11 @@ def test_a_decoding_sequence_keeps_one_snapshot_the_older_goes_once_the_newer_la
     for _ in range(7):
         mb = s.schedule()
         land(s, mb)
-        s.kv.drop_superseded(mb.superseded)  # (the engine does this when a message lands)
-        lengths.append(sorted(cp.length for cp in cache._lru.values()))
+        s.kv.drop_superseded(mb.ops.superseded)  # (the engine does this when a message lands)
+        lengths.append(sorted(cp.length for cp in cache.checkpoints()))
     # the prompt's end stays (prefix reuse); of the snapshots only the newest remains
     assert lengths[-1] == [3, 8] and [3, 4] in lengths and [3, 4, 8] in lengths
-    assert a.snapshot.length == 8
+    assert s.kv.snapshot(a.seq_id).length == 8
 
 
 def test_what_a_failed_message_exported_is_forgotten_after_a_replacement():
@@ -217,7 +242,7 @@ def test_what_a_failed_message_exported_is_forgotten_after_a_replacement():
     assert failed.message.export_ckpts and failed.message.export_blocks
     s.kv.forget_unexported([failed.message])
     assert s.kv.prefix.num_checkpoints == 0 and s.kv.blocks.num_cached == 0
-    assert s.kv.blocks.lookup(a.hashes[0]) is None
+    assert s.kv.blocks.lookup(block_keys(list(range(1, 10)), 4)[0]) is None
 
 
 def test_rewind_resumes_every_running_sequence_from_its_latest_checkpoint():
@@ -228,13 +253,14 @@ def test_rewind_resumes_every_running_sequence_from_its_latest_checkpoint():
     for _ in range(6):  # to position 9: the snapshot at 8 (saved, exported) has landed
         mb = s.schedule()
         land(s, mb)
-        s.kv.drop_superseded(mb.superseded)
-    assert a.num_computed == 9 and a.snapshot.length == 8
+        s.kv.drop_superseded(mb.ops.superseded)
+    assert a.num_computed == 9 and s.kv.snapshot(a.seq_id).length == 8
+    snapshot = s.kv.snapshot(a.seq_id)
     s.rewind()
     assert a in s.waiting and s.num_preemptions == 0
     back = s.schedule()
     seg = back.message.segments[0]
-    assert (seg.start, seg.length, seg.restore) == (8, 2, a.snapshot.ckpt)  # 8 and 9 run again
+    assert (seg.start, seg.length, seg.restore) == (8, 2, snapshot.ckpt)  # 8 and 9 run again
     assert seg.samples == (a.seq_id,)
 
 
@@ -246,17 +272,17 @@ def test_a_sequence_ending_on_a_snapshot_keeps_it_as_its_final_state():
     while a.num_computed < 8:  # the snapshot at 8 lands
         mb = s.schedule()
         land(s, mb)
-        s.kv.drop_superseded(mb.superseded)
+        s.kv.drop_superseded(mb.ops.superseded)
     s.finish(a, "stop")  # its last state is the snapshot at 8: that one stays
-    assert [cp.length for cp in s.kv.superseded] == [4]  # (the one 8 replaced, still to go)
-    assert sorted(cp.length for cp in s.kv.prefix._lru.values()) == [3, 4, 8]
+    assert [cp.length for cp in s.kv.ops.superseded] == [4]  # (the one 8 replaced, still to go)
+    assert sorted(cp.length for cp in s.kv.prefix.checkpoints()) == [3, 4, 8]
 
 
 def test_a_checkpoint_waiting_to_be_restored_is_not_evicted_for_another():
     alloc, cache = prefix_cache(checkpoints=1)
     a = list(range(10, 15))
-    kept = cache.save(a, 5, tail_block=None)
+    kept = save(cache, a, 5, tail_block=None)
     cache.pin(kept.ckpt)  # a sequence resumed from it; its segment has not gone out yet
-    assert cache.save(list(range(20, 25)), 5, tail_block=None) is None  # no index to reuse
+    assert save(cache, list(range(20, 25)), 5, tail_block=None) is None  # no index to reuse
     cache.unpin(kept.ckpt)
-    assert cache.save(list(range(20, 25)), 5, tail_block=None).ckpt == kept.ckpt
+    assert save(cache, list(range(20, 25)), 5, tail_block=None).ckpt == kept.ckpt
