@@ -105,8 +105,11 @@ class EngineCore:
                 f"{self.scheduler.num_waiting} requests already queued; retry later"
             )
         seed = params.seed if params.seed is not None else random.getrandbits(62)
-        forks = [self._new_seq(request_id, i, ids, params, seed) for i in range(1, params.n)]
-        first = self._new_seq(request_id, 0, ids, params, seed, forks, task == "classify")
+        base, self._next_seq = self._next_seq + 1, self._next_seq + params.n
+        forks = [Sequence(base + i, request_id, i, ids, params, seed) for i in range(1, params.n)]
+        first = Sequence(
+            base, request_id, 0, ids, params, seed, forks=forks, pooling=task == "classify"
+        )
         seqs = [first, *forks]
         self.outputs.add(request_id, prompt, ids, params, seqs, sink)
         self.scheduler.add(seqs[0])
@@ -127,12 +130,6 @@ class EngineCore:
                 f"maximum context length of {limit} tokens"
             )
         return params
-
-    def _new_seq(self, request_id, index, ids, params, seed, forks=(), pooling=False) -> Sequence:
-        self._next_seq += 1
-        return Sequence(
-            self._next_seq, request_id, index, ids, params, seed, forks=list(forks), pooling=pooling
-        )
 
     def abort(self, request_id: str) -> None:
         """Cancel a request; its slots not held by an in-flight micro-batch are free at once."""

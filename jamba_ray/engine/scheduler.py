@@ -90,50 +90,64 @@ class Scheduler:
         """The next micro-batch from sequences not already in flight, or None."""
         self.admit()
         ready = [s for s in self.running if not s.in_flight and not s.aborted]
-        suspect = next((s for s in ready if s.suspect), None)
-        if suspect is not None:  # alone, so that a failure again is its own
-            chosen = self._chunks([suspect], self.config.max_batched_tokens)
-            return self._build(chosen, in_flight) if chosen else None
+        for suspect in [s for s in ready if s.suspect]:  # alone: a failure again is its own
+            if chosen := self._chunks([suspect], self.config.max_batched_tokens):
+                return self._build(chosen, in_flight)
+        ready = [s for s in ready if not s.suspect]  # (one short of blocks waits; others go on)
         chosen = self._decodes(ready)
         chosen += self._chunks(
-            [s for s in ready if not _decoding(s)], self.config.max_batched_tokens - len(chosen)
+            [s for s in ready if not _decoding(s)],
+            self.config.max_batched_tokens - len(chosen),
+            {id(q) for q, _ in chosen},
         )
         return self._build(chosen, in_flight) if chosen else None
 
     def _decodes(self, ready: list[Sequence]) -> list[tuple[Sequence, int]]:
-        """A fair share of the decoding sequences (one micro-batch per stage), in slot order:
-        consecutive slots let stages update state in place. Each gets its next block, by
-        preempting the youngest running sequences if it must."""
+        """A fair share of the decoding sequences (one micro-batch per stage), asked in rank
+        order: each gets its next block, by preempting lower-ranked sequences if it must.
+        Returned in slot order: consecutive slots let stages update state in place."""
         decoding = sum(_decoding(s) for s in self.running)
         cap = min(math.ceil(decoding / self.num_micro_batches), self.config.max_batched_tokens)
         chosen: list[tuple[Sequence, int]] = []
-        for s in sorted((s for s in ready if _decoding(s)), key=lambda s: s.slot):
-            keep = {id(q) for q, _ in chosen} | {id(s)}
+        for s in sorted((s for s in ready if _decoding(s)), key=_rank):
+            keep = {id(q) for q, _ in chosen}
             if len(chosen) < cap and s.slot is not None and self._room(s, s.num_computed + 1, keep):
                 chosen.append((s, 1))
-        return chosen
+        return sorted(chosen, key=lambda c: c[0].slot)
 
-    def _chunks(self, seqs: list[Sequence], budget: int) -> list[tuple[Sequence, int]]:
-        chosen = []
-        for s in seqs:
+    def _chunks(self, seqs: list[Sequence], budget: int, keep: set[int] = frozenset()):
+        """Prefill chunks up to the token budget, shortened to the blocks there are; one that
+        gets none takes a block from lower-ranked sequences (two prefills never wait on each
+        other's blocks: the higher-ranked one goes on)."""
+        chosen, keep = [], set(keep)
+        for s in sorted(seqs, key=_rank):
             if budget <= 0 or s.slot is None:
                 continue
             end = self.kv.next_stop(s, s.num_computed + min(s.pending(), budget))
-            free = self.kv.available() + len(self.kv.table(s.seq_id))
-            end = min(end, free * self.kv.block_size)  # a shorter chunk if blocks are short
-            if end > s.num_computed and self.kv.grow(s, end):
-                chosen.append((s, end - s.num_computed))
-                budget -= end - s.num_computed
+            have = len(self.kv.table(s.seq_id))
+            end = min(end, (self.kv.available() + have) * self.kv.block_size)
+            if end <= s.num_computed:  # no block to be had: one from a lower-ranked sequence
+                end = min(s.num_computed + budget, s.length, (have + 1) * self.kv.block_size)
+                if not self._room(s, end, keep):
+                    continue
+            elif not self.kv.grow(s, end):
+                continue
+            chosen.append((s, end - s.num_computed))
+            keep.add(id(s))
+            budget -= end - s.num_computed
         return chosen
 
     def _room(self, seq: Sequence, end: int, keep: set[int]) -> bool:
-        """Blocks for `seq` up to `end`, preempting the youngest sequences not in flight and not
-        in `keep` (ids of those already chosen) for them."""
+        """Blocks for `seq` up to `end`, preempting the lowest-ranked sequences that rank below
+        it and are neither in flight nor in `keep` (ids of those already chosen)."""
         while not self.kv.grow(seq, end):
             victims = [
                 s
                 for s in self.running
-                if id(s) not in keep and not s.in_flight and s.slot is not None
+                if id(s) not in keep
+                and not s.in_flight
+                and s.slot is not None
+                and _rank(s) > _rank(seq)
             ]
             victim = max(victims, key=_rank, default=None)  # the lowest priority, youngest
             if victim is None:

@@ -219,7 +219,7 @@ class StateModel(RuleBasedStateMachine):
     @rule()
     def drain(self):
         """Run to the end: every request must finish (no hang, no stuck sequence)."""
-        for _ in range(400):
+        for _ in range(5000):  # (a bound: 40 requests of up to 3 samples need ~1000 steps)
             if self.recovery.pending and not self.in_flight:
                 self.recover("compute error")
                 continue
@@ -305,9 +305,12 @@ class StateModel(RuleBasedStateMachine):
 
 
 TestStateModel = StateModel.TestCase
+# Derandomized: the same 2000 runs on every machine (a red CI is a real bug, reproducible); raise
+# max_examples locally to search further.
 TestStateModel.settings = settings(
-    max_examples=150,
-    stateful_step_count=40,
+    max_examples=2000,
+    stateful_step_count=50,
+    derandomize=True,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
