@@ -10,10 +10,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ..config.model_path import resolve
 from ..config.spec import canonical_dtype
 from ..engine.messages import Segment, StepMessage, StepResult
 from ..errors import StageFailedError
-from ..model.checkpoint import load_slice, resolve
+from ..model.checkpoint import load_slice
 from ..model.decode_graphs import DecodeGraphs
 from ..model.quant import quantize_slice
 from ..model.slice import SliceModel
