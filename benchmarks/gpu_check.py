@@ -40,7 +40,8 @@ from benchmarks.gpu_util import empty_cache, guarded, timed  # noqa: E402
 from jamba_ray.engine.messages import Segment, StepMessage  # noqa: E402
 from jamba_ray.model import kernels  # noqa: E402
 from jamba_ray.model.device import decode_kernels  # noqa: E402
-from jamba_ray.runtime.stage import Stage, StageSpec  # noqa: E402
+from jamba_ray.runtime.stage import Stage  # noqa: E402
+from jamba_ray.runtime.stage_spec import StageSpec  # noqa: E402
 
 PROMPTS = [[1, 5, 9, 200, 3, 77, 12], [1, 44, 8], [1] + list(range(300, 330))]
 BOUNDS = [(0, 3), (3, 6)]

@@ -52,7 +52,7 @@ def build_checkpoint(root: Path, tokens: int) -> Path:
 def our_stages(hf, tokens: int) -> list[tuple[SliceModel, StatePool]]:
     """Both slices, with the HF model's weights (same parameter names) and a 1-slot pool each."""
     config = copy.deepcopy(hf.config)
-    config._experts_implementation = "eager"  # as runtime/stage.py loads a slice
+    config._experts_implementation = "eager"  # as model/loader.py loads a slice
     weights = hf.state_dict()
     stages = []
     for i, (start, end) in enumerate(SPLIT):

@@ -10,6 +10,7 @@ from .errors import (
     ModelNotFoundError,
     StageFailedError,
 )
+from .runtime import backends as _backends  # noqa: F401  (the engine's "ray" and "local")
 
 __all__ = [
     "LLM",

@@ -165,7 +165,7 @@ def stage_spec(
     max_len: int = 128,
     **kw,
 ):
-    from jamba_ray.runtime.stage import StageSpec
+    from jamba_ray.runtime.stage_spec import StageSpec
 
     blocks = slots * -(-max_len // BLOCK) + 1
     return StageSpec(path, index, start, end, num_stages, slots, max_len, blocks, BLOCK, **kw)

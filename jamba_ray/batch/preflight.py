@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config.model_path import resolve
 from ..errors import InvalidRequestError
-from ..model.checkpoint import resolve
 from .scorer import ScoreConfig
 
 JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")

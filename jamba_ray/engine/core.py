@@ -17,14 +17,14 @@ from dataclasses import replace
 from ..config.capacity import derive_capacity
 from ..config.engine_config import EngineConfig
 from ..config.fit import fit_check, require_fit
+from ..config.model_path import resolve
 from ..config.planner import plan
 from ..config.spec import ModelSpec
 from ..errors import CapacityError, InvalidRequestError, StageFailedError
-from ..model.checkpoint import resolve
 from .kv_cache import KVCache
 from .messages import Segment, StepFailure, StepResult
 from .output_processor import OutputProcessor, Sink
-from .pipeline_api import Pipeline
+from .pipeline_api import Pipeline, backend
 from .recovery import Recovery, RecoveryPlan, Replaced
 from .sampling_params import SamplingParams
 from .scheduler import MicroBatch, Scheduler
@@ -296,10 +296,4 @@ class EngineCore:
 
 
 def _backend(name: str) -> PipelineFactory:
-    if name == "local":
-        from ..runtime.local import LocalPipeline
-
-        return LocalPipeline
-    from ..runtime.pipeline import RayPipeline
-
-    return RayPipeline
+    return backend(name)  # registered by runtime/backends.py: the engine imports no runtime

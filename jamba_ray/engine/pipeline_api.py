@@ -1,13 +1,17 @@
 """The small protocol through which the engine drives a pipeline of stages.
 
 `runtime.pipeline.RayPipeline` runs each stage in a Ray actor; `runtime.local.LocalPipeline` runs
-the same stages in this process (engine tests, no Ray). The engine imports neither.
+the same stages in this process (engine tests, no Ray). The engine imports neither: the runtime
+registers them here by name (`runtime/backends.py`, imported with the package), and the engine
+builds the one its config names (`placement.backend`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
+from ..errors import ConfigError
 from .messages import StepFailure, StepMessage, StepResult
 
 
@@ -49,3 +53,18 @@ class Pipeline(Protocol):
 
     def shutdown(self) -> None:
         """Stop every stage."""
+
+
+# (config, model, plans, eos_id) -> a started pipeline
+_BACKENDS: dict[str, Callable[..., Pipeline]] = {}
+
+
+def register_backend(name: str, factory: Callable[..., Pipeline]) -> None:
+    _BACKENDS[name] = factory
+
+
+def backend(name: str) -> Callable[..., Pipeline]:
+    """The factory registered as `name`."""
+    if name not in _BACKENDS:
+        raise ConfigError(f"no pipeline backend {name!r} (registered: {sorted(_BACKENDS)})")
+    return _BACKENDS[name]

@@ -62,7 +62,7 @@ class StructuredOutputs:
         given = [k for k in GRAMMAR_KINDS if getattr(self, k) not in (None, False)]
         if len(given) != 1:
             _fail(f"structured outputs take exactly one of {', '.join(GRAMMAR_KINDS)}; got {given}")
-        from ..model.grammar import check  # xgrammar, only for requests that use it
+        from .grammars import check  # xgrammar, only for requests that use it
 
         check(self)
 

@@ -9,56 +9,18 @@ the tokens it already has (after a stage failure the driver's tokens are the tru
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
 
+from ..engine.grammars import to_grammar
 from ..errors import InvalidRequestError
 
 log = logging.getLogger(__name__)
 
 MAX_COMPILED = 128  # compiled grammars kept per tokenizer (least recently used dropped)
-
-
-def _grammar(spec):
-    """The spec as an xgrammar Grammar (no tokenizer needed)."""
-    import xgrammar as xgr
-
-    if spec.json is not None:
-        return xgr.Grammar.from_json_schema(spec.json, any_whitespace=spec.any_whitespace)
-    if spec.json_object:  # any object: properties unconstrained
-        return xgr.Grammar.from_json_schema(
-            '{"type": "object"}', any_whitespace=spec.any_whitespace, strict_mode=False
-        )
-    if spec.regex is not None:
-        return xgr.Grammar.from_regex(spec.regex)
-    if spec.choice is not None:
-        alternatives = " | ".join(json.dumps(c, ensure_ascii=False) for c in spec.choice)
-        return xgr.Grammar.from_ebnf(f"root ::= {alternatives}")
-    if spec.grammar is not None:
-        return xgr.Grammar.from_ebnf(spec.grammar)
-    return xgr.Grammar.from_structural_tag(spec.structural_tag)
-
-
-def check(spec) -> None:
-    """Raise InvalidRequestError (naming the spec's kind) if xgrammar cannot parse it."""
-    try:
-        _grammar(spec)
-    except Exception as e:
-        raise InvalidRequestError(
-            f"invalid {spec.kind} for structured outputs: {_why(e)}"
-        ) from None
-
-
-def _why(e: Exception) -> str:
-    """xgrammar's message without its C++ source location."""
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    text = re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*", "", text)
-    return text.replace("Check failed: (error.empty()) is false: ", "")
 
 
 class Compiler:
@@ -80,7 +42,7 @@ class Compiler:
         if key in self.compiled:
             self.compiled.move_to_end(key)
             return self.compiled[key]
-        grammar = self.xgr_compiler.compile_grammar(_grammar(spec))
+        grammar = self.xgr_compiler.compile_grammar(to_grammar(spec))
         self.compiled[key] = grammar
         if len(self.compiled) > MAX_COMPILED:
             self.compiled.popitem(last=False)

@@ -5,6 +5,7 @@
 - KV: fixed-size blocks, `[n_attn, blocks, kv_heads, block_size, head_dim]`; a sequence's block
   table maps its positions to blocks. Slots and blocks are sized independently.
 The engine alone hands handles out and takes them back: the pool holds no ownership of its own.
+`apply` carries out what one step message does to this state; nothing else changes the tables.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from ..engine.messages import Segment, StepMessage
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +47,34 @@ class StatePool:
         kv = (s.n_attn, s.blocks, s.kv_heads, s.block_size, s.head_dim)
         self.k = torch.zeros(kv, dtype=dtype, device=device)
         self.v = torch.zeros(kv, dtype=dtype, device=device)
+        self.tables: dict[int, list[int]] = {}  # seq id -> its KV block table (as messages say)
+
+    def apply(self, msg: StepMessage) -> list[tuple] | None:
+        """A step's state operations, in the message's order: forget finished sequences' tables,
+        copy blocks, fork slots, save checkpoints, export; then each segment's table and slot.
+        Returns the export's host copies (`export`), or None when the step exports nothing."""
+        for sid in msg.finished:
+            self.tables.pop(sid, None)
+        for src, dst in msg.copies:
+            self.copy_block(src, dst)
+        for f in msg.forks:
+            self.fork(f.src, list(f.dsts))
+        for slot, ckpt in msg.saves:
+            self.save(slot, ckpt)
+        exported = self.export(msg.export_ckpts, msg.export_blocks) if msg.num_exports else None
+        for s in msg.segments:
+            self._enter(s)
+        return exported
+
+    def _enter(self, s: Segment) -> None:
+        """The segment's table (its delta on the kept head); a restored or fresh slot."""
+        kept = self.tables.get(s.seq_id, [])[: s.table_start]
+        table = self.tables[s.seq_id] = kept + list(s.blocks)
+        self.check(s.slot, s.end, table)
+        if s.restore is not None:
+            self.restore(s.restore, s.slot)
+        elif s.start == 0:
+            self.start(s.slot)
 
     def check(self, slot: int, end: int, table: list[int]) -> None:
         if not 0 <= slot < self.shape.slots:

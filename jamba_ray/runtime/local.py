@@ -12,7 +12,8 @@ from ..config.capacity import Capacity
 from ..config.engine_config import EngineConfig
 from ..config.planner import StagePlan
 from ..engine.messages import StepFailure, StepMessage, StepResult
-from .stage import Stage, probe_message, sized, stage_specs
+from .stage import Stage
+from .stage_spec import probe_message, sized, stage_specs
 
 
 class LocalPipeline:

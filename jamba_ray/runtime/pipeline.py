@@ -24,7 +24,8 @@ from ..config.planner import StagePlan
 from ..engine.messages import StepFailure, StepMessage, StepResult
 from ..errors import StageFailedError
 from .placement import require_feasible, stage_bundle
-from .stage import Stage, StageSpec, probe_message, sized, stage_specs
+from .stage import Stage
+from .stage_spec import StageSpec, probe_message, sized, stage_specs
 from .transport import choose
 
 log = logging.getLogger(__name__)

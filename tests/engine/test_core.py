@@ -91,7 +91,7 @@ def test_the_last_stage_forgets_finished_sequences(tiny_ckpt):
     last = eng.pipeline.stages[-1]
     # ids of the last sequences to finish ride out with the next message
     run(eng, [PROMPTS[0]], SamplingParams(max_tokens=1))
-    assert len(last.sampling.rows) <= 1 and len(last.tables) <= 1
+    assert len(last.sampling.rows) <= 1 and len(last.pool.tables) <= 1
 
 
 @pytest.mark.parametrize("n", [1, 3])

@@ -12,7 +12,7 @@ from jamba_ray.config import EngineConfig
 from jamba_ray.engine.async_engine import AsyncEngine
 from jamba_ray.engine.sampling_params import SamplingParams
 from jamba_ray.errors import StageFailedError
-from jamba_ray.runtime.stage import probe_message
+from jamba_ray.runtime.stage_spec import probe_message
 from tests.conftest import PROMPTS, STAGE_CPUS, steps_before_tie
 
 GREEDY64 = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)

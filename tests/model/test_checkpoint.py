@@ -6,8 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from jamba_ray.config.model_path import resolve
 from jamba_ray.errors import ModelNotFoundError
-from jamba_ray.model.checkpoint import load_slice, merge_experts, resolve, slice_keys
+from jamba_ray.model.checkpoint import load_slice, merge_experts, slice_keys
 
 
 def test_slice_keys_pick_layers_and_the_ends():

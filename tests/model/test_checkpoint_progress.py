@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 
+from jamba_ray.config.model_path import resolve
 from jamba_ray.model import checkpoint
-from jamba_ray.model.checkpoint import load_slice, resolve
+from jamba_ray.model.checkpoint import load_slice
 
 
 def test_loading_a_slice_logs_tensors_bytes_and_shards(tiny_ckpt, caplog, monkeypatch):
