@@ -38,14 +38,19 @@ def test_serve_flags_override_the_default_layout():
         ]
     )
     p = _pipeline(args)
-    assert p.stages == 3 and p.serve.port == 8123 and p.serve.host == "0.0.0.0"
-    assert (p.autoscaling.min_replicas, p.autoscaling.max_replicas) == (2, 4)
-    assert p.autoscaling.target_ongoing_requests == 5 and p.serve.api_key_env == "JAMBA_RAY_API_KEY"
-    assert p.serve.grpc_port == 9000 and p.max_num_seqs == PipelineFile.default().max_num_seqs
+    scaling = p.serve.autoscaling
+    assert p.engine.placement.num_stages == 3
+    assert p.serve.port == 8123 and p.serve.host == "0.0.0.0"
+    assert (scaling.min_replicas, scaling.max_replicas) == (2, 4)
+    assert scaling.target_ongoing_requests == 5 and p.serve.api_key_env == "JAMBA_RAY_API_KEY"
+    default = PipelineFile.default()
+    assert p.serve.grpc_port == 9000
+    assert p.engine.scheduler.max_num_seqs == default.engine.scheduler.max_num_seqs
     compute = p.to_config("m").engine.compute
-    assert p.transport == "p2p" and compute.transport == "p2p" and compute.decode_graphs
+    assert p.engine.compute.transport == "p2p" and compute.transport == "p2p"
+    assert compute.decode_graphs
     plain = _pipeline(build_parser().parse_args(["serve"]))
-    assert plain.transport == "auto" and not plain.decode_graphs
+    assert plain.engine.compute.transport == "auto" and not plain.engine.compute.decode_graphs
 
 
 def test_serve_flags_override_a_yaml_and_bad_values_are_named():
@@ -59,7 +64,8 @@ def test_serve_flags_override_a_yaml_and_bad_values_are_named():
         ]
     )
     p = _pipeline(args)
-    assert p.name == "jamba-v0.1-bf16-4x80g" and p.serve.port == 9001 and p.stages == 4
+    assert p.name == "jamba-v0.1-bf16-4x80g" and p.serve.port == 9001
+    assert p.engine.placement.num_stages == 4
     bad = build_parser().parse_args(["serve", "--port", "70000"])
     with pytest.raises(Exception, match="serve.port"):
         _pipeline(bad)

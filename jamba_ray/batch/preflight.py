@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config.score_config import ScoreConfig
 from ..errors import InvalidRequestError
 from ..model.checkpoint import resolve
-from .scorer import ScoreConfig
 
 JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 
