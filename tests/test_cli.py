@@ -8,7 +8,10 @@ import pytest
 
 from jamba_ray.cli import build_parser, main
 from jamba_ray.commands import pipeline_file as _pipeline
+from jamba_ray.config import EngineConfig
+from jamba_ray.config.engine_config import OPTION_SECTION, option_default
 from jamba_ray.config.pipeline_file import PipelineFile
+from jamba_ray.config.score_config import ScoreConfig
 from tests.conftest import STAGE_CPUS, assert_greedy_like_hf
 
 ROOT = Path(__file__).parents[1]
@@ -130,6 +133,45 @@ def test_init_tiny_says_what_it_does(tmp_path, capsys):
     steps = [line for line in out.splitlines() if line.startswith("init-tiny: ")]
     assert len(steps) == 3 and "tokenizer" in steps[-1]
     assert f"wrote a tiny Jamba checkpoint to {tmp_path / 't'}" in out
+
+
+# CLI flags that set an engine option under another name than the option's.
+FLAG_OPTIONS = {"stages": "num_stages", "cpus_per_stage": "num_cpus_per_stage"}
+
+
+def subcommand(name: str):
+    return build_parser()._subparsers._group_actions[0].choices[name]
+
+
+@pytest.mark.parametrize("command", ["plan", "generate", "score"])
+def test_engine_flags_default_to_the_trees_defaults(command):
+    """As `LLM(model)` does: a flag left out is `EngineConfig`'s default (plan's --dtype excepted:
+    it sizes the checkpoint's own dtype)."""
+    checked = 0
+    for action in subcommand(command)._actions:
+        option = FLAG_OPTIONS.get(action.dest, action.dest)
+        if (command, option) == ("plan", "dtype") or option not in OPTION_SECTION:
+            continue
+        assert action.default == option_default(option), (command, action.dest)
+        checked += 1
+    assert checked >= 2
+
+
+def test_score_without_flags_runs_the_engine_defaults_and_the_jobs_defaults():
+    from jamba_ray.commands import score_config
+
+    args = build_parser().parse_args(["score", "--model", "m", "--input", "i", "--output", "o"])
+    cfg = score_config(args)
+    assert cfg.engine == EngineConfig.build("m")
+    job = ScoreConfig(cfg.engine, sampling=cfg.sampling)  # the CLI's sampling is greedy
+    assert cfg == job
+
+
+def test_serve_flags_default_to_the_layout_and_serve_alone_runs_the_default_layout():
+    serve = subcommand("serve")
+    flags = [a for a in serve._actions if a.dest not in ("help", "fn")]
+    assert all(a.default in (None, False) for a in flags)  # unset: the layout's value stays
+    assert _pipeline(build_parser().parse_args(["serve"])) == PipelineFile.default()
 
 
 def test_score_retry_flags():

@@ -179,14 +179,17 @@ _SECTIONS = {
     "compute": ComputeConfig,
     "recovery": RecoveryConfig,
 }
-_OWNER = {f.name: name for name, cls in _SECTIONS.items() for f in fields(cls) if f.name != "path"}
+# each flat option name -> the section that owns it (EngineConfig.build, overrides, the CLI)
+OPTION_SECTION = {
+    f.name: name for name, cls in _SECTIONS.items() for f in fields(cls) if f.name != "path"
+}
 
 
 def section_of(option: str) -> str:
     """The `EngineConfig` section a flat option name belongs to ("num_stages" -> "placement")."""
-    owner = _OWNER.get(option)
+    owner = OPTION_SECTION.get(option)
     if owner is None:
-        raise ConfigError(f"unknown engine option {option!r}; known: {sorted(_OWNER)}")
+        raise ConfigError(f"unknown engine option {option!r}; known: {sorted(OPTION_SECTION)}")
     return owner
 
 
