@@ -209,3 +209,15 @@ def test_the_score_jobs_choices_are_one_tuple_each():
         with pytest.raises(InvalidRequestError):
             ScoreConfig(engine, **{field: "other"})
         assert tuple(cli_action("score", flag).choices) == choices
+
+
+def test_the_tree_and_the_cli_that_reads_it_import_neither_torch_nor_ray():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import jamba_ray.config.score_config, jamba_ray.config.pipeline_file, "
+        "jamba_ray.cli; "
+        "assert 'torch' not in sys.modules and 'ray' not in sys.modules, sorted(sys.modules)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
