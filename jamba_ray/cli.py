@@ -7,8 +7,8 @@ import argparse
 import sys
 
 from . import commands
-from .config.engine_config import BALANCES, TRANSPORTS, ServeConfig, default_of, option_default
-from .config.pipeline_file import DEFAULT_LAYOUT
+from .config.engine_config import BALANCES, TRANSPORTS, default_of, option_default
+from .config.pipeline_file import PipelineFile
 from .config.score_config import BATCH_SIZE, TASKS, TOO_LONG, ScoreConfig
 from .errors import JambaRayError
 from .tiny import PRESETS
@@ -104,11 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="fixed-shape decode steps (CUDA graphs on GPUs)",
     )
-    host, grpc_port = default_of(ServeConfig, "host"), DEFAULT_LAYOUT["serve"]["grpc_port"]
-    s.add_argument("--host", default=None, help=f"bind address (default {host})")
+    layout = PipelineFile.default().serve  # what serve flags left out keep
+    s.add_argument("--host", default=None, help=f"bind address (default {layout.host})")
     s.add_argument("--port", type=int, default=None)
     s.add_argument(
-        "--grpc-port", type=int, default=None, help=f"gRPC proxy port (default {grpc_port})"
+        "--grpc-port", type=int, default=None, help=f"gRPC proxy port (default {layout.grpc_port})"
     )
     s.add_argument("--no-grpc", action="store_true", help="do not start the gRPC proxy")
     s.add_argument("--min-replicas", type=int, default=None)

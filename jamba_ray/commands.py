@@ -172,22 +172,6 @@ def serve_config(a) -> int:
     return 0
 
 
-def score(a) -> int:
-    from .batch import execute, prepare_job, quiet_ray_data
-    from .runtime.pipeline import ensure_ray
-
-    cfg = score_config(a)
-    job = prepare_job(a.input, a.output, cfg, retry_errors=a.retry_errors)  # before Ray starts
-    print(job.line(), file=sys.stderr, flush=True)
-    if job.pending:
-        ensure_ray(a.address)
-        if not a.verbose:
-            quiet_ray_data()
-    summary = execute(job, a.pipelines, a.batch_size, a.progress_every)
-    print(f"jamba-ray score: {summary.line()}; output in {a.output}")
-    return 0
-
-
 def score_config(a):
     """The job `score` runs: its flags as job fields and flat engine options."""
     from .config.score_config import ScoreConfig
@@ -208,3 +192,19 @@ def score_config(a):
         max_model_len=a.max_model_len,
         max_batched_tokens=a.max_batched_tokens,
     )
+
+
+def score(a) -> int:
+    from .batch import execute, prepare_job, quiet_ray_data
+    from .runtime.pipeline import ensure_ray
+
+    cfg = score_config(a)
+    job = prepare_job(a.input, a.output, cfg, retry_errors=a.retry_errors)  # before Ray starts
+    print(job.line(), file=sys.stderr, flush=True)
+    if job.pending:
+        ensure_ray(a.address)
+        if not a.verbose:
+            quiet_ray_data()
+    summary = execute(job, a.pipelines, a.batch_size, a.progress_every)
+    print(f"jamba-ray score: {summary.line()}; output in {a.output}")
+    return 0
