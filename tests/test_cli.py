@@ -74,6 +74,16 @@ def test_serve_flags_override_a_yaml_and_bad_values_are_named():
         _pipeline(bad)
 
 
+def test_serve_stages_replace_a_layouts_explicit_slices(tmp_path):
+    layout = tmp_path / "sliced.yaml"
+    layout.write_text("name: s\nengine: {placement: {stage_slices: [[0, 3], [3, 8]]}}\n")
+    sliced = build_parser().parse_args(["serve", "--config", str(layout)])
+    assert _pipeline(sliced).to_config("m").engine.placement.num_stages == 2
+    args = build_parser().parse_args(["serve", "--config", str(layout), "--stages", "4"])
+    place = _pipeline(args).to_config("m").engine.placement
+    assert (place.num_stages, place.stage_slices) == (4, None)
+
+
 def test_serve_config_prints_a_serve_config(capsys):
     assert main(["serve-config", "--config", str(ROOT / "pipelines" / "tiny-cpu.yaml")]) == 0
     out = capsys.readouterr().out
