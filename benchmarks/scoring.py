@@ -76,8 +76,8 @@ def job(path: Path, n: int, stages: int) -> tuple[float, float]:
         src.write_text(
             "".join(json.dumps({"id": i, "text": lines[i % len(lines)]}) + "\n" for i in range(n))
         )
-        cfg = ScoreConfig(
-            model=str(path), num_stages=stages, num_cpus_per_stage=0.5, max_num_seqs=32
+        cfg = ScoreConfig.build(
+            str(path), num_stages=stages, num_cpus_per_stage=0.5, max_num_seqs=32
         )
         s = run_job(str(src), str(Path(d) / "out"), cfg, batch_size=16, progress=False)
     return s.tokens / s.wall_s, s.wall_s

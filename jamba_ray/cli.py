@@ -7,8 +7,11 @@ import argparse
 import sys
 
 from . import commands
-from .config.engine_config import TRANSPORTS
+from .config.engine_config import BALANCES, TRANSPORTS, default_of, option_default
+from .config.pipeline_file import PipelineFile
+from .config.score_config import BATCH_SIZE, TASKS, TOO_LONG, ScoreConfig
 from .errors import JambaRayError
+from .tiny import PRESETS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("init-tiny", help="write a tiny random Jamba checkpoint + tokenizer")
     t.add_argument("dir")
-    t.add_argument("--preset", default="tiny", choices=["tiny", "small"])
+    t.add_argument("--preset", default="tiny", choices=tuple(PRESETS))
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--max-shard-size", default="200KB")
     t.add_argument(
@@ -32,7 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="print the per-stage partition table (no weights needed)")
     pl.add_argument("--model", help="checkpoint dir or config.json")
     pl.add_argument("--config", help="pipelines/*.yaml: also checks each stage's memory fit")
-    pl.add_argument("--stages", type=int, default=1, help="number of stages (default 1)")
+    stages = option_default("num_stages")
+    pl.add_argument(
+        "--stages", type=int, default=stages, help=f"number of stages (default {stages})"
+    )
     pl.add_argument("--slices", help='explicit slices as JSON, e.g. "[[0,3],[3,8]]"')
     pl.add_argument(
         "--dtype",
@@ -41,9 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pl.add_argument(
         "--balance",
-        default="params",
-        choices=["params", "flops"],
-        help="what stages are balanced by (default params)",
+        default=option_default("balance"),
+        choices=BALANCES,
+        help=f"what stages are balanced by (default {option_default('balance')})",
     )
     pl.set_defaults(fn=commands.plan)
 
@@ -51,20 +57,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--model", default=None, help="checkpoint dir or hub id (default: the tiny model)"
     )
-    g.add_argument("--stages", type=int, default=2)
+    g.add_argument("--stages", type=int, default=option_default("num_stages"))
     g.add_argument("--prompt", action="append", required=True)
     g.add_argument("--max-tokens", type=int, default=32)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--dtype", default="float32")
+    g.add_argument("--dtype", default=option_default("dtype"))
     g.add_argument(
         "--cpus-per-stage",
         type=float,
-        default=None,
+        default=option_default("num_cpus_per_stage"),
         help="CPUs reserved per stage (default: an equal share of the free CPUs, at most 1)",
     )
     g.add_argument(
-        "--transport", default="auto", choices=TRANSPORTS, help="hidden states between stages"
+        "--transport",
+        default=option_default("transport"),
+        choices=TRANSPORTS,
+        help="hidden states between stages",
     )
     g.add_argument(
         "--decode-graphs",
@@ -95,9 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="fixed-shape decode steps (CUDA graphs on GPUs)",
     )
-    s.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    layout = PipelineFile.default().serve  # what serve flags left out keep
+    s.add_argument("--host", default=None, help=f"bind address (default {layout.host})")
     s.add_argument("--port", type=int, default=None)
-    s.add_argument("--grpc-port", type=int, default=None, help="gRPC proxy port (default 9000)")
+    s.add_argument(
+        "--grpc-port", type=int, default=None, help=f"gRPC proxy port (default {layout.grpc_port})"
+    )
     s.add_argument("--no-grpc", action="store_true", help="do not start the gRPC proxy")
     s.add_argument("--min-replicas", type=int, default=None)
     s.add_argument("--max-replicas", type=int, default=None)
@@ -115,16 +127,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--input", required=True, help="JSONL or Parquet (any filesystem Ray Data reads)"
     )
     b.add_argument("--output", required=True, help="directory of Parquet parts (rerun resumes)")
-    b.add_argument("--task", default="loglik", choices=["loglik", "classify", "generate"])
-    b.add_argument("--text-column", default="text")
-    b.add_argument("--id-column", default="id", help="row key for resuming")
+    b.add_argument("--task", default=default_of(ScoreConfig, "task"), choices=TASKS)
+    b.add_argument("--text-column", default=default_of(ScoreConfig, "text_column"))
+    b.add_argument(
+        "--id-column", default=default_of(ScoreConfig, "id_column"), help="row key for resuming"
+    )
     b.add_argument("--pipelines", type=int, default=1, help="actor pool size (one pipeline each)")
-    b.add_argument("--batch-size", type=int, default=16)
-    b.add_argument("--stages", type=int, default=1)
-    b.add_argument("--cpus-per-stage", type=float, default=0.5)
-    b.add_argument("--max-model-len", type=int, default=None)
-    b.add_argument("--max-batched-tokens", type=int, default=256, help="prefill chunk size")
-    b.add_argument("--too-long", default="error", choices=["error", "truncate"])
+    b.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    b.add_argument("--stages", type=int, default=option_default("num_stages"))
+    b.add_argument(
+        "--cpus-per-stage",
+        type=float,
+        default=option_default("num_cpus_per_stage"),
+        help="CPUs reserved per stage (default: an equal share of the free CPUs, at most 1)",
+    )
+    b.add_argument("--max-model-len", type=int, default=option_default("max_model_len"))
+    b.add_argument(
+        "--max-batched-tokens",
+        type=int,
+        default=option_default("max_batched_tokens"),
+        help="prefill chunk size",
+    )
+    b.add_argument("--too-long", default=default_of(ScoreConfig, "too_long"), choices=TOO_LONG)
     b.add_argument("--token-logprobs", action="store_true")
     b.add_argument("--max-tokens", type=int, default=16, help="generate: tokens per row")
     b.add_argument("--temperature", type=float, default=0.0)

@@ -60,7 +60,8 @@ def plan_config(path: str) -> int:
     slices = [tuple(s) for s in place.stage_slices] if place.stage_slices else None
     plans = plan(spec, place.num_stages, slices, dtype, place.balance)
     int8 = f", int8 weights (Mamba in {dtype})" if cfg.model.quantization else ""
-    print(f"pipeline {pf.name}: {pf.model or 'tiny default'}, {dtype}{int8}, {len(plans)} stages\n")
+    model = pf.engine.model.path or "tiny default"
+    print(f"pipeline {pf.name}: {model}, {dtype}{int8}, {len(plans)} stages\n")
     print(format_plan(spec, plans), end="\n\n")
     fits = fit_check(spec, cfg, plans)
     print(format_fit(fits))
@@ -101,24 +102,26 @@ def generate(a) -> int:
 
 
 def pipeline_file(a):
+    """The layout `serve` runs: the file (else the default layout) with the flags given over it."""
     from .config.pipeline_file import PipelineFile
 
-    base = PipelineFile.load(a.config) if a.config else PipelineFile.default()
-    return base.with_overrides(
-        **{
-            "stages": a.stages,
-            "transport": a.transport,
-            "decode_graphs": a.decode_graphs or None,
-            "serve.host": a.host,
-            "serve.port": a.port,
-            "serve.grpc_port": a.grpc_port,
-            "autoscaling.min_replicas": a.min_replicas,
-            "autoscaling.max_replicas": a.max_replicas,
-            "autoscaling.target_ongoing_requests": a.target_ongoing_requests,
-            "serve.served_model_name": a.served_model_name,
-            "serve.api_key_env": "JAMBA_RAY_API_KEY" if a.api_key else None,
-        }
-    )
+    flags = {
+        "num_stages": a.stages,
+        "transport": a.transport,
+        "decode_graphs": a.decode_graphs or None,
+        "serve.host": a.host,
+        "serve.port": a.port,
+        "serve.grpc_port": a.grpc_port,
+        "serve.autoscaling.min_replicas": a.min_replicas,
+        "serve.autoscaling.max_replicas": a.max_replicas,
+        "serve.autoscaling.target_ongoing_requests": a.target_ongoing_requests,
+        "serve.served_model_name": a.served_model_name,
+        "serve.api_key_env": "JAMBA_RAY_API_KEY" if a.api_key else None,
+    }
+    given = {k: v for k, v in flags.items() if v is not None}
+    if a.stages is not None:
+        given["stage_slices"] = None  # a stage count replaces the file's explicit slices
+    return PipelineFile.load_or_default(a.config).with_overrides(**given)
 
 
 def serve(a) -> int:
@@ -169,26 +172,33 @@ def serve_config(a) -> int:
     return 0
 
 
-def score(a) -> int:
-    from .batch import ScoreConfig, execute, prepare_job, quiet_ray_data
-    from .runtime.pipeline import ensure_ray
+def score_config(a):
+    """The job `score` runs: its flags as job fields and flat engine options."""
+    from .config.score_config import ScoreConfig
 
     sampling = {"max_tokens": a.max_tokens, "temperature": a.temperature}
     if a.seed is not None:
         sampling["seed"] = a.seed
-    cfg = ScoreConfig(
-        model=a.model,
+    return ScoreConfig.build(
+        a.model,
         task=a.task,
         text_column=a.text_column,
         id_column=a.id_column,
-        num_stages=a.stages,
-        num_cpus_per_stage=a.cpus_per_stage,
         too_long=a.too_long,
         token_logprobs=a.token_logprobs,
+        sampling=sampling,
+        num_stages=a.stages,
+        num_cpus_per_stage=a.cpus_per_stage,
         max_model_len=a.max_model_len,
         max_batched_tokens=a.max_batched_tokens,
-        sampling=sampling,
     )
+
+
+def score(a) -> int:
+    from .batch import execute, prepare_job, quiet_ray_data
+    from .runtime.pipeline import ensure_ray
+
+    cfg = score_config(a)
     job = prepare_job(a.input, a.output, cfg, retry_errors=a.retry_errors)  # before Ray starts
     print(job.line(), file=sys.stderr, flush=True)
     if job.pending:

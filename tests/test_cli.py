@@ -8,7 +8,10 @@ import pytest
 
 from jamba_ray.cli import build_parser, main
 from jamba_ray.commands import pipeline_file as _pipeline
+from jamba_ray.config import EngineConfig
+from jamba_ray.config.engine_config import OPTION_SECTION, option_default
 from jamba_ray.config.pipeline_file import PipelineFile
+from jamba_ray.config.score_config import ScoreConfig
 from tests.conftest import STAGE_CPUS, assert_greedy_like_hf
 
 ROOT = Path(__file__).parents[1]
@@ -38,14 +41,19 @@ def test_serve_flags_override_the_default_layout():
         ]
     )
     p = _pipeline(args)
-    assert p.stages == 3 and p.serve.port == 8123 and p.serve.host == "0.0.0.0"
-    assert (p.autoscaling.min_replicas, p.autoscaling.max_replicas) == (2, 4)
-    assert p.autoscaling.target_ongoing_requests == 5 and p.serve.api_key_env == "JAMBA_RAY_API_KEY"
-    assert p.serve.grpc_port == 9000 and p.max_num_seqs == PipelineFile.default().max_num_seqs
+    scaling = p.serve.autoscaling
+    assert p.engine.placement.num_stages == 3
+    assert p.serve.port == 8123 and p.serve.host == "0.0.0.0"
+    assert (scaling.min_replicas, scaling.max_replicas) == (2, 4)
+    assert scaling.target_ongoing_requests == 5 and p.serve.api_key_env == "JAMBA_RAY_API_KEY"
+    default = PipelineFile.default()
+    assert p.serve.grpc_port == 9000
+    assert p.engine.scheduler.max_num_seqs == default.engine.scheduler.max_num_seqs
     compute = p.to_config("m").engine.compute
-    assert p.transport == "p2p" and compute.transport == "p2p" and compute.decode_graphs
+    assert p.engine.compute.transport == "p2p" and compute.transport == "p2p"
+    assert compute.decode_graphs
     plain = _pipeline(build_parser().parse_args(["serve"]))
-    assert plain.transport == "auto" and not plain.decode_graphs
+    assert plain.engine.compute.transport == "auto" and not plain.engine.compute.decode_graphs
 
 
 def test_serve_flags_override_a_yaml_and_bad_values_are_named():
@@ -59,10 +67,21 @@ def test_serve_flags_override_a_yaml_and_bad_values_are_named():
         ]
     )
     p = _pipeline(args)
-    assert p.name == "jamba-v0.1-bf16-4x80g" and p.serve.port == 9001 and p.stages == 4
+    assert p.name == "jamba-v0.1-bf16-4x80g" and p.serve.port == 9001
+    assert p.engine.placement.num_stages == 4
     bad = build_parser().parse_args(["serve", "--port", "70000"])
     with pytest.raises(Exception, match="serve.port"):
         _pipeline(bad)
+
+
+def test_serve_stages_replace_a_layouts_explicit_slices(tmp_path):
+    layout = tmp_path / "sliced.yaml"
+    layout.write_text("name: s\nengine: {placement: {stage_slices: [[0, 3], [3, 8]]}}\n")
+    sliced = build_parser().parse_args(["serve", "--config", str(layout)])
+    assert _pipeline(sliced).to_config("m").engine.placement.num_stages == 2
+    args = build_parser().parse_args(["serve", "--config", str(layout), "--stages", "4"])
+    place = _pipeline(args).to_config("m").engine.placement
+    assert (place.num_stages, place.stage_slices) == (4, None)
 
 
 def test_serve_config_prints_a_serve_config(capsys):
@@ -124,6 +143,45 @@ def test_init_tiny_says_what_it_does(tmp_path, capsys):
     steps = [line for line in out.splitlines() if line.startswith("init-tiny: ")]
     assert len(steps) == 3 and "tokenizer" in steps[-1]
     assert f"wrote a tiny Jamba checkpoint to {tmp_path / 't'}" in out
+
+
+# CLI flags that set an engine option under another name than the option's.
+FLAG_OPTIONS = {"stages": "num_stages", "cpus_per_stage": "num_cpus_per_stage"}
+
+
+def subcommand(name: str):
+    return build_parser()._subparsers._group_actions[0].choices[name]
+
+
+@pytest.mark.parametrize("command", ["plan", "generate", "score"])
+def test_engine_flags_default_to_the_trees_defaults(command):
+    """As `LLM(model)` does: a flag left out is `EngineConfig`'s default (plan's --dtype excepted:
+    it sizes the checkpoint's own dtype)."""
+    checked = 0
+    for action in subcommand(command)._actions:
+        option = FLAG_OPTIONS.get(action.dest, action.dest)
+        if (command, option) == ("plan", "dtype") or option not in OPTION_SECTION:
+            continue
+        assert action.default == option_default(option), (command, action.dest)
+        checked += 1
+    assert checked >= 2
+
+
+def test_score_without_flags_runs_the_engine_defaults_and_the_jobs_defaults():
+    from jamba_ray.commands import score_config
+
+    args = build_parser().parse_args(["score", "--model", "m", "--input", "i", "--output", "o"])
+    cfg = score_config(args)
+    assert cfg.engine == EngineConfig.build("m")
+    job = ScoreConfig(cfg.engine, sampling=cfg.sampling)  # the CLI's sampling is greedy
+    assert cfg == job
+
+
+def test_serve_flags_default_to_the_layout_and_serve_alone_runs_the_default_layout():
+    serve = subcommand("serve")
+    flags = [a for a in serve._actions if a.dest not in ("help", "fn")]
+    assert all(a.default in (None, False) for a in flags)  # unset: the layout's value stays
+    assert _pipeline(build_parser().parse_args(["serve"])) == PipelineFile.default()
 
 
 def test_score_retry_flags():

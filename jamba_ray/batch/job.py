@@ -13,11 +13,12 @@ from pathlib import Path
 
 from ray.data import ActorPoolStrategy
 
+from ..config.score_config import BATCH_SIZE, ScoreConfig
 from ..errors import InvalidRequestError
 from . import parts
 from .preflight import check_task, input_format, inspect_input
 from .progress import Progress
-from .scorer import PipelineScorer, ScoreConfig
+from .scorer import PipelineScorer
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,9 @@ def read_input(path: str):
     return ray.data.read_parquet(str(path))
 
 
-def score(data, config: ScoreConfig, pipelines: int = 1, batch_size: int = 16, skip_ids=None):
+def score(
+    data, config: ScoreConfig, pipelines: int = 1, batch_size: int = BATCH_SIZE, skip_ids=None
+):
     """A lazy Ray Dataset: every input column plus the task's output columns.
 
     `data` is a path (JSONL or Parquet, any filesystem Ray Data reads) or a Ray Dataset; rows whose
@@ -116,7 +119,7 @@ def prepare_job(input_path: str, output: str, config: ScoreConfig, retry_errors:
 
 
 def execute(
-    job: Job, pipelines: int = 1, batch_size: int = 16, progress_every: float | None = 10.0
+    job: Job, pipelines: int = 1, batch_size: int = BATCH_SIZE, progress_every: float | None = 10.0
 ) -> JobSummary:
     """Score the pending rows of `job` into new parts; nothing starts when none are pending."""
     summary = JobSummary(skipped=job.skipped, retried=len(job.retry))
@@ -155,7 +158,7 @@ def run_job(
     output: str,
     config: ScoreConfig,
     pipelines: int = 1,
-    batch_size: int = 16,
+    batch_size: int = BATCH_SIZE,
     progress: bool = True,
     retry_errors: bool = True,
     progress_every: float = 10.0,

@@ -3,41 +3,12 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Literal
 
 import pandas as pd
 
+from ..config.score_config import ScoreConfig
 from ..engine.sampling_params import SamplingParams
-from ..errors import InvalidRequestError, JambaRayError
-
-Task = Literal["loglik", "classify", "generate"]
-
-
-@dataclass(frozen=True, slots=True)
-class ScoreConfig:
-    model: str
-    task: Task = "loglik"
-    text_column: str = "text"
-    id_column: str = "id"
-    num_stages: int = 1
-    num_cpus_per_stage: float = 0.5
-    max_num_seqs: int = 16
-    max_batched_tokens: int = 256
-    max_model_len: int | None = None
-    too_long: Literal["truncate", "error"] = "error"
-    token_logprobs: bool = False
-    sampling: dict = field(default_factory=dict)  # generate: SamplingParams fields
-
-    def __post_init__(self) -> None:
-        if self.task not in ("loglik", "classify", "generate"):
-            raise InvalidRequestError(
-                f"unknown task {self.task!r}: use loglik, classify or generate"
-            )
-        if self.too_long not in ("truncate", "error"):
-            raise InvalidRequestError("too_long must be 'truncate' or 'error'")
-        SamplingParams(**self.sampling)  # fail on bad flags before any actor starts
-
+from ..errors import JambaRayError
 
 OUTPUT_COLUMNS = {
     "loglik": ["logprob", "num_tokens", "perplexity", "error"],
@@ -62,14 +33,7 @@ class PipelineScorer:
         from ..engine.llm import LLM
 
         self.cfg = config
-        self.llm = LLM(
-            config.model,
-            num_stages=config.num_stages,
-            num_cpus_per_stage=config.num_cpus_per_stage,
-            max_num_seqs=config.max_num_seqs,
-            max_batched_tokens=config.max_batched_tokens,
-            max_model_len=config.max_model_len,
-        )
+        self.llm = LLM(config=config.engine)
         self.max_len = self.llm.engine.capacity.max_model_len
         self.tok = self.llm.tokenizer
 

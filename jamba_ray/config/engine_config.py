@@ -2,8 +2,10 @@
 Pure Python.
 
 `EngineConfig` nests the sections an engine needs; `PipelineConfig` adds the Serve front. The
-pipeline YAML (`pipeline_file.py`) is a pydantic mirror of this tree, and `LLM(...)`, the CLI and
-the batch job all build from it (`EngineConfig.build(model, **flat)` takes vLLM-style flat names).
+pipeline YAML (`file_sections.py`, `pipeline_file.py`) nests the same sections under the same
+names, `ScoreConfig` is an `EngineConfig` plus job fields, and `LLM(...)` and the CLI take their
+defaults from here (`EngineConfig.build(model, **flat)` takes vLLM-style flat names). Each set of
+choices is one tuple below, which the dataclasses, the YAML and the CLI all check against.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ TRANSPORTS = ("auto", "object_store", "p2p")  # how hidden states cross stages: 
 BALANCES = ("params", "flops")
 BACKENDS = ("ray", "local")
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+QUANTIZATIONS = ("int8",)  # weight-only; None: none
 
 
 def _positive(section: object, *names: str) -> None:
@@ -35,8 +38,10 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
-        if self.quantization not in (None, "int8"):
-            raise ConfigError(f"quantization must be null or 'int8', got {self.quantization!r}")
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ConfigError(
+                f"quantization must be null or one of {QUANTIZATIONS}, got {self.quantization!r}"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +87,7 @@ class PlacementConfig:
     num_gpus_per_stage: float = 0.0
     strategy: str = "PACK"
     resources: tuple[tuple[str, float], ...] = ()  # custom Ray resources per stage
+    accelerator_type: str | None = None  # e.g. "A100-80G": Ray's accelerator_type:<X> resource
     device_memory_gib: float | None = None  # set: refuse layouts that do not fit the device
     activation_memory_gib: float = 0.5  # per stage, headroom for activations in the fit check
     in_current_group: bool = False  # stages join the caller's placement group (Serve replicas)
@@ -91,6 +97,10 @@ class PlacementConfig:
     def __post_init__(self) -> None:
         if self.stage_slices is not None:
             object.__setattr__(self, "num_stages", len(self.stage_slices))
+        custom = dict(self.resources)
+        if self.accelerator_type:  # as Ray's own accelerator_type option asks for it
+            custom[f"accelerator_type:{self.accelerator_type}"] = 0.001
+        object.__setattr__(self, "resources", tuple(sorted(custom.items())))
         _positive(self, "num_stages")
         if self.balance not in BALANCES:
             raise ConfigError(f"balance must be one of {BALANCES}, got {self.balance!r}")
@@ -148,10 +158,7 @@ class EngineConfig:
         belongs to one section, and an unknown name is refused by name."""
         sections: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
         for key, value in flat.items():
-            owner = _OWNER.get(key)
-            if owner is None:
-                raise ConfigError(f"unknown engine option {key!r}; known: {sorted(_OWNER)}")
-            sections[owner][key] = value
+            sections[section_of(key)][key] = value
         sections["model"]["path"] = str(model)
         return cls(**{name: _SECTIONS[name](**kw) for name, kw in sections.items()})
 
@@ -159,9 +166,7 @@ class EngineConfig:
         """A copy with some flat options changed."""
         changed = {}
         for key, value in flat.items():
-            owner = _OWNER.get(key)
-            if owner is None:
-                raise ConfigError(f"unknown engine option {key!r}")
+            owner = section_of(key)
             changed[owner] = replace(changed.get(owner, getattr(self, owner)), **{key: value})
         return replace(self, **changed)
 
@@ -174,13 +179,29 @@ _SECTIONS = {
     "compute": ComputeConfig,
     "recovery": RecoveryConfig,
 }
-_OWNER = {f.name: name for name, cls in _SECTIONS.items() for f in fields(cls) if f.name != "path"}
+# each flat option name -> the section that owns it (EngineConfig.build, overrides, the CLI)
+OPTION_SECTION = {
+    f.name: name for name, cls in _SECTIONS.items() for f in fields(cls) if f.name != "path"
+}
+
+
+def section_of(option: str) -> str:
+    """The `EngineConfig` section a flat option name belongs to ("num_stages" -> "placement")."""
+    owner = OPTION_SECTION.get(option)
+    if owner is None:
+        raise ConfigError(f"unknown engine option {option!r}; known: {sorted(OPTION_SECTION)}")
+    return owner
 
 
 def default_of(cls: type, name: str) -> Any:
     """The one default of a field, for mirrors of this tree (the YAML models, the CLI)."""
     f = next(f for f in fields(cls) if f.name == name)
     return f.default if f.default is not MISSING else f.default_factory()
+
+
+def option_default(option: str) -> Any:
+    """The default of a flat engine option (`option_default("max_num_seqs")` -> 64)."""
+    return default_of(_SECTIONS[section_of(option)], option)
 
 
 @dataclass(frozen=True, slots=True)

@@ -51,7 +51,7 @@ class EngineCore:
             require_fit(fit_check(self.spec, config, self.plans))
         self.has_classifier = "score.weight" in ckpt.weight_map()
         self.tokenizer = load_tokenizer(ckpt.root)
-        make_pipeline = make_pipeline or _backend(place.backend)
+        make_pipeline = make_pipeline or backend(place.backend)
         self.pipeline = make_pipeline(
             config, ckpt.repo_id or str(ckpt.root), self.plans, self.spec.eos_token_id
         )
@@ -293,7 +293,3 @@ class EngineCore:
 
     def shutdown(self) -> None:
         self.pipeline.shutdown()
-
-
-def _backend(name: str) -> PipelineFactory:
-    return backend(name)  # registered by runtime/backends.py: the engine imports no runtime

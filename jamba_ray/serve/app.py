@@ -265,6 +265,5 @@ def deployment(config: PipelineConfig) -> serve.Application:
 
 def build_app(args: dict) -> serve.Application:
     """Serve config entry point (`import_path: jamba_ray.serve.app:build_app`)."""
-    path = args.get("config")
-    pipeline = PipelineFile.load(path) if path else PipelineFile(name="default")
+    pipeline = PipelineFile.load_or_default(args.get("config"))
     return deployment(pipeline.to_config(args.get("model")))

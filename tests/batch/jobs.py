@@ -31,7 +31,7 @@ def cfg(model, **kw) -> ScoreConfig:
         max_num_seqs=8,
         max_model_len=256,
     )
-    return ScoreConfig(model=model, **{**base, **kw})
+    return ScoreConfig.build(model, **{**base, **kw})
 
 
 def read_parts(out: Path) -> pd.DataFrame:

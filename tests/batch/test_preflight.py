@@ -24,33 +24,33 @@ def write_jsonl(path: Path, rows: list[dict]) -> str:
 
 def test_bad_settings_and_inputs_are_named(tiny_ckpt, tmp_path):
     with pytest.raises(InvalidRequestError, match="unknown task"):
-        ScoreConfig(model=tiny_ckpt, task="embed")
+        ScoreConfig.build(tiny_ckpt, task="embed")
     with pytest.raises(InvalidRequestError, match="max_tokens"):
-        ScoreConfig(model=tiny_ckpt, task="generate", sampling={"max_tokens": 0})
+        ScoreConfig.build(tiny_ckpt, task="generate", sampling={"max_tokens": 0})
     src = write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "body": "hello"}])
     out = str(tmp_path / "out")
     with pytest.raises(InvalidRequestError, match="classification head"):
-        prepare_job(src, out, ScoreConfig(model=tiny_ckpt, task="classify"))
+        prepare_job(src, out, ScoreConfig.build(tiny_ckpt, task="classify"))
     with pytest.raises(ModelNotFoundError):
-        prepare_job(src, out, ScoreConfig(model=str(tmp_path / "nowhere")))
+        prepare_job(src, out, ScoreConfig.build(str(tmp_path / "nowhere")))
     with pytest.raises(InvalidRequestError, match=r"no 'text' column \(columns: id, body\)"):
-        prepare_job(src, out, ScoreConfig(model=tiny_ckpt))
+        prepare_job(src, out, ScoreConfig.build(tiny_ckpt))
     with pytest.raises(InvalidRequestError, match="cannot read input"):
-        prepare_job(str(tmp_path / "missing.jsonl"), out, ScoreConfig(model=tiny_ckpt))
+        prepare_job(str(tmp_path / "missing.jsonl"), out, ScoreConfig.build(tiny_ckpt))
     (tmp_path / "junk.parquet").write_bytes(b"not parquet")
     with pytest.raises(InvalidRequestError, match="cannot read input"):
-        prepare_job(str(tmp_path / "junk.parquet"), out, ScoreConfig(model=tiny_ckpt))
-    job = prepare_job(src, out, ScoreConfig(model=tiny_ckpt, text_column="body"))
+        prepare_job(str(tmp_path / "junk.parquet"), out, ScoreConfig.build(tiny_ckpt))
+    job = prepare_job(src, out, ScoreConfig.build(tiny_ckpt, text_column="body"))
     assert job.pending == 1 and not job.skip
 
 
 def test_an_input_without_ids_cannot_be_rerun_into_the_same_output(tiny_ckpt, tmp_path):
     src = write_jsonl(tmp_path / "in.jsonl", [{"text": "a"}, {"text": "b"}])
     out = tmp_path / "out"
-    assert prepare_job(src, str(out), ScoreConfig(model=tiny_ckpt)).pending == 2
+    assert prepare_job(src, str(out), ScoreConfig.build(tiny_ckpt)).pending == 2
     parts.write_part(out, pd.DataFrame({"text": ["a"], "error": [None]}))
     with pytest.raises(InvalidRequestError, match="no 'id' column to resume by"):
-        prepare_job(src, str(out), ScoreConfig(model=tiny_ckpt))
+        prepare_job(src, str(out), ScoreConfig.build(tiny_ckpt))
 
 
 def test_row_text_errors_say_what_is_wrong():
@@ -67,7 +67,7 @@ def test_a_rerun_with_nothing_left_exits_without_starting_ray(tiny_ckpt, tmp_pat
     out = tmp_path / "out"
     out.mkdir()
     parts.write_part(out, pd.DataFrame({"id": [0, 1], "text": ["a", "b"], "error": [None, "x"]}))
-    assert prepare_job(src, str(out), ScoreConfig(model=tiny_ckpt)).pending == 1
+    assert prepare_job(src, str(out), ScoreConfig.build(tiny_ckpt)).pending == 1
     cmd = [sys.executable, "-m", "jamba_ray", "score", "--model", tiny_ckpt]
     cmd += ["--input", src, "--output", str(out), "--no-retry-errors"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}

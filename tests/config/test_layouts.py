@@ -39,9 +39,9 @@ def test_tiny_cpu_yaml_is_the_built_in_default():
 
 def test_int8_layout_keeps_mamba_in_bf16_and_long_context_is_256k():
     int8 = PipelineFile.load(ROOT / "pipelines" / "jamba-v0.1-int8-2x80g.yaml")
-    assert int8.quantization == "int8" and int8.dtype == "bfloat16"
+    assert int8.engine.model.quantization == "int8" and int8.engine.model.dtype == "bfloat16"
     long = PipelineFile.load(ROOT / "pipelines" / "jamba-v0.1-long-context.yaml")
-    assert long.max_model_len == 262144
+    assert long.engine.model.max_model_len == 262144
     from jamba_ray.config.capacity import derive_capacity
 
     cfg = long.to_config().engine
@@ -52,18 +52,19 @@ def test_int8_layout_keeps_mamba_in_bf16_and_long_context_is_256k():
 @pytest.mark.parametrize(
     "text, field",
     [
-        ("name: x\nstages: two\n", "stages"),
-        ("name: x\nresources: {num_gpus: -1}\n", "resources.num_gpus"),
-        ("name: x\nplacement: EVERYWHERE\n", "placement"),
-        ("name: x\nmax_num_seqs: 0\n", "max_num_seqs"),
-        ("name: x\nquantization: int4\n", "quantization"),
-        ("name: x\nstate_pool: 3\n", "state_pool"),
+        ("engine: {placement: {num_stages: two}}", "engine.placement.num_stages"),
+        ("engine: {placement: {num_gpus_per_stage: -1}}", "engine.placement.num_gpus_per_stage"),
+        ("engine: {placement: {strategy: EVERYWHERE}}", "engine.placement.strategy"),
+        ("engine: {scheduler: {max_num_seqs: 0}}", "engine.scheduler.max_num_seqs"),
+        ("engine: {model: {quantization: int4}}", "engine.model.quantization"),
+        ("engine: {state: {state_pool: 3}}", "engine.state.state_pool"),
+        ("serve: {autoscaling: {max_replica: 3}}", "serve.autoscaling.max_replica"),
     ],
 )
 def test_a_bad_field_is_named_in_the_error(tmp_path, text, field):
     p = tmp_path / "bad.yaml"
-    p.write_text(text)
-    with pytest.raises(ConfigError, match=f"field '{field}"):
+    p.write_text(f"name: x\n{text}\n")
+    with pytest.raises(ConfigError, match=f"field '{field}'"):
         PipelineFile.load(p)
 
 
@@ -97,11 +98,11 @@ def test_a_layout_that_does_not_fit_is_refused(tmp_path, capsys):
         yaml.safe_dump(
             {
                 "name": "one-gpu",
-                "model": "ai21labs/Jamba-v0.1",
                 "config_json": str(ROOT / "pipelines" / "jamba-v0.1-config.json"),
-                "dtype": "bf16",
-                "stages": 1,
-                "resources": {"num_gpus": 1, "device_memory_gib": 80},
+                "engine": {
+                    "model": {"path": "ai21labs/Jamba-v0.1", "dtype": "bf16"},
+                    "placement": {"num_gpus_per_stage": 1, "device_memory_gib": 80},
+                },
             }
         )
     )

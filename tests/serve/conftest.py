@@ -57,12 +57,12 @@ class Served:
 def pipeline_for_tests(**overrides) -> PipelineFile:
     base = PipelineFile.default().with_overrides(
         **{
-            "stages": 2,
-            "resources.num_cpus": STAGE_CPUS,
+            "num_stages": 2,
+            "num_cpus_per_stage": STAGE_CPUS,
             "serve.replica_cpus": 0.25,
             "serve.served_model_name": MODEL,
             "max_num_seqs": 8,
-            "serve.max_waiting": 24,
+            "max_waiting": 24,
             "max_batched_tokens": 64,
             "serve.graceful_shutdown_timeout_s": 20,  # (tests delete apps with nothing in flight)
             "threads_per_stage": 1,

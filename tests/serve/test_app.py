@@ -22,3 +22,19 @@ def test_an_api_key_variable_that_is_named_but_unset_refuses_to_deploy(tiny_ckpt
         deployment(config)
     monkeypatch.setenv(KEY_ENV, "s3cret")
     assert deployment(config) is not None
+
+
+def test_a_serve_config_without_a_layout_deploys_the_one_default_layout():
+    """`build_app` (serve run / deploy, KubeRay) and `jamba-ray serve` without a file agree."""
+    from pathlib import Path
+
+    from jamba_ray.cli import build_parser
+    from jamba_ray.commands import pipeline_file
+    from jamba_ray.config.pipeline_file import PipelineFile
+    from jamba_ray.serve.app import build_app
+
+    default = PipelineFile.load(Path(__file__).parents[2] / "pipelines" / "tiny-cpu.yaml")
+    assert PipelineFile.default() == default
+    assert pipeline_file(build_parser().parse_args(["serve"])) == default
+    bound = build_app({})._bound_deployment.init_args[0]  # what each replica is built from
+    assert bound == default.to_config()

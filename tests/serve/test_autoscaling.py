@@ -25,13 +25,13 @@ def replicas() -> int:
 def test_load_adds_a_pipeline_and_idle_removes_it_without_failures(served, tiny_ckpt):
     pipeline = pipeline_for_tests(
         **{
-            "stages": 1,
-            "autoscaling.min_replicas": 1,
-            "autoscaling.max_replicas": 2,
-            "autoscaling.target_ongoing_requests": 1,
-            "autoscaling.upscale_delay_s": 0.5,
-            "autoscaling.downscale_delay_s": 4,
-            "autoscaling.look_back_period_s": 11,
+            "num_stages": 1,
+            "serve.autoscaling.min_replicas": 1,
+            "serve.autoscaling.max_replicas": 2,
+            "serve.autoscaling.target_ongoing_requests": 1,
+            "serve.autoscaling.upscale_delay_s": 0.5,
+            "serve.autoscaling.downscale_delay_s": 4,
+            "serve.autoscaling.look_back_period_s": 11,
         }
     )
     serve.run(

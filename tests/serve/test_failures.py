@@ -21,7 +21,9 @@ def test_when_a_stage_dies_and_cannot_be_replaced_clients_get_503_not_a_hang(ser
     connection or a hang; requests after it get 503 / UNAVAILABLE at once."""
     import signal
 
-    base = deploy(served, tiny_ckpt, "fragile", stages=2, max_stage_restarts=0, max_model_len=2048)
+    base = deploy(
+        served, tiny_ckpt, "fragile", num_stages=2, max_stage_restarts=0, max_model_len=2048
+    )
     long = {"model": MODEL, "prompt": "x", "max_tokens": 2000, "ignore_eos": True, "stream": True}
     long_grpc = pb.GenerateRequest(
         text="x", sampling=pb.SamplingOptions(max_tokens=2000, ignore_eos=True)

@@ -44,7 +44,7 @@ def app(served, tiny_ckpt):
     os.environ[knob] = str(DELAY_S)
     try:
         overrides = {"serve.health_check_period_s": 1, "serve.graceful_shutdown_timeout_s": 60}
-        yield deploy(served, tiny_ckpt, APP, stages=3, max_stage_restarts=4, **overrides)
+        yield deploy(served, tiny_ckpt, APP, num_stages=3, max_stage_restarts=4, **overrides)
     finally:
         if old is None:
             os.environ.pop(knob, None)

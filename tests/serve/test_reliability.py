@@ -192,7 +192,7 @@ def test_the_request_that_starts_the_engine_can_disconnect_without_stalling_it(s
     """The step loop serves every request: the client whose request started it may leave at once.
     (The soak once caught stage tasks being cancelled with such a request; this test shows the
     behaviour, the soak is what reproduced the bug.)"""
-    pipeline = pipeline_for_tests(**{"stages": 2})
+    pipeline = pipeline_for_tests(num_stages=2)
     serve.run(
         deployment(pipeline.to_config(tiny_ckpt)),
         name="fresh",
