@@ -155,7 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv  # `serve` runs itself again in a detached child with the same arguments
     try:
         return args.fn(args)
     except JambaRayError as e:

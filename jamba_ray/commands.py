@@ -122,29 +122,60 @@ def pipeline_file(a):
 
 
 def serve(a) -> int:
+    """Checks first (nothing started yet), then the server runs in a detached child process
+    (`foreground.run_detached`) so that signals for this process group never reach Ray's."""
     import os
 
-    from .foreground import interrupt_on_sigterm, shutdown_quietly, sleep_forever
-    from .runtime.pipeline import ensure_ray
-    from .serve.launch import start
+    from .foreground import is_detached_child, run_detached
+    from .serve.preflight import check_model, check_ports, check_resources, local_resources
 
     if a.api_key:
         os.environ["JAMBA_RAY_API_KEY"] = a.api_key
+    config = serve_pipeline(a).to_config(a.model)
+    if not is_detached_child():
+        opts = config.serve
+        if a.address is None:  # a local Ray: the ports and CPUs are this machine's
+            check_ports(opts.host, {"--port": opts.port, "--grpc-port": opts.grpc_port})
+        check_model(config)
+        if a.address is None and config.engine.placement.num_cpus_per_stage is not None:
+            check_resources(config, local_resources(), complete=False)
+        return run_detached(a.argv)
+    return serve_foreground(config, a.address)
+
+
+def serve_pipeline(a):
     pipeline = pipeline_file(a)
     if a.no_grpc:
         pipeline = pipeline.model_copy(
             update={"serve": pipeline.serve.model_copy(update={"grpc_port": None})}
         )
-    config = pipeline.to_config(a.model)
-    ensure_ray(a.address)
-    interrupt_on_sigterm()
-    opts = pipeline.serve
+    return pipeline
+
+
+def serve_foreground(config, address: str | None) -> int:
+    """Start Ray (its gRPC proxy bound to the server's host), check the cluster can hold a
+    replica, deploy, and serve until SIGINT / SIGTERM."""
+    import ray
+
+    from .foreground import interrupt_on_signals, shutdown_quietly, sleep_forever
+    from .logs import quiet_ray
+    from .serve.grpc_bind import runtime_env
+    from .serve.launch import start
+    from .serve.preflight import check_resources, cluster_resources
+
+    interrupt_on_signals()
+    opts, serving = config.serve, False
     try:
+        quiet_ray()
+        ray.init(address=address, log_to_driver=False, runtime_env=runtime_env(opts.host))
+        interrupt_on_signals()  # again: Ray's core worker installs its own SIGTERM handler
+        check_resources(config, cluster_resources())
         print(
             f"jamba-ray: deploying {config.engine.placement.num_stages} stage(s) of "
             f"{config.engine.model.path}; each stage loads its weights first",
             flush=True,
         )
+        serving = True
         start(config)
         print(
             f"jamba-ray: serving on http://{opts.host}:{opts.port}/v1"
@@ -155,7 +186,8 @@ def serve(a) -> int:
         sleep_forever()
     except KeyboardInterrupt:
         print("jamba-ray: stopping (draining Serve, then Ray)", flush=True)
-    shutdown_quietly()
+    finally:
+        shutdown_quietly(serving)
     return 0
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import re
 
 from ray import serve
 from ray.serve.config import gRPCOptions
 
 from ..config.engine_config import PipelineConfig
 from ..config.pipeline_file import PipelineFile
+from ..errors import JambaRayError
 from .app import deployment
 
 log = logging.getLogger(__name__)
@@ -32,6 +34,8 @@ def start(config: PipelineConfig, blocking: bool = False):
     serve_log.addFilter(quiet)
     try:
         handle = serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+    except RuntimeError as e:  # DEPLOY_FAILED: its message holds the replica's whole traceback
+        raise StartupError(f"the replica failed to start: {failure_cause(str(e))}") from None
     finally:
         serve_log.removeFilter(quiet)
     log.info(
@@ -46,6 +50,21 @@ def start(config: PipelineConfig, blocking: bool = False):
         while True:
             time.sleep(3600)
     return handle
+
+
+class StartupError(JambaRayError):
+    """The app's replica failed in its constructor (Serve gave up after its retries)."""
+
+
+_EXCEPTION_LINE = re.compile(r"^\s*([\w.]+(?:Error|Exception|Exit)\b.*)$")
+
+
+def failure_cause(message: str) -> str:
+    """The last `SomeError: why` line of a failed deployment's message (its innermost cause),
+    else the message's last line."""
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    causes = [m.group(1) for ln in lines if (m := _EXCEPTION_LINE.match(ln))]
+    return causes[-1] if causes else (lines[-1] if lines else "no reason given")
 
 
 class _DropMessage(logging.Filter):
