@@ -139,7 +139,7 @@ def serve(a) -> int:
         check_model(config)
         if a.address is None and config.engine.placement.num_cpus_per_stage is not None:
             check_resources(config, local_resources(), complete=False)
-        return run_detached(a.argv)
+        return run_detached([sys.executable, "-m", "jamba_ray", *a.argv])
     return serve_foreground(config, a.address)
 
 

@@ -27,22 +27,24 @@ def is_detached_child() -> bool:
     return os.environ.get(CHILD_ENV) == "1"
 
 
-def run_detached(argv: list[str]) -> int:
-    """Run `python -m jamba_ray ARGV` in its own session and wait for it; SIGINT or SIGTERM here
-    sends it one SIGTERM. Its exit code is ours."""
-    env = dict(os.environ, **{CHILD_ENV: "1"})
-    cmd = [sys.executable, "-m", "jamba_ray", *argv]
-    child = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+def run_detached(cmd: list[str]) -> int:
+    """Run `cmd` in its own session and wait for it; SIGINT or SIGTERM here sends it one SIGTERM.
+    Its exit code is ours."""
+    child: subprocess.Popen | None = None
     stopping = False
 
     def stop(signum, frame):
         nonlocal stopping
-        if not stopping:
-            stopping = True
+        if not stopping and child is not None:
             child.send_signal(signal.SIGTERM)
+        stopping = True
 
-    for sig in STOPS:
+    for sig in STOPS:  # before the child starts, and whatever they were (SIG_IGN included)
         signal.signal(sig, stop)
+    env = dict(os.environ, **{CHILD_ENV: "1"})
+    child = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+    if stopping:
+        child.send_signal(signal.SIGTERM)
     code = child.wait()
     # Stopped before its handlers were in place (nothing started yet): a clean stop too.
     return 0 if stopping and code == -signal.SIGTERM else code
