@@ -72,6 +72,9 @@ def plan_config(path: str) -> int:
 def generate(a) -> int:
     from .engine.llm import LLM
     from .engine.sampling_params import SamplingParams
+    from .logs import quiet_ray
+
+    quiet_ray()
 
     llm = LLM(
         a.model,
@@ -203,6 +206,7 @@ def serve_config(a) -> int:
 
 def score(a) -> int:
     from .batch import ScoreConfig, execute, prepare_job, quiet_ray_data
+    from .logs import quiet_ray
     from .runtime.pipeline import ensure_ray
 
     sampling = {"max_tokens": a.max_tokens, "temperature": a.temperature}
@@ -224,6 +228,7 @@ def score(a) -> int:
     job = prepare_job(a.input, a.output, cfg, retry_errors=a.retry_errors)  # before Ray starts
     print(job.line(), file=sys.stderr, flush=True)
     if job.pending:
+        quiet_ray()
         ensure_ray(a.address)
         if not a.verbose:
             quiet_ray_data()
