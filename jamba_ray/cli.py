@@ -16,10 +16,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("init-tiny", help="write a tiny random Jamba checkpoint + tokenizer")
-    t.add_argument("dir")
-    t.add_argument("--preset", default="tiny", choices=["tiny", "small"])
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--max-shard-size", default="200KB")
+    t.add_argument("dir", help="directory to write the checkpoint into (created if missing)")
+    t.add_argument(
+        "--preset",
+        default="tiny",
+        choices=["tiny", "small"],
+        help="tiny (tests, the default model) or small (benchmarks)",
+    )
+    t.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    t.add_argument(
+        "--max-shard-size", default="200KB", help="safetensors shard size (default 200KB)"
+    )
     t.add_argument(
         "--classifier",
         type=int,
@@ -51,12 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--model", default=None, help="checkpoint dir or hub id (default: the tiny model)"
     )
-    g.add_argument("--stages", type=int, default=2)
-    g.add_argument("--prompt", action="append", required=True)
-    g.add_argument("--max-tokens", type=int, default=32)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--dtype", default="float32")
+    g.add_argument("--stages", type=int, default=2, help="pipeline stages (default 2)")
+    g.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
+    g.add_argument("--max-tokens", type=int, default=32, help="tokens per prompt (default 32)")
+    g.add_argument(
+        "--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)"
+    )
+    g.add_argument("--seed", type=int, default=None, help="sampling seed (same seed, same text)")
+    g.add_argument("--dtype", default="float32", help="weight dtype (default float32)")
     g.add_argument(
         "--cpus-per-stage",
         type=float,
@@ -82,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--config", default=None, help="pipelines/*.yaml (default: the built-in tiny-cpu)"
     )
-    s.add_argument("--stages", type=int, default=None)
+    s.add_argument(
+        "--stages", type=int, default=None, help="pipeline stages (default: the layout's)"
+    )
     s.add_argument(
         "--transport",
         default=None,
@@ -96,13 +107,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="fixed-shape decode steps (CUDA graphs on GPUs)",
     )
     s.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
-    s.add_argument("--port", type=int, default=None)
+    s.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
     s.add_argument("--grpc-port", type=int, default=None, help="gRPC proxy port (default 9000)")
     s.add_argument("--no-grpc", action="store_true", help="do not start the gRPC proxy")
-    s.add_argument("--min-replicas", type=int, default=None)
-    s.add_argument("--max-replicas", type=int, default=None)
-    s.add_argument("--target-ongoing-requests", type=float, default=None)
-    s.add_argument("--served-model-name", default=None)
+    s.add_argument(
+        "--min-replicas", type=int, default=None, help="fewest pipelines (default: the layout's)"
+    )
+    s.add_argument(
+        "--max-replicas", type=int, default=None, help="most pipelines (default: the layout's)"
+    )
+    s.add_argument(
+        "--target-ongoing-requests",
+        type=float,
+        default=None,
+        help="requests per replica autoscaling aims at (default: the layout's)",
+    )
+    s.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the model name clients send (default: jamba-tiny, else the checkpoint's dir name)",
+    )
     s.add_argument(
         "--api-key", default=None, help="require 'Authorization: Bearer KEY' (HTTP and gRPC)"
     )
@@ -110,25 +134,46 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=commands.serve)
 
     b = sub.add_parser("score", help="offline batch job on Ray Data: loglik / classify / generate")
-    b.add_argument("--model", required=True)
+    b.add_argument("--model", required=True, help="checkpoint dir or hub id")
     b.add_argument(
         "--input", required=True, help="JSONL or Parquet (any filesystem Ray Data reads)"
     )
     b.add_argument("--output", required=True, help="directory of Parquet parts (rerun resumes)")
-    b.add_argument("--task", default="loglik", choices=["loglik", "classify", "generate"])
-    b.add_argument("--text-column", default="text")
+    b.add_argument(
+        "--task",
+        default="loglik",
+        choices=["loglik", "classify", "generate"],
+        help="what each row gets (default loglik)",
+    )
+    b.add_argument("--text-column", default="text", help="the column scored (default text)")
     b.add_argument("--id-column", default="id", help="row key for resuming")
     b.add_argument("--pipelines", type=int, default=1, help="actor pool size (one pipeline each)")
-    b.add_argument("--batch-size", type=int, default=16)
-    b.add_argument("--stages", type=int, default=1)
-    b.add_argument("--cpus-per-stage", type=float, default=0.5)
-    b.add_argument("--max-model-len", type=int, default=None)
+    b.add_argument("--batch-size", type=int, default=16, help="rows per batch (default 16)")
+    b.add_argument("--stages", type=int, default=1, help="stages per pipeline (default 1)")
+    b.add_argument(
+        "--cpus-per-stage", type=float, default=0.5, help="CPUs each stage reserves (default 0.5)"
+    )
+    b.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="longest row in tokens (default: the model's, capped by memory)",
+    )
     b.add_argument("--max-batched-tokens", type=int, default=256, help="prefill chunk size")
-    b.add_argument("--too-long", default="error", choices=["error", "truncate"])
-    b.add_argument("--token-logprobs", action="store_true")
+    b.add_argument(
+        "--too-long",
+        default="error",
+        choices=["error", "truncate"],
+        help="a row over --max-model-len: an error row, or its first tokens (default error)",
+    )
+    b.add_argument(
+        "--token-logprobs", action="store_true", help="loglik: also each token's log-probability"
+    )
     b.add_argument("--max-tokens", type=int, default=16, help="generate: tokens per row")
-    b.add_argument("--temperature", type=float, default=0.0)
-    b.add_argument("--seed", type=int, default=None)
+    b.add_argument(
+        "--temperature", type=float, default=0.0, help="generate: temperature (default 0)"
+    )
+    b.add_argument("--seed", type=int, default=None, help="generate: sampling seed")
     b.add_argument(
         "--retry-errors",
         action=argparse.BooleanOptionalAction,
@@ -143,13 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="print progress this often (default 10; 0: only at the end)",
     )
     b.add_argument("--verbose", action="store_true", help="Ray Data's progress bars and INFO logs")
-    b.add_argument("--address", default=None)
+    b.add_argument("--address", default=None, help="Ray cluster address (default: local)")
     b.set_defaults(fn=commands.score)
 
     sc = sub.add_parser(
         "serve-config", help="print a Serve config (serve run/deploy, KubeRay) for a pipeline"
     )
-    sc.add_argument("--config", required=True)
+    sc.add_argument("--config", required=True, help="pipelines/*.yaml")
     sc.set_defaults(fn=commands.serve_config)
     return p
 

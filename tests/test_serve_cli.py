@@ -122,6 +122,13 @@ def test_a_second_serve_on_a_busy_port_is_refused_before_anything_starts(server,
     assert "Ray" not in r.stdout + r.stderr  # refused before Ray started
 
 
+def test_the_console_says_only_what_matters(server):
+    out = server.output()
+    assert "Token authentication is enabled" not in out  # Ray's default, nothing to act on
+    assert "\x1b[" not in out  # no colour codes: this is a log file
+    assert "Writing model shards" not in out  # the tiny default's build, no progress bar
+
+
 def test_sigterm_to_the_process_group_stops_it_cleanly(server):
     os.killpg(server.proc.pid, signal.SIGTERM)  # what timeout / systemd / Kubernetes send
     code = server.proc.wait(timeout=STOP_WITHIN_S)
