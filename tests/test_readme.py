@@ -7,7 +7,9 @@ What the README must follow for this to pass:
   also has a classifier head. Data paths `"data.jsonl"`, `"data.parquet"` (or any
   `"s3://..."`/`"gs://..."` path ending so) become small local files with `id` and `text`.
   Blocks that talk to a running server (they name 127.0.0.1:8000 or :9000, or localhost) run
-  only when a server answers on 127.0.0.1:8000. A block with `# readme: skip` never runs.
+  against the test session's own server (tests/serve/conftest.py `served`, started on first
+  use): its ports replace 8000 and 9000 and its model name replaces "jamba-tiny". A block with
+  `# readme: skip` never runs.
 - Commands are lines of ```bash (or sh, shell, console) blocks that start with `jamba-ray` or
   `python -m jamba_ray` (a `$ ` prompt, `\\` continuations and trailing `# comments` are fine).
   The same placeholders apply as words (`DIR`, `M`, `MODEL`, `DIR_OR_CONFIG`, `PATH`,
@@ -29,6 +31,8 @@ import pytest
 
 from jamba_ray.cli import build_parser, main
 from jamba_ray.tiny import TinySpec, init_tiny
+from tests.serve.conftest import MODEL as SERVED_MODEL
+from tests.serve.conftest import served  # noqa: F401  (the session's server, for server blocks)
 
 ROOT = Path(__file__).parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -60,13 +64,12 @@ def table_rows() -> list[tuple[str, list[str]]]:
     return [(cmd, re.findall(r"--[a-z][a-z0-9-]*", rest)) for cmd, rest in rows]
 
 
-def server_up() -> bool:
-    import requests
-
-    try:
-        return requests.get("http://127.0.0.1:8000/health", timeout=2).ok
-    except requests.RequestException:
-        return False
+def against(server, code: str) -> str:
+    """A server block pointed at the session's server instead of 8000 / 9000 / jamba-tiny."""
+    for host in ("127.0.0.1", "localhost"):
+        code = code.replace(f"{host}:8000", f"127.0.0.1:{server.http_port}")
+        code = code.replace(f"{host}:9000", f"127.0.0.1:{server.grpc_port}")
+    return code.replace('"jamba-tiny"', repr(SERVED_MODEL))
 
 
 @pytest.fixture(scope="module")
@@ -80,12 +83,12 @@ def test_the_readme_has_examples_to_check():
 
 
 @pytest.mark.parametrize("index", range(len(blocks({"python"}))))
-def test_python_block_runs(index, readme_ckpt, ray_session):
+def test_python_block_runs(index, readme_ckpt, ray_session, request):
     code = blocks({"python"})[index]
     if "# readme: skip" in code:
         pytest.skip("marked # readme: skip")
-    if any(s in code for s in SERVER) and not server_up():
-        pytest.skip("needs a server on 127.0.0.1:8000")
+    if any(s in code for s in SERVER):
+        code = against(request.getfixturevalue("served"), code)
     code = re.sub(r'"([^"\n]*)"', lambda m: literal(m, Path(readme_ckpt)), code)
     namespace: dict = {"__name__": f"readme_block_{index}"}
     try:
