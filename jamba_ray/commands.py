@@ -61,12 +61,28 @@ def plan_config(path: str) -> int:
     plans = plan(spec, place.num_stages, slices, dtype, place.balance)
     int8 = f", int8 weights (Mamba in {dtype})" if cfg.model.quantization else ""
     print(f"pipeline {pf.name}: {pf.model or 'tiny default'}, {dtype}{int8}, {len(plans)} stages\n")
-    print(format_plan(spec, plans), end="\n\n")
+    print(format_plan(spec, stored_weights(spec, plans, dtype, cfg.model.quantization)), end="\n\n")
     fits = fit_check(spec, cfg, plans)
     print(format_fit(fits))
     print(format_capacity(derive_capacity(spec, cfg, plans)))
     require_fit(fits)
     return 0
+
+
+def stored_weights(spec, plans, dtype: str, quantization: str | None):
+    """The plans with the bytes their weights take as stored (int8 linears are smaller), so the
+    partition table and the fit table agree."""
+    import dataclasses
+
+    from .config.fit import stage_weight_bytes
+
+    last = len(plans) - 1
+    return [
+        dataclasses.replace(
+            p, param_bytes=stage_weight_bytes(spec, p, dtype, quantization, p.index == last)
+        )
+        for p in plans
+    ]
 
 
 def generate(a) -> int:

@@ -144,3 +144,10 @@ def test_every_option_of_every_command_says_what_it_does():
         if not a.help and not isinstance(a, argparse._HelpAction)
     ]
     assert silent == []
+
+
+def test_plan_of_an_int8_layout_gives_one_weight_size_per_stage(capsys):
+    layout = str(ROOT / "pipelines" / "jamba-v0.1-int8-2x80g.yaml")
+    assert main(["plan", "--config", layout]) == 0
+    out = capsys.readouterr().out
+    assert out.count("25.66 GiB") == 4 and "48.03 GiB" not in out  # partition + fit tables

@@ -146,3 +146,53 @@ def test_every_flag_in_the_cli_table_exists():
             continue
         known = {o for a in parsers[cmd]._actions for o in a.option_strings}
         assert set(flags) <= known, f"README's `{cmd}` row names {set(flags) - known}"
+
+
+UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
+SIZE = re.compile(r"([\d.]+)\s*(B|KiB|MiB|GiB)?")
+
+
+def sizes(cell: str) -> list[float]:
+    """Byte counts of a cell such as "23.76–24.26 GiB" (a unit covers the numbers before it)."""
+    found = SIZE.findall(cell.split(" (")[0])
+    out, pending = [], []
+    for number, unit in found:
+        pending.append(float(number))
+        if unit:
+            out += [n * UNITS[unit] for n in pending]
+            pending = []
+    return out
+
+
+def same_range(cell: str, printed: list[str]) -> bool:
+    want = sizes(cell)
+    got = sorted(sizes(" ".join(printed)))
+    lo_hi = [got[0], got[-1]] if got[0] != got[-1] else [got[0]]
+    return len(want) == len(lo_hi) and all(abs(w - g) <= 0.01 * g for w, g in zip(want, lo_hi))
+
+
+def layout_rows() -> list[list[str]]:
+    rows = re.findall(r"^\| `([\w.-]+\.yaml)`[^|]*\|(.*)\|\s*$", README, re.M)
+    return [[name, *(c.strip() for c in rest.split("|"))] for name, rest in rows]
+
+
+@pytest.mark.parametrize("row", layout_rows(), ids=lambda r: r[0])
+def test_the_layout_table_is_what_plan_prints(row, capsys):
+    name, _, weights, pool, total_device, sequences = row
+    assert main(["plan", "--config", str(ROOT / "pipelines" / name)]) == 0
+    out = capsys.readouterr().out
+    fit = re.findall(
+        r"^\s+\d+\s+([\d.]+ \w+)\s+([\d.]+ \w+)\s+[\d.]+ \w+\s+([\d.]+ \w+)\s+(\S+ \w+|-)",
+        out,
+        re.M,
+    )
+    assert fit, out
+    assert same_range(weights, [f[0] for f in fit]), (weights, fit)
+    assert same_range(pool, [f[1] for f in fit]), (pool, fit)
+    if total_device != "—":
+        total, device = total_device.split(" / ")
+        unit = device.split()[-1]
+        assert same_range(f"{total} {unit}", [f[2] for f in fit]), (total_device, fit)
+        assert same_range(device, [f[3] for f in fit]), (total_device, fit)
+    capacity = re.search(r"at 1K / 32K / 256K tokens: (.*)$", out, re.M)[1]
+    assert sequences.replace("–", "-").split(" (")[0] == capacity.split(" (")[0]
