@@ -196,3 +196,24 @@ def test_the_layout_table_is_what_plan_prints(row, capsys):
         assert same_range(device, [f[3] for f in fit]), (total_device, fit)
     capacity = re.search(r"at 1K / 32K / 256K tokens: (.*)$", out, re.M)[1]
     assert sequences.replace("–", "-").split(" (")[0] == capacity.split(" (")[0]
+
+
+def test_the_cli_table_names_every_option_of_every_command():
+    parsers = build_parser()._subparsers._group_actions[0].choices
+    named: dict[str, set[str]] = {}
+    for cmd, flags in table_rows():
+        named.setdefault(cmd, set()).update(flags)
+    for cmd, parser in parsers.items():
+        options = {o for a in parser._actions for o in a.option_strings if o.startswith("--")}
+        missing = options - {"--help"} - named.get(cmd, set())
+        assert not missing, f"README's `{cmd}` rows omit {sorted(missing)}"
+
+
+def test_every_dev_sh_command_is_in_the_readme():
+    script = (ROOT / "scripts" / "dev.sh").read_text()
+    commands = re.search(r'case "\$cmd" in ([\w|]+)\)', script)[1].split("|")
+    assert commands and all(f"scripts/dev.sh {c}" in README for c in commands)
+
+
+def test_no_program_output_noise_in_the_readme():
+    assert not re.search(r"\d+%\|", README), "a progress bar was pasted into README.md"
