@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 
@@ -222,7 +223,7 @@ def serve_config(a) -> int:
 
 def score(a) -> int:
     from .batch import ScoreConfig, execute, prepare_job, quiet_ray_data
-    from .logs import quiet_ray
+    from .logs import drop_native_lines, quiet_ray
     from .runtime.pipeline import ensure_ray
 
     sampling = {"max_tokens": a.max_tokens, "temperature": a.temperature}
@@ -243,11 +244,13 @@ def score(a) -> int:
     )
     job = prepare_job(a.input, a.output, cfg, retry_errors=a.retry_errors)  # before Ray starts
     print(job.line(), file=sys.stderr, flush=True)
-    if job.pending:
-        quiet_ray()
-        ensure_ray(a.address)
-        if not a.verbose:
-            quiet_ray_data()
-    summary = execute(job, a.pipelines, a.batch_size, a.progress_every)
+    quiet = contextlib.nullcontext() if a.verbose else drop_native_lines()
+    with quiet:
+        if job.pending:
+            quiet_ray()
+            ensure_ray(a.address)
+            if not a.verbose:
+                quiet_ray_data()
+        summary = execute(job, a.pipelines, a.batch_size, a.progress_every)
     print(f"jamba-ray score: {summary.line()}; output in {a.output}")
     return 0
