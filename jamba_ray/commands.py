@@ -154,10 +154,11 @@ def serve(a) -> int:
     config = serve_pipeline(a).to_config(a.model)
     if not is_detached_child():
         opts = config.serve
-        if a.address is None:  # a local Ray: the ports and CPUs are this machine's
+        local = (a.address or os.environ.get("RAY_ADDRESS")) is None  # this machine's ports, CPUs
+        if local:
             check_ports(opts.host, {"--port": opts.port, "--grpc-port": opts.grpc_port})
         check_model(config)
-        if a.address is None and config.engine.placement.num_cpus_per_stage is not None:
+        if local and config.engine.placement.num_cpus_per_stage is not None:
             check_resources(config, local_resources(), complete=False)
         return run_detached([sys.executable, "-m", "jamba_ray", *a.argv])
     return serve_foreground(config, a.address)

@@ -32,9 +32,19 @@ def jamba_ray(*args: str) -> list[str]:
     return [sys.executable, "-m", "jamba_ray", *args]
 
 
+def own_ray_env() -> dict[str, str]:
+    """The environment, less any RAY_ADDRESS: each server starts a local Ray of its own."""
+    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
-        jamba_ray(*args), cwd=ROOT, capture_output=True, text=True, timeout=timeout
+        jamba_ray(*args),
+        cwd=ROOT,
+        env=own_ray_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -50,6 +60,7 @@ class Server:
             self.proc = subprocess.Popen(
                 jamba_ray("serve", "--port", str(http_port), "--grpc-port", str(grpc_port)),
                 cwd=ROOT,
+                env=own_ray_env(),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group, as a shell job's
