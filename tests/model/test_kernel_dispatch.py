@@ -6,7 +6,6 @@ them on CPU tensors under TRITON_INTERPRET=1. fp32 throughout: the paths differ 
 order only, ~1e-6 on logits of order 1-10.
 """
 
-
 import pytest
 import torch
 

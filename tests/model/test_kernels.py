@@ -7,7 +7,6 @@ bf16 ulp apart (2^-7 relative) when the fp32 values straddle a rounding boundary
 The SSM state is fp32 on both paths even with bf16 inputs, so it keeps the fp32 bound.
 """
 
-
 import pytest
 import torch
 
