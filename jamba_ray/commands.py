@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 
@@ -62,7 +63,7 @@ def plan_config(path: str) -> int:
     int8 = f", int8 weights (Mamba in {dtype})" if cfg.model.quantization else ""
     model = pf.engine.model.path or "tiny default"
     print(f"pipeline {pf.name}: {model}, {dtype}{int8}, {len(plans)} stages\n")
-    print(format_plan(spec, plans), end="\n\n")
+    print(format_plan(spec, stored_weights(spec, plans, dtype, cfg.model.quantization)), end="\n\n")
     fits = fit_check(spec, cfg, plans)
     print(format_fit(fits))
     print(format_capacity(derive_capacity(spec, cfg, plans)))
@@ -70,9 +71,28 @@ def plan_config(path: str) -> int:
     return 0
 
 
+def stored_weights(spec, plans, dtype: str, quantization: str | None):
+    """The plans with the bytes their weights take as stored (int8 linears are smaller), so the
+    partition table and the fit table agree."""
+    import dataclasses
+
+    from .config.fit import stage_weight_bytes
+
+    last = len(plans) - 1
+    return [
+        dataclasses.replace(
+            p, param_bytes=stage_weight_bytes(spec, p, dtype, quantization, p.index == last)
+        )
+        for p in plans
+    ]
+
+
 def generate(a) -> int:
     from .engine.llm import LLM
     from .engine.sampling_params import SamplingParams
+    from .logs import quiet_ray
+
+    quiet_ray()
 
     llm = LLM(
         a.model,
@@ -125,29 +145,61 @@ def pipeline_file(a):
 
 
 def serve(a) -> int:
+    """Checks first (nothing started yet), then the server runs in a detached child process
+    (`foreground.run_detached`) so that signals for this process group never reach Ray's."""
     import os
 
-    from .foreground import interrupt_on_sigterm, shutdown_quietly, sleep_forever
-    from .runtime.pipeline import ensure_ray
-    from .serve.launch import start
+    from .foreground import is_detached_child, run_detached
+    from .serve.preflight import check_model, check_ports, check_resources, local_resources
 
     if a.api_key:
         os.environ["JAMBA_RAY_API_KEY"] = a.api_key
+    config = serve_pipeline(a).to_config(a.model)
+    if not is_detached_child():
+        opts = config.serve
+        local = (a.address or os.environ.get("RAY_ADDRESS")) is None  # this machine's ports, CPUs
+        if local:
+            check_ports(opts.host, {"--port": opts.port, "--grpc-port": opts.grpc_port})
+        check_model(config)
+        if local and config.engine.placement.num_cpus_per_stage is not None:
+            check_resources(config, local_resources(), complete=False)
+        return run_detached([sys.executable, "-m", "jamba_ray", *a.argv])
+    return serve_foreground(config, a.address)
+
+
+def serve_pipeline(a):
     pipeline = pipeline_file(a)
     if a.no_grpc:
         pipeline = pipeline.model_copy(
             update={"serve": pipeline.serve.model_copy(update={"grpc_port": None})}
         )
-    config = pipeline.to_config(a.model)
-    ensure_ray(a.address)
-    interrupt_on_sigterm()
-    opts = pipeline.serve
+    return pipeline
+
+
+def serve_foreground(config, address: str | None) -> int:
+    """Start Ray (its gRPC proxy bound to the server's host), check the cluster can hold a
+    replica, deploy, and serve until SIGINT / SIGTERM."""
+    import ray
+
+    from .foreground import interrupt_on_signals, shutdown_quietly, sleep_forever
+    from .logs import quiet_ray
+    from .serve.grpc_bind import runtime_env
+    from .serve.launch import start
+    from .serve.preflight import check_resources, cluster_resources
+
+    interrupt_on_signals()
+    opts, serving = config.serve, False
     try:
+        quiet_ray()
+        ray.init(address=address, log_to_driver=False, runtime_env=runtime_env(opts.host))
+        interrupt_on_signals()  # again: Ray's core worker installs its own SIGTERM handler
+        check_resources(config, cluster_resources())
         print(
             f"jamba-ray: deploying {config.engine.placement.num_stages} stage(s) of "
             f"{config.engine.model.path}; each stage loads its weights first",
             flush=True,
         )
+        serving = True
         start(config)
         print(
             f"jamba-ray: serving on http://{opts.host}:{opts.port}/v1"
@@ -158,7 +210,8 @@ def serve(a) -> int:
         sleep_forever()
     except KeyboardInterrupt:
         print("jamba-ray: stopping (draining Serve, then Ray)", flush=True)
-    shutdown_quietly()
+    finally:
+        shutdown_quietly(serving)
     return 0
 
 
@@ -196,15 +249,19 @@ def score_config(a):
 
 def score(a) -> int:
     from .batch import execute, prepare_job, quiet_ray_data
+    from .logs import drop_native_lines, quiet_ray
     from .runtime.pipeline import ensure_ray
 
     cfg = score_config(a)
     job = prepare_job(a.input, a.output, cfg, retry_errors=a.retry_errors)  # before Ray starts
     print(job.line(), file=sys.stderr, flush=True)
-    if job.pending:
-        ensure_ray(a.address)
-        if not a.verbose:
-            quiet_ray_data()
-    summary = execute(job, a.pipelines, a.batch_size, a.progress_every)
+    quiet = contextlib.nullcontext() if a.verbose else drop_native_lines()
+    with quiet:
+        if job.pending:
+            quiet_ray()
+            ensure_ray(a.address)
+            if not a.verbose:
+                quiet_ray_data()
+        summary = execute(job, a.pipelines, a.batch_size, a.progress_every)
     print(f"jamba-ray score: {summary.line()}; output in {a.output}")
     return 0

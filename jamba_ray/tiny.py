@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -138,11 +139,25 @@ def init_tiny(
         _add_lm_head(model, config)
     params = sum(p.numel() for p in model.parameters())
     say(f"writing {params:,} parameters as safetensors shards of at most {spec.max_shard_size}")
-    model.save_pretrained(out, max_shard_size=spec.max_shard_size)
+    with _no_progress_bars():  # transformers draws a bar over the shards: noise in logs
+        model.save_pretrained(out, max_shard_size=spec.max_shard_size)
     say(f"training a byte-level BPE tokenizer ({config.vocab_size} tokens) on the shipped corpus")
     build_tokenizer(config.vocab_size).save_pretrained(out)
     (out / "jamba_ray_tiny.json").write_text(json.dumps({"preset": spec.preset, "seed": spec.seed}))
     return out
+
+
+@contextlib.contextmanager
+def _no_progress_bars():
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 def _add_lm_head(model, config) -> None:

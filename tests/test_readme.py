@@ -7,7 +7,9 @@ What the README must follow for this to pass:
   also has a classifier head. Data paths `"data.jsonl"`, `"data.parquet"` (or any
   `"s3://..."`/`"gs://..."` path ending so) become small local files with `id` and `text`.
   Blocks that talk to a running server (they name 127.0.0.1:8000 or :9000, or localhost) run
-  only when a server answers on 127.0.0.1:8000. A block with `# readme: skip` never runs.
+  against the test session's own server (tests/serve/conftest.py `served`, started on first
+  use): its ports replace 8000 and 9000 and its model name replaces "jamba-tiny". A block with
+  `# readme: skip` never runs.
 - Commands are lines of ```bash (or sh, shell, console) blocks that start with `jamba-ray` or
   `python -m jamba_ray` (a `$ ` prompt, `\\` continuations and trailing `# comments` are fine).
   The same placeholders apply as words (`DIR`, `M`, `MODEL`, `DIR_OR_CONFIG`, `PATH`,
@@ -29,6 +31,8 @@ import pytest
 
 from jamba_ray.cli import build_parser, main
 from jamba_ray.tiny import TinySpec, init_tiny
+from tests.serve.conftest import MODEL as SERVED_MODEL
+from tests.serve.conftest import served  # noqa: F401  (the session's server, for server blocks)
 
 ROOT = Path(__file__).parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -60,13 +64,12 @@ def table_rows() -> list[tuple[str, list[str]]]:
     return [(cmd, re.findall(r"--[a-z][a-z0-9-]*", rest)) for cmd, rest in rows]
 
 
-def server_up() -> bool:
-    import requests
-
-    try:
-        return requests.get("http://127.0.0.1:8000/health", timeout=2).ok
-    except requests.RequestException:
-        return False
+def against(server, code: str) -> str:
+    """A server block pointed at the session's server instead of 8000 / 9000 / jamba-tiny."""
+    for host in ("127.0.0.1", "localhost"):
+        code = code.replace(f"{host}:8000", f"127.0.0.1:{server.http_port}")
+        code = code.replace(f"{host}:9000", f"127.0.0.1:{server.grpc_port}")
+    return code.replace('"jamba-tiny"', repr(SERVED_MODEL))
 
 
 @pytest.fixture(scope="module")
@@ -80,12 +83,12 @@ def test_the_readme_has_examples_to_check():
 
 
 @pytest.mark.parametrize("index", range(len(blocks({"python"}))))
-def test_python_block_runs(index, readme_ckpt, ray_session):
+def test_python_block_runs(index, readme_ckpt, ray_session, request):
     code = blocks({"python"})[index]
     if "# readme: skip" in code:
         pytest.skip("marked # readme: skip")
-    if any(s in code for s in SERVER) and not server_up():
-        pytest.skip("needs a server on 127.0.0.1:8000")
+    if any(s in code for s in SERVER):
+        code = against(request.getfixturevalue("served"), code)
     code = re.sub(r'"([^"\n]*)"', lambda m: literal(m, Path(readme_ckpt)), code)
     namespace: dict = {"__name__": f"readme_block_{index}"}
     try:
@@ -143,3 +146,74 @@ def test_every_flag_in_the_cli_table_exists():
             continue
         known = {o for a in parsers[cmd]._actions for o in a.option_strings}
         assert set(flags) <= known, f"README's `{cmd}` row names {set(flags) - known}"
+
+
+UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
+SIZE = re.compile(r"([\d.]+)\s*(B|KiB|MiB|GiB)?")
+
+
+def sizes(cell: str) -> list[float]:
+    """Byte counts of a cell such as "23.76–24.26 GiB" (a unit covers the numbers before it)."""
+    found = SIZE.findall(cell.split(" (")[0])
+    out, pending = [], []
+    for number, unit in found:
+        pending.append(float(number))
+        if unit:
+            out += [n * UNITS[unit] for n in pending]
+            pending = []
+    return out
+
+
+def same_range(cell: str, printed: list[str]) -> bool:
+    want = sizes(cell)
+    got = sorted(sizes(" ".join(printed)))
+    lo_hi = [got[0], got[-1]] if got[0] != got[-1] else [got[0]]
+    return len(want) == len(lo_hi) and all(abs(w - g) <= 0.01 * g for w, g in zip(want, lo_hi))
+
+
+def layout_rows() -> list[list[str]]:
+    rows = re.findall(r"^\| `([\w.-]+\.yaml)`[^|]*\|(.*)\|\s*$", README, re.M)
+    return [[name, *(c.strip() for c in rest.split("|"))] for name, rest in rows]
+
+
+@pytest.mark.parametrize("row", layout_rows(), ids=lambda r: r[0])
+def test_the_layout_table_is_what_plan_prints(row, capsys):
+    name, _, weights, pool, total_device, sequences = row
+    assert main(["plan", "--config", str(ROOT / "pipelines" / name)]) == 0
+    out = capsys.readouterr().out
+    fit = re.findall(
+        r"^\s+\d+\s+([\d.]+ \w+)\s+([\d.]+ \w+)\s+[\d.]+ \w+\s+([\d.]+ \w+)\s+(\S+ \w+|-)",
+        out,
+        re.M,
+    )
+    assert fit, out
+    assert same_range(weights, [f[0] for f in fit]), (weights, fit)
+    assert same_range(pool, [f[1] for f in fit]), (pool, fit)
+    if total_device != "—":
+        total, device = total_device.split(" / ")
+        unit = device.split()[-1]
+        assert same_range(f"{total} {unit}", [f[2] for f in fit]), (total_device, fit)
+        assert same_range(device, [f[3] for f in fit]), (total_device, fit)
+    capacity = re.search(r"at 1K / 32K / 256K tokens: (.*)$", out, re.M)[1]
+    assert sequences.replace("–", "-").split(" (")[0] == capacity.split(" (")[0]
+
+
+def test_the_cli_table_names_every_option_of_every_command():
+    parsers = build_parser()._subparsers._group_actions[0].choices
+    named: dict[str, set[str]] = {}
+    for cmd, flags in table_rows():
+        named.setdefault(cmd, set()).update(flags)
+    for cmd, parser in parsers.items():
+        options = {o for a in parser._actions for o in a.option_strings if o.startswith("--")}
+        missing = options - {"--help"} - named.get(cmd, set())
+        assert not missing, f"README's `{cmd}` rows omit {sorted(missing)}"
+
+
+def test_every_dev_sh_command_is_in_the_readme():
+    script = (ROOT / "scripts" / "dev.sh").read_text()
+    commands = re.search(r'case "\$cmd" in ([\w|]+)\)', script)[1].split("|")
+    assert commands and all(f"scripts/dev.sh {c}" in README for c in commands)
+
+
+def test_no_program_output_noise_in_the_readme():
+    assert not re.search(r"\d+%\|", README), "a progress bar was pasted into README.md"

@@ -34,7 +34,9 @@ def check_task(config: ScoreConfig) -> None:
     ckpt = resolve(config.model)
     if config.task == "classify" and "score.weight" not in ckpt.weight_map():
         raise InvalidRequestError(
-            "task 'classify' needs a checkpoint with a classification head (score.weight)"
+            f"task 'classify' needs a checkpoint with a classification head (score.weight); "
+            f"{config.model} has none. `jamba-ray init-tiny DIR --classifier K` writes a tiny "
+            "one with K labels; a JambaForSequenceClassification checkpoint has one"
         )
 
 
@@ -42,6 +44,8 @@ def inspect_input(path: str, text_column: str, id_column: str) -> InputInfo:
     """Open the input with pyarrow (any filesystem it reads), check the columns, read the ids."""
     import pyarrow.dataset as pds
 
+    if "://" not in str(path) and not Path(path).exists():
+        raise InvalidRequestError(f"input {path} does not exist")
     try:
         data = pds.dataset(str(path), format=input_format(path))
         names = data.schema.names

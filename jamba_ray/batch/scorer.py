@@ -16,6 +16,8 @@ OUTPUT_COLUMNS = {
     "generate": ["completion", "finish_reason", "num_tokens", "error"],
 }
 
+INT_COLUMNS = ("label", "num_tokens")  # nullable integers: an error row has neither
+
 
 def text_error(text, column: str) -> str | None:
     """Why a row's text cannot be scored, or None."""
@@ -53,8 +55,8 @@ class PipelineScorer:
                 cols[k][i] = v
         cols["error"] = [e if e is not None else cols["error"][i] for i, e in enumerate(errors)]
         out = batch.copy()
-        for k, v in cols.items():
-            out[k] = v
+        for k, v in cols.items():  # (a plain list with None would make the integers floats)
+            out[k] = pd.array(v, dtype="Int64") if k in INT_COLUMNS else v
         return out
 
     def _encode(self, text) -> tuple[list[int] | None, str | None]:

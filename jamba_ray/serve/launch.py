@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import re
 
 from ray import serve
 from ray.serve.config import gRPCOptions
 
 from ..config.engine_config import PipelineConfig
 from ..config.pipeline_file import PipelineFile
+from ..errors import JambaRayError
+from ..logs import ANSI
 from .app import deployment
 
 log = logging.getLogger(__name__)
@@ -32,6 +35,9 @@ def start(config: PipelineConfig, blocking: bool = False):
     serve_log.addFilter(quiet)
     try:
         handle = serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+    except RuntimeError as e:  # DEPLOY_FAILED: the replica's traceback is in the app's status
+        cause = failure_cause(f"{e}\n{deployment_messages()}")
+        raise StartupError(f"the replica failed to start: {cause}") from None
     finally:
         serve_log.removeFilter(quiet)
     log.info(
@@ -46,6 +52,30 @@ def start(config: PipelineConfig, blocking: bool = False):
         while True:
             time.sleep(3600)
     return handle
+
+
+class StartupError(JambaRayError):
+    """The app's replica failed in its constructor (Serve gave up after its retries)."""
+
+
+_EXCEPTION_LINE = re.compile(r"^\s*([\w.]+(?:Error|Exception|Exit)\b.*)$")
+
+
+def deployment_messages() -> str:
+    """What Serve's status says about the app's deployments (a failed constructor's traceback)."""
+    try:
+        app = serve.status().applications.get(APP_NAME)
+    except Exception:  # the status is a courtesy here: the failure itself is already known
+        return ""
+    return "\n".join(d.message for d in app.deployments.values() if d.message) if app else ""
+
+
+def failure_cause(message: str) -> str:
+    """The last `SomeError: why` line of a failed deployment's message (its innermost cause),
+    else the message's last line."""
+    lines = [ln.strip() for ln in ANSI.sub("", message).splitlines() if ln.strip()]
+    causes = [m.group(1) for ln in lines if (m := _EXCEPTION_LINE.match(ln))]
+    return causes[-1] if causes else (lines[-1] if lines else "no reason given")
 
 
 class _DropMessage(logging.Filter):

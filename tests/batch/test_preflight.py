@@ -29,13 +29,15 @@ def test_bad_settings_and_inputs_are_named(tiny_ckpt, tmp_path):
         ScoreConfig.build(tiny_ckpt, task="generate", sampling={"max_tokens": 0})
     src = write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "body": "hello"}])
     out = str(tmp_path / "out")
-    with pytest.raises(InvalidRequestError, match="classification head"):
+    with pytest.raises(
+        InvalidRequestError, match=r"classification head.*init-tiny DIR --classifier K"
+    ):
         prepare_job(src, out, ScoreConfig.build(tiny_ckpt, task="classify"))
     with pytest.raises(ModelNotFoundError):
         prepare_job(src, out, ScoreConfig.build(str(tmp_path / "nowhere")))
     with pytest.raises(InvalidRequestError, match=r"no 'text' column \(columns: id, body\)"):
         prepare_job(src, out, ScoreConfig.build(tiny_ckpt))
-    with pytest.raises(InvalidRequestError, match="cannot read input"):
+    with pytest.raises(InvalidRequestError, match=r"input \S+missing.jsonl does not exist$"):
         prepare_job(str(tmp_path / "missing.jsonl"), out, ScoreConfig.build(tiny_ckpt))
     (tmp_path / "junk.parquet").write_bytes(b"not parquet")
     with pytest.raises(InvalidRequestError, match="cannot read input"):

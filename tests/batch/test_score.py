@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -65,6 +67,9 @@ def test_classify_equals_hf_sequence_classification(classifier_ckpt, ray_session
             torch.tensor(list(row["logits"]), dtype=torch.float32), expected, atol=1e-4, rtol=0
         )
         assert row["label"] == int(expected.argmax()) and sum(row["probs"]) == pytest.approx(1.0)
+    assert pd.api.types.is_integer_dtype(df["label"]) and pd.api.types.is_integer_dtype(
+        df["num_tokens"]
+    )
 
 
 def test_bad_rows_become_error_rows_and_the_rest_succeed(tiny_ckpt, ray_session, tmp_path):
@@ -91,6 +96,8 @@ def test_bad_rows_become_error_rows_and_the_rest_succeed(tiny_ckpt, ray_session,
     )
     trunc = read_parts(tmp_path / "trunc").set_index("id")
     assert pd.isna(trunc.loc[3, "error"]) and trunc.loc[3, "num_tokens"] == 255
+    for part in (tmp_path / "err").glob("part-*.parquet"):  # integers, null on error rows
+        assert pq.read_schema(part).field("num_tokens").type == pa.int64()
 
 
 def test_generate_task_equals_llm_generate_with_the_same_flags(tiny_ckpt, ray_session, tmp_path):

@@ -6,24 +6,17 @@ them on CPU tensors under TRITON_INTERPRET=1. fp32 throughout: the paths differ 
 order only, ~1e-6 on logits of order 1-10.
 """
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from tests.conftest import need_triton  # noqa: E402
 
-pytest.importorskip("triton", reason="Triton is not installed")
+need_triton()  # skips, or fails in CI, before the kernels are imported
 
 from jamba_ray.engine.messages import StepMessage  # noqa: E402
 from jamba_ray.model import kernels  # noqa: E402
 from jamba_ray.runtime.stage import Stage  # noqa: E402
 from tests.conftest import seg, stage_logits, stage_spec  # noqa: E402
-
-pytestmark = pytest.mark.skipif(
-    not kernels.available(), reason="no CUDA and TRITON_INTERPRET unset"
-)
 
 BOUNDS = [(0, 3), (3, 6)]  # each stage holds an attention layer and Mamba layers
 MAX_LEN = 64

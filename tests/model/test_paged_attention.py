@@ -10,26 +10,20 @@ on the GPU the kernel rounds its probabilities to bf16 for the PV product (as fl
 does): a few bf16 ulps (2^-8 relative) of outputs of order 1, so 2e-2.
 """
 
-import os
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # the interpreter runs the kernel on CPU tensors
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernel is decorated
+from tests.conftest import need_triton  # noqa: E402
 
-pytest.importorskip("triton", reason="Triton is not installed")
+need_triton()  # skips, or fails in CI, before the kernels are imported
 
 from jamba_ray.model import kernels  # noqa: E402
 from jamba_ray.model.attention import decode_padded, decode_ref  # noqa: E402
 from jamba_ray.model.kernels import paged_attention  # noqa: E402
 from jamba_ray.model.kernels.reference import paged_decode_ref  # noqa: E402
 from jamba_ray.model.layout import Layout  # noqa: E402
-
-pytestmark = pytest.mark.skipif(
-    not kernels.available(), reason="no CUDA and TRITON_INTERPRET unset"
-)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
