@@ -101,17 +101,18 @@ class Scheduler:
         return self._build(chosen, in_flight) if chosen else None
 
     def _decodes(self, ready: list[Sequence]) -> list[tuple[Sequence, int]]:
-        """A fair share of the decoding sequences (one micro-batch per stage), in slot order:
-        consecutive slots let stages update state in place. Each gets its next block, by
-        preempting the youngest running sequences if it must."""
+        """A fair share of the decoding sequences (one micro-batch per stage). Each gets its next
+        block, by preempting the lowest-ranked running sequences if it must: they are asked in
+        rank order, so a sequence never preempts one that outranks it. Returned in slot order:
+        consecutive slots let stages update state in place."""
         decoding = sum(_decoding(s) for s in self.running)
         cap = min(math.ceil(decoding / self.num_micro_batches), self.config.max_batched_tokens)
         chosen: list[tuple[Sequence, int]] = []
-        for s in sorted((s for s in ready if _decoding(s)), key=lambda s: s.slot):
+        for s in sorted((s for s in ready if _decoding(s)), key=_rank):
             keep = {id(q) for q, _ in chosen} | {id(s)}
             if len(chosen) < cap and s.slot is not None and self._room(s, s.num_computed + 1, keep):
                 chosen.append((s, 1))
-        return chosen
+        return sorted(chosen, key=lambda c: c[0].slot)
 
     def _chunks(self, seqs: list[Sequence], budget: int) -> list[tuple[Sequence, int]]:
         chosen = []
@@ -127,8 +128,8 @@ class Scheduler:
         return chosen
 
     def _room(self, seq: Sequence, end: int, keep: set[int]) -> bool:
-        """Blocks for `seq` up to `end`, preempting the youngest sequences not in flight and not
-        in `keep` (ids of those already chosen) for them."""
+        """Blocks for `seq` up to `end`, preempting the lowest-ranked sequences not in flight and
+        not in `keep` (ids of those already chosen) for them."""
         while not self.kv.grow(seq, end):
             victims = [
                 s
