@@ -177,11 +177,14 @@ def test_aborts_at_every_point_of_a_requests_life_give_back_every_block(tiny_ckp
 
 # ---- preemption --------------------------------------------------------------------------------
 @pytest.mark.parametrize("low_starts_first", [False, True], ids=["queued-together", "low-first"])
-def test_the_lowest_priority_is_preempted_whoever_runs_out_of_blocks(tiny_ckpt, low_starts_first):
+def test_the_lowest_priority_is_preempted_whoever_runs_out_of_blocks(
+    tiny_ckpt, cold, low_starts_first
+):
     """Blocks run out while three requests decode: the one with the lowest priority (the highest
     value) is preempted, though it arrived first, and also when it is the one short of a block
     (started a step earlier, it asks first). The others receive a token every step until they
-    finish; only the preempted one stalls."""
+    finish; only the preempted one stalls, and it samples on from its recomputed state as a cold
+    engine would."""
     eng = engine(
         tiny_ckpt, num_stages=1, max_model_len=32, num_kv_blocks=20, enable_prefix_caching=False
     )
@@ -201,4 +204,5 @@ def test_the_lowest_priority_is_preempted_whoever_runs_out_of_blocks(tiny_ckpt, 
             seen[rid] = n
     assert eng.stats_local()["preemptions"] > 0
     assert stalls["urgent0"] == stalls["urgent1"] == 0 and stalls["low"] > 0, stalls
+    assert_teacher_forced(cold, gots["low"])
     assert_at_baseline(eng)
