@@ -46,8 +46,9 @@ class PrefixCache:
 
     @property
     def num_held_blocks(self) -> int:
-        """Tail blocks the checkpoints hold (counted as in use)."""
-        return sum(cp.tail_block is not None for cp in self._lru.values())
+        """Tail blocks the checkpoints hold (counted as in use): distinct ones, since checkpoints
+        of one sequence within one block share it."""
+        return len({cp.tail_block for cp in self._lru.values()} - {None})
 
     def match(self, tokens: list[int], logprobs_k: int | None = None) -> Match | None:
         """The longest usable checkpoint that leaves at least one token of `tokens` to run

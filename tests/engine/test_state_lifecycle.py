@@ -148,6 +148,15 @@ def test_forks_of_a_resumed_prompt_score_as_a_cold_engine(tiny_ckpt, cold):
     assert_at_baseline(eng)
 
 
+def test_checkpoints_that_share_a_tail_block_count_it_once(tiny_ckpt):
+    """The end-of-prompt checkpoint (38) and the finished sequence's last state (39) both hold the
+    block of positions 36-39: once idle, that one block is all they hold beyond the others'."""
+    eng = engine(tiny_ckpt)
+    add(eng, "short", SYSTEM, sampled(max_tokens=2))
+    drain(eng)
+    assert_at_baseline(eng)
+
+
 # ---- aborts ------------------------------------------------------------------------------------
 def test_aborts_at_every_point_of_a_requests_life_give_back_every_block(tiny_ckpt, cold):
     """Aborted while queued, mid-prefill, in flight, decoding, and forked: once the engine is
