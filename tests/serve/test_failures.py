@@ -114,12 +114,14 @@ def test_bf16_serving_with_int8_weights_scores_like_transformers(strict, served,
 
 
 def aborted_by_the_timeout(base: str, call) -> None:
-    """`call` asks for FOREVER and meets the timeout; its request ends well short of its length."""
+    """`call` asks for FOREVER and meets the timeout; its request ends well short of its length,
+    and gives back its KV blocks (only the checkpoints hold some once idle)."""
     before = wait_app_idle(base)
     call()
     after = wait_app_idle(base)
     assert after["finished_requests"] - before["finished_requests"] == 1
     assert after["generated_tokens"] - before["generated_tokens"] < FOREVER["n"] * 2000 / 2
+    assert after["kv_blocks_in_use"] == after["kv_blocks_held_by_checkpoints"], after
 
 
 def test_requests_that_outlive_the_timeout_get_504_on_every_front_and_end(strict, served):
