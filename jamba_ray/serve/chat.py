@@ -13,7 +13,7 @@ from ..errors import InvalidRequestError
 from . import tools
 from .logprobs import chat_logprobs, prompt_logprobs
 from .protocol import ChatCompletionRequest
-from .translate import merge_streams, sampling_params, sse, stream_usage
+from .translate import Fields, merge_streams, sampling_params, sse, stream_usage
 from .translate import usage as usage_dict
 
 
@@ -56,14 +56,20 @@ class ChatServing:
                 "a forced tool_choice cannot be combined with a structured-output constraint",
                 "tool_choice",
             )
-        max_tokens = req.max_completion_tokens or req.max_tokens
-        params = sampling_params(req, max_tokens, top, req.prompt_logprobs, structured or forced)
+        try:
+            params = sampling_params(
+                req, _max_tokens(req), top, req.prompt_logprobs, structured or forced
+            )
+        except InvalidRequestError as e:  # SamplingParams' names -> this route's fields
+            raise InvalidRequestError(str(e), _chat_field(req, e.param)) from None
         if tools.calls_parsed(req) and tools.tags_are_special(self.tok):
             params = replace(params, skip_special_tokens=False)
         return params
 
     async def _start_chat(self, req: ChatCompletionRequest):
-        return await self._start([self.chat_prompt(req)], self.chat_params(req), "chatcmpl")
+        fields = Fields("messages", _chat_field(req, "max_tokens"))
+        prompt, params = self.chat_prompt(req), self.chat_params(req)
+        return await self._start([prompt], params, "chatcmpl", fields=fields)
 
     async def chat(self, req: ChatCompletionRequest) -> dict:
         rid, streams = await self._start_chat(req)
@@ -161,6 +167,19 @@ class ChatServing:
         if not (delta or reason or lp):
             return None
         return {"index": o.index, "delta": delta, "logprobs": lp, "finish_reason": reason}
+
+
+def _max_tokens(req: ChatCompletionRequest) -> int | None:
+    """max_completion_tokens wins over the deprecated max_tokens (0 is a value, and refused)."""
+    given = req.max_completion_tokens
+    return given if given is not None else req.max_tokens
+
+
+def _chat_field(req: ChatCompletionRequest, param: str | None) -> str | None:
+    """A SamplingParams name as this route calls it."""
+    if param == "max_tokens" and req.max_completion_tokens is not None:
+        return "max_completion_tokens"
+    return "top_logprobs" if param == "logprobs" else param
 
 
 def _calls_reason(req: ChatCompletionRequest, reason: str | None) -> str | None:
