@@ -17,8 +17,10 @@ ONE = ("additionalProperties", "items", "contains", "propertyNames", "not", "if"
        "additionalItems", "unevaluatedProperties", "unevaluatedItems")  # fmt: skip
 MANY = ("anyOf", "oneOf", "allOf", "prefixItems", "items")
 NAMED = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
-# What a bounded string's characters may be: no control character, no quote, no backslash.
-CHARACTER = r'[^\x00-\x1f"\\]'
+# What a bounded string's characters may be: no control character, quote or backslash, and no
+# UTF-8-encoded surrogate (xgrammar takes one as a character; it decodes to three U+FFFD, past
+# maxLength).
+CHARACTER = r'[^\x00-\x1f"\\\ud800-\udfff]'
 
 
 def strict_strings(schema: Any) -> Any:

@@ -13,6 +13,7 @@ from ..errors import InvalidRequestError
 from . import tools
 from .logprobs import chat_logprobs, prompt_logprobs
 from .protocol import ChatCompletionRequest
+from .tool_stream import ToolStream
 from .translate import Fields, merge_streams, sampling_params, sse, stream_usage
 from .translate import usage as usage_dict
 
@@ -95,7 +96,7 @@ class ChatServing:
     def _chat_choice(self, req: ChatCompletionRequest, i: int, c: CompletionOutput) -> dict:
         message, reason = {"role": "assistant", "content": c.text}, c.finish_reason
         if tools.calls_parsed(req):
-            content, calls = tools.parse(c.text)
+            content, calls = tools.parse(c.text, partial=tools.forced_choice(req))
             if calls:
                 message = {"role": "assistant", "content": content}
                 message["tool_calls"] = tools.message_calls(calls)
@@ -122,7 +123,8 @@ class ChatServing:
             first = {"index": i, "delta": {"role": "assistant", "content": ""}}
             yield sse({**head, "choices": [{**first, "finish_reason": None}]})
         with_usage, continuous = stream_usage(req)
-        parsers = {i: tools.ToolStream() for i in range(req.n)} if tools.calls_parsed(req) else {}
+        forced = tools.forced_choice(req)
+        parsers = {i: ToolStream(forced) for i in range(req.n)} if tools.calls_parsed(req) else {}
         called: set[int] = set()
         prompt_tokens, completion_tokens, cached = 0, 0, 0
         async for _, out in merge_streams(streams):

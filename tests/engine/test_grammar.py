@@ -143,7 +143,7 @@ def compiler(tokenizer_path: str):
     return Compiler(tokenizer_path, len(tok), tok.eos_token_id), tok.eos_token_id
 
 
-def accepts(tokenizer_path: str, structured: StructuredOutputs, text: str) -> bool:
+def accepts(tokenizer_path: str, structured: StructuredOutputs, text: str | bytes) -> bool:
     """Whether the whole text is a complete sentence of the grammar (EOS may follow it)."""
     import xgrammar as xgr
 
@@ -172,6 +172,7 @@ def test_a_bounded_string_keeps_its_bounds(tiny_ckpt):
     s = StructuredOutputs(json=json.dumps(schema), tokenizer=tiny_ckpt)
     verdicts = {t: accepts(tiny_ckpt, s, t) for t in ['""', '"a"', '"é漢字"', '"abcd"']}
     assert verdicts == {'""': False, '"a"': True, '"é漢字"': True, '"abcd"': False}
+    assert not accepts(tiny_ckpt, s, b'"\xed\xa0\x80"')  # (an encoded surrogate: 3 U+FFFD)
 
 
 def test_the_rewrite_reads_schema_keywords_only():
@@ -184,5 +185,6 @@ def test_the_rewrite_reads_schema_keywords_only():
     }
     out = strict_strings(schema)
     assert out["properties"]["maxLength"] == {"type": "integer"} and out["enum"] == schema["enum"]
-    assert out["properties"]["s"] == {"type": "string", "pattern": '^[^\\x00-\\x1f"\\\\]{0,2}$'}
+    pattern = '^[^\\x00-\\x1f"\\\\\\ud800-\\udfff]{0,2}$'
+    assert out["properties"]["s"] == {"type": "string", "pattern": pattern}
     assert strict_strings({"type": "string", "maxLength": 2, "enum": ["a\tb"]})["maxLength"] == 2
