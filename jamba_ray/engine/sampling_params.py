@@ -9,8 +9,8 @@ from ..errors import InvalidRequestError
 MAX_LOGPROBS = 20
 
 
-def _fail(msg: str):
-    raise InvalidRequestError(msg)
+def _fail(msg: str, param: str | None = None):
+    raise InvalidRequestError(msg, param)
 
 
 def _as_str_tuple(stop) -> tuple[str, ...]:
@@ -20,7 +20,7 @@ def _as_str_tuple(stop) -> tuple[str, ...]:
         return (stop,) if stop else ()
     if isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop):
         return tuple(s for s in stop if s)
-    _fail(f"stop must be a string or a list of strings, got {type(stop).__name__}")
+    _fail(f"stop must be a string or a list of strings, got {type(stop).__name__}", "stop")
 
 
 def _as_int_tuple(ids, name: str) -> tuple[int, ...]:
@@ -30,7 +30,7 @@ def _as_int_tuple(ids, name: str) -> tuple[int, ...]:
         isinstance(i, int) and not isinstance(i, bool) for i in ids
     ):
         return tuple(ids)
-    _fail(f"{name} must be a list of integers")
+    _fail(f"{name} must be a list of integers", name)
 
 
 GRAMMAR_KINDS = ("json", "json_object", "regex", "choice", "grammar", "structural_tag")
@@ -94,6 +94,8 @@ class SamplingParams:
     skip_special_tokens: bool = True
     structured: StructuredOutputs | None = None
     priority: int = 0  # lower runs first (vLLM's priority scheduling)
+    # vLLM's cache_salt: only requests with the same salt share cached prefixes (None: no salt)
+    cache_salt: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", _as_str_tuple(self.stop))
@@ -103,52 +105,61 @@ class SamplingParams:
         self._check_counts()
         self._check_ranges()
         self._check_structured()
+        salt = self.cache_salt
+        if salt is not None and not (isinstance(salt, str) and salt):
+            _fail(f"cache_salt must be a non-empty string when given, got {salt!r}", "cache_salt")
 
     def _check_structured(self) -> None:
         if not isinstance(self.priority, int) or isinstance(self.priority, bool):
-            _fail(f"priority must be an integer, got {self.priority!r}")
+            _fail(f"priority must be an integer, got {self.priority!r}", "priority")
         if self.structured is None:
             return
         if not isinstance(self.structured, StructuredOutputs):
-            _fail("structured must be a StructuredOutputs")
+            _fail("structured must be a StructuredOutputs", "structured")
         # Both would keep the sequence past the grammar's end, where no token is allowed.
         if self.ignore_eos:
-            _fail("ignore_eos cannot be combined with structured outputs")
+            _fail("ignore_eos cannot be combined with structured outputs", "ignore_eos")
         if self.min_tokens:
-            _fail("min_tokens cannot be combined with structured outputs")
+            _fail("min_tokens cannot be combined with structured outputs", "min_tokens")
 
     def _check_counts(self) -> None:
         if not isinstance(self.n, int) or self.n < 1:
-            _fail(f"n must be at least 1, got {self.n}")
+            _fail(f"n must be at least 1, got {self.n}", "n")
         if self.max_tokens is not None and (
             not isinstance(self.max_tokens, int) or self.max_tokens < 1
         ):
-            _fail(f"max_tokens must be at least 1, got {self.max_tokens}")
+            _fail(f"max_tokens must be at least 1, got {self.max_tokens}", "max_tokens")
         if self.min_tokens < 0:
-            _fail(f"min_tokens must be non-negative, got {self.min_tokens}")
+            _fail(f"min_tokens must be non-negative, got {self.min_tokens}", "min_tokens")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            _fail(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+            _fail(
+                f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})",
+                "min_tokens",
+            )
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
             if v is not None and not 0 <= v <= MAX_LOGPROBS:
-                _fail(f"{name} must be between 0 and {MAX_LOGPROBS}, got {v}")
+                _fail(f"{name} must be between 0 and {MAX_LOGPROBS}, got {v}", name)
         if self.seed is not None and not isinstance(self.seed, int):
-            _fail(f"seed must be an integer, got {self.seed!r}")
+            _fail(f"seed must be an integer, got {self.seed!r}", "seed")
 
     def _check_ranges(self) -> None:
         if self.temperature < 0:
-            _fail(f"temperature must be non-negative, got {self.temperature}")
+            _fail(f"temperature must be non-negative, got {self.temperature}", "temperature")
         if not 0 < self.top_p <= 1:
-            _fail(f"top_p must be in (0, 1], got {self.top_p}")
+            _fail(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
         if self.top_k == 0 or self.top_k < -1:
-            _fail(f"top_k must be -1 (disabled) or at least 1, got {self.top_k}")
+            _fail(f"top_k must be -1 (disabled) or at least 1, got {self.top_k}", "top_k")
         if not 0 <= self.min_p <= 1:
-            _fail(f"min_p must be in [0, 1], got {self.min_p}")
+            _fail(f"min_p must be in [0, 1], got {self.min_p}", "min_p")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
-                _fail(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+                _fail(f"{name} must be in [-2, 2], got {getattr(self, name)}", name)
         if self.repetition_penalty <= 0:
-            _fail(f"repetition_penalty must be positive, got {self.repetition_penalty}")
+            _fail(
+                f"repetition_penalty must be positive, got {self.repetition_penalty}",
+                "repetition_penalty",
+            )
 
     @property
     def greedy(self) -> bool:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bjamba_ray/proto/jamba.proto\x12\x0cjamba_ray.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x83\x05\n\x0fSamplingOptions\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x17\n\nmin_tokens\x18\t \x01(\x05H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\n \x01(\x02H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0b \x01(\x02H\x08\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0c \x01(\x02H\t\x88\x01\x01\x12\x15\n\x08logprobs\x18\r \x01(\x05H\n\x88\x01\x01\x12\x17\n\nignore_eos\x18\x0e \x01(\x08H\x0b\x88\x01\x01\x12\x0e\n\x01n\x18\x0f \x01(\x05H\x0c\x88\x01\x01\x12\x15\n\x08priority\x18\x10 \x01(\x05H\r\x88\x01\x01\x12\x32\n\nstructured\x18\x11 \x01(\x0b\x32\x1e.jamba_ray.v1.StructuredOutputB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\r\n\x0b_min_tokensB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x0b\n\t_logprobsB\r\n\x0b_ignore_eosB\x04\n\x02_nB\x0b\n\t_priority\"\x19\n\x07\x43hoices\x12\x0e\n\x06values\x18\x01 \x03(\t\"\xcf\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\'\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x15.jamba_ray.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x12\x18\n\x0estructural_tag\x18\x06 \x01(\tH\x00\x12\x1e\n\x16\x64isable_any_whitespace\x18\x07 \x01(\x08\x42\x06\n\x04kind\"\x9d\x01\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12+\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x16.jamba_ray.v1.TokenIdsH\x00\x12/\n\x08sampling\x18\x03 \x01(\x0b\x32\x1d.jamba_ray.v1.SamplingOptions\x12\x12\n\nrequest_id\x18\x04 \x01(\tB\x08\n\x06prompt\"\x8f\x01\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x30\n\x03top\x18\x03 \x03(\x0b\x32#.jamba_ray.v1.TokenLogprob.TopEntry\x1a*\n\x08TopEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\x81\x01\n\nCompletion\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12,\n\x08logprobs\x18\x05 \x03(\x0b\x32\x1a.jamba_ray.v1.TokenLogprob\"f\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\x12\x15\n\rcached_tokens\x18\x04 \x01(\x05\"\x93\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12-\n\x0b\x63ompletions\x18\x02 \x03(\x0b\x32\x18.jamba_ray.v1.Completion\x12\"\n\x05usage\x18\x03 \x01(\x0b\x32\x13.jamba_ray.v1.Usage\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\x05\"\x8c\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12(\n\x06\x64\x65ltas\x18\x02 \x03(\x0b\x32\x18.jamba_ray.v1.Completion\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.jamba_ray.v1.Usage\"g\n\x0cScoreRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12)\n\ttoken_ids\x18\x02 \x03(\x0b\x32\x16.jamba_ray.v1.TokenIds\x12\x1d\n\x15return_token_logprobs\x18\x03 \x01(\x08\"]\n\x0bScoreResult\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x16\n\x0etoken_logprobs\x18\x02 \x03(\x02\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\x12\x12\n\nnum_tokens\x18\x04 \x01(\x05\";\n\rScoreResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.jamba_ray.v1.ScoreResult\"\x0f\n\rHealthRequest\"0\n\x0eHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0e\n\x06stages\x18\x02 \x01(\x05\x32\xb9\x02\n\x0cJambaService\x12I\n\x08Generate\x12\x1d.jamba_ray.v1.GenerateRequest\x1a\x1e.jamba_ray.v1.GenerateResponse\x12W\n\x0eGenerateStream\x12\x1d.jamba_ray.v1.GenerateRequest\x1a$.jamba_ray.v1.GenerateStreamResponse0\x01\x12@\n\x05Score\x12\x1a.jamba_ray.v1.ScoreRequest\x1a\x1b.jamba_ray.v1.ScoreResponse\x12\x43\n\x06Health\x12\x1b.jamba_ray.v1.HealthRequest\x1a\x1c.jamba_ray.v1.HealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bjamba_ray/proto/jamba.proto\x12\x0cjamba_ray.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xab\x05\n\x0fSamplingOptions\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x17\n\nmin_tokens\x18\t \x01(\x05H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\n \x01(\x02H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0b \x01(\x02H\x08\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0c \x01(\x02H\t\x88\x01\x01\x12\x15\n\x08logprobs\x18\r \x01(\x05H\n\x88\x01\x01\x12\x17\n\nignore_eos\x18\x0e \x01(\x08H\x0b\x88\x01\x01\x12\x0e\n\x01n\x18\x0f \x01(\x05H\x0c\x88\x01\x01\x12\x15\n\x08priority\x18\x10 \x01(\x05H\r\x88\x01\x01\x12\x32\n\nstructured\x18\x11 \x01(\x0b\x32\x1e.jamba_ray.v1.StructuredOutput\x12\x17\n\ncache_salt\x18\x12 \x01(\tH\x0e\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\r\n\x0b_min_tokensB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x0b\n\t_logprobsB\r\n\x0b_ignore_eosB\x04\n\x02_nB\x0b\n\t_priorityB\r\n\x0b_cache_salt\"\x19\n\x07\x43hoices\x12\x0e\n\x06values\x18\x01 \x03(\t\"\xcf\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\'\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x15.jamba_ray.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x12\x18\n\x0estructural_tag\x18\x06 \x01(\tH\x00\x12\x1e\n\x16\x64isable_any_whitespace\x18\x07 \x01(\x08\x42\x06\n\x04kind\"\x9d\x01\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12+\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x16.jamba_ray.v1.TokenIdsH\x00\x12/\n\x08sampling\x18\x03 \x01(\x0b\x32\x1d.jamba_ray.v1.SamplingOptions\x12\x12\n\nrequest_id\x18\x04 \x01(\tB\x08\n\x06prompt\"\x8f\x01\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x30\n\x03top\x18\x03 \x03(\x0b\x32#.jamba_ray.v1.TokenLogprob.TopEntry\x1a*\n\x08TopEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\x81\x01\n\nCompletion\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12,\n\x08logprobs\x18\x05 \x03(\x0b\x32\x1a.jamba_ray.v1.TokenLogprob\"f\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\x12\x15\n\rcached_tokens\x18\x04 \x01(\x05\"\x93\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12-\n\x0b\x63ompletions\x18\x02 \x03(\x0b\x32\x18.jamba_ray.v1.Completion\x12\"\n\x05usage\x18\x03 \x01(\x0b\x32\x13.jamba_ray.v1.Usage\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\x05\"\x8c\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12(\n\x06\x64\x65ltas\x18\x02 \x03(\x0b\x32\x18.jamba_ray.v1.Completion\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.jamba_ray.v1.Usage\"g\n\x0cScoreRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12)\n\ttoken_ids\x18\x02 \x03(\x0b\x32\x16.jamba_ray.v1.TokenIds\x12\x1d\n\x15return_token_logprobs\x18\x03 \x01(\x08\"]\n\x0bScoreResult\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x16\n\x0etoken_logprobs\x18\x02 \x03(\x02\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\x12\x12\n\nnum_tokens\x18\x04 \x01(\x05\";\n\rScoreResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.jamba_ray.v1.ScoreResult\"\x0f\n\rHealthRequest\"0\n\x0eHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0e\n\x06stages\x18\x02 \x01(\x05\x32\xb9\x02\n\x0cJambaService\x12I\n\x08Generate\x12\x1d.jamba_ray.v1.GenerateRequest\x1a\x1e.jamba_ray.v1.GenerateResponse\x12W\n\x0eGenerateStream\x12\x1d.jamba_ray.v1.GenerateRequest\x1a$.jamba_ray.v1.GenerateStreamResponse0\x01\x12@\n\x05Score\x12\x1a.jamba_ray.v1.ScoreRequest\x1a\x1b.jamba_ray.v1.ScoreResponse\x12\x43\n\x06Health\x12\x1b.jamba_ray.v1.HealthRequest\x1a\x1c.jamba_ray.v1.HealthResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,35 +36,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=45
   _globals['_TOKENIDS']._serialized_end=68
   _globals['_SAMPLINGOPTIONS']._serialized_start=71
-  _globals['_SAMPLINGOPTIONS']._serialized_end=714
-  _globals['_CHOICES']._serialized_start=716
-  _globals['_CHOICES']._serialized_end=741
-  _globals['_STRUCTUREDOUTPUT']._serialized_start=744
-  _globals['_STRUCTUREDOUTPUT']._serialized_end=951
-  _globals['_GENERATEREQUEST']._serialized_start=954
-  _globals['_GENERATEREQUEST']._serialized_end=1111
-  _globals['_TOKENLOGPROB']._serialized_start=1114
-  _globals['_TOKENLOGPROB']._serialized_end=1257
-  _globals['_TOKENLOGPROB_TOPENTRY']._serialized_start=1215
-  _globals['_TOKENLOGPROB_TOPENTRY']._serialized_end=1257
-  _globals['_COMPLETION']._serialized_start=1260
-  _globals['_COMPLETION']._serialized_end=1389
-  _globals['_USAGE']._serialized_start=1391
-  _globals['_USAGE']._serialized_end=1493
-  _globals['_GENERATERESPONSE']._serialized_start=1496
-  _globals['_GENERATERESPONSE']._serialized_end=1643
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1646
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1786
-  _globals['_SCOREREQUEST']._serialized_start=1788
-  _globals['_SCOREREQUEST']._serialized_end=1891
-  _globals['_SCORERESULT']._serialized_start=1893
-  _globals['_SCORERESULT']._serialized_end=1986
-  _globals['_SCORERESPONSE']._serialized_start=1988
-  _globals['_SCORERESPONSE']._serialized_end=2047
-  _globals['_HEALTHREQUEST']._serialized_start=2049
-  _globals['_HEALTHREQUEST']._serialized_end=2064
-  _globals['_HEALTHRESPONSE']._serialized_start=2066
-  _globals['_HEALTHRESPONSE']._serialized_end=2114
-  _globals['_JAMBASERVICE']._serialized_start=2117
-  _globals['_JAMBASERVICE']._serialized_end=2430
+  _globals['_SAMPLINGOPTIONS']._serialized_end=754
+  _globals['_CHOICES']._serialized_start=756
+  _globals['_CHOICES']._serialized_end=781
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=784
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=991
+  _globals['_GENERATEREQUEST']._serialized_start=994
+  _globals['_GENERATEREQUEST']._serialized_end=1151
+  _globals['_TOKENLOGPROB']._serialized_start=1154
+  _globals['_TOKENLOGPROB']._serialized_end=1297
+  _globals['_TOKENLOGPROB_TOPENTRY']._serialized_start=1255
+  _globals['_TOKENLOGPROB_TOPENTRY']._serialized_end=1297
+  _globals['_COMPLETION']._serialized_start=1300
+  _globals['_COMPLETION']._serialized_end=1429
+  _globals['_USAGE']._serialized_start=1431
+  _globals['_USAGE']._serialized_end=1533
+  _globals['_GENERATERESPONSE']._serialized_start=1536
+  _globals['_GENERATERESPONSE']._serialized_end=1683
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1686
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1826
+  _globals['_SCOREREQUEST']._serialized_start=1828
+  _globals['_SCOREREQUEST']._serialized_end=1931
+  _globals['_SCORERESULT']._serialized_start=1933
+  _globals['_SCORERESULT']._serialized_end=2026
+  _globals['_SCORERESPONSE']._serialized_start=2028
+  _globals['_SCORERESPONSE']._serialized_end=2087
+  _globals['_HEALTHREQUEST']._serialized_start=2089
+  _globals['_HEALTHREQUEST']._serialized_end=2104
+  _globals['_HEALTHRESPONSE']._serialized_start=2106
+  _globals['_HEALTHRESPONSE']._serialized_end=2154
+  _globals['_JAMBASERVICE']._serialized_start=2157
+  _globals['_JAMBASERVICE']._serialized_end=2470
 # @@protoc_insertion_point(module_scope)

@@ -13,7 +13,8 @@ from ..errors import InvalidRequestError
 from . import tools
 from .logprobs import chat_logprobs, prompt_logprobs
 from .protocol import ChatCompletionRequest
-from .translate import merge_streams, sampling_params, sse, stream_usage
+from .tool_stream import ToolStream
+from .translate import Fields, merge_streams, sampling_params, sse, stream_usage
 from .translate import usage as usage_dict
 
 
@@ -56,14 +57,20 @@ class ChatServing:
                 "a forced tool_choice cannot be combined with a structured-output constraint",
                 "tool_choice",
             )
-        max_tokens = req.max_completion_tokens or req.max_tokens
-        params = sampling_params(req, max_tokens, top, req.prompt_logprobs, structured or forced)
+        try:
+            params = sampling_params(
+                req, _max_tokens(req), top, req.prompt_logprobs, structured or forced
+            )
+        except InvalidRequestError as e:  # SamplingParams' names -> this route's fields
+            raise InvalidRequestError(str(e), _chat_field(req, e.param)) from None
         if tools.calls_parsed(req) and tools.tags_are_special(self.tok):
             params = replace(params, skip_special_tokens=False)
         return params
 
     async def _start_chat(self, req: ChatCompletionRequest):
-        return await self._start([self.chat_prompt(req)], self.chat_params(req), "chatcmpl")
+        fields = Fields("messages", _chat_field(req, "max_tokens"))
+        prompt, params = self.chat_prompt(req), self.chat_params(req)
+        return await self._start([prompt], params, "chatcmpl", fields=fields)
 
     async def chat(self, req: ChatCompletionRequest) -> dict:
         rid, streams = await self._start_chat(req)
@@ -89,7 +96,7 @@ class ChatServing:
     def _chat_choice(self, req: ChatCompletionRequest, i: int, c: CompletionOutput) -> dict:
         message, reason = {"role": "assistant", "content": c.text}, c.finish_reason
         if tools.calls_parsed(req):
-            content, calls = tools.parse(c.text)
+            content, calls = tools.parse(c.text, partial=tools.forced_choice(req))
             if calls:
                 message = {"role": "assistant", "content": content}
                 message["tool_calls"] = tools.message_calls(calls)
@@ -116,7 +123,8 @@ class ChatServing:
             first = {"index": i, "delta": {"role": "assistant", "content": ""}}
             yield sse({**head, "choices": [{**first, "finish_reason": None}]})
         with_usage, continuous = stream_usage(req)
-        parsers = {i: tools.ToolStream() for i in range(req.n)} if tools.calls_parsed(req) else {}
+        forced = tools.forced_choice(req)
+        parsers = {i: ToolStream(forced) for i in range(req.n)} if tools.calls_parsed(req) else {}
         called: set[int] = set()
         prompt_tokens, completion_tokens, cached = 0, 0, 0
         async for _, out in merge_streams(streams):
@@ -161,6 +169,19 @@ class ChatServing:
         if not (delta or reason or lp):
             return None
         return {"index": o.index, "delta": delta, "logprobs": lp, "finish_reason": reason}
+
+
+def _max_tokens(req: ChatCompletionRequest) -> int | None:
+    """max_completion_tokens wins over the deprecated max_tokens (0 is a value, and refused)."""
+    given = req.max_completion_tokens
+    return given if given is not None else req.max_tokens
+
+
+def _chat_field(req: ChatCompletionRequest, param: str | None) -> str | None:
+    """A SamplingParams name as this route calls it."""
+    if param == "max_tokens" and req.max_completion_tokens is not None:
+        return "max_completion_tokens"
+    return "top_logprobs" if param == "logprobs" else param
 
 
 def _calls_reason(req: ChatCompletionRequest, reason: str | None) -> str | None:

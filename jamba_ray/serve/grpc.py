@@ -37,6 +37,7 @@ _FIELDS = (
     "ignore_eos",
     "n",
     "priority",
+    "cache_salt",
 )
 
 

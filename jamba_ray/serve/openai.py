@@ -9,11 +9,14 @@ import uuid
 from dataclasses import replace
 
 from ..engine.sampling_params import SamplingParams, StructuredOutputs
+from ..errors import InvalidRequestError
 from .chat import ChatServing
 from .completions import CompletionServing
 from .protocol import PromptTokensDetails, Usage
 from .structured import structured_outputs
-from .translate import Limits, check_limits
+from .translate import Fields, Limits, check_limits
+
+PROMPT = Fields()  # /v1/completions' names
 
 
 class OpenAIServing(ChatServing, CompletionServing):
@@ -24,15 +27,24 @@ class OpenAIServing(ChatServing, CompletionServing):
         self.tok = engine.tokenizer
 
     # ---- shared -----------------------------------------------------------------------------
-    async def _start(self, prompts, params: SamplingParams, prefix: str, special: bool = True):
+    async def _start(
+        self, prompts, params: SamplingParams, prefix: str, special=True, fields=PROMPT
+    ):
         """Validate everything, then queue every prompt; on any error nothing stays queued.
-        `special`: text prompts get the tokenizer's special tokens (BOS)."""
+        `special`: text prompts get the tokenizer's special tokens (BOS); `fields`: the names
+        errors about the prompt's size give."""
         encoded = [
             self.tok(p, add_special_tokens=special).input_ids if isinstance(p, str) and p else p
             for p in prompts
         ]
+        card = self.engine.model_card()
+        if params.n > card["max_num_seqs"]:
+            raise InvalidRequestError(
+                f"n={params.n} exceeds this server's {card['max_num_seqs']} state slots", "n"
+            )
         for ids in encoded:
-            check_limits(self.limits, len(ids) if isinstance(ids, list) else 0, params.max_tokens)
+            size = len(ids) if isinstance(ids, list) else 0
+            check_limits(self.limits, size, params.max_tokens, card["max_model_len"], fields)
         streams, rid = [], f"{prefix}-{uuid.uuid4().hex}"
         try:
             for i, p in enumerate(encoded):

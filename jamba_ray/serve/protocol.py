@@ -118,6 +118,9 @@ class _Request(Wire):
     skip_special_tokens: bool = True
     prompt_logprobs: int | None = Field(None, description="top-k logprobs per prompt token")
     priority: int = Field(0, description="lower runs first (vLLM's priority scheduling)")
+    cache_salt: str | None = Field(
+        None, description="only requests with the same salt share cached prefixes (non-empty)"
+    )
     # structured outputs: OpenAI's response_format, vLLM's structured_outputs and guided_*
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsRequest | None = None
@@ -126,6 +129,12 @@ class _Request(Wire):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     guided_decoding_backend: Literal["xgrammar", "auto"] | None = None
+
+    @model_validator(mode="after")
+    def _options_need_a_stream(self):
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequestError("stream_options requires stream=true", "stream_options")
+        return self
 
 
 class CompletionRequest(_Request):
@@ -162,7 +171,9 @@ class ChatMessage(Wire):
             return self.content or ""
         kinds = {p.get("type") for p in self.content} - {"text"}
         if kinds:
-            raise InvalidRequestError(f"only text content parts are supported, not {sorted(kinds)}")
+            raise InvalidRequestError(
+                f"only text content parts are supported, not {sorted(kinds)}", "messages"
+            )
         return "".join(p.get("text", "") for p in self.content)
 
 

@@ -16,9 +16,9 @@ import uuid
 from ..engine.sampling_params import StructuredOutputs
 from ..errors import InvalidRequestError
 from .protocol import ChatCompletionRequest, ChatMessage
+from .tool_scan import CallScanner
 
 START, END = "<tool_calls>", "</tool_calls>"
-# Calls are compact JSON (as the template renders them): a forced call gets no runs of whitespace.
 
 
 def check_tools(req: ChatCompletionRequest) -> None:
@@ -97,11 +97,13 @@ def forced(req: ChatCompletionRequest, tokenizer: str | None) -> StructuredOutpu
         "format": {
             "type": "tag",
             "begin": START,
-            "content": {"type": "json_schema", "json_schema": array, "max_whitespace_cnt": 1},
+            "content": {"type": "json_schema", "json_schema": array},
             "end": END,
         },
     }
-    return StructuredOutputs(structural_tag=json.dumps(tag), tokenizer=tokenizer)
+    # No free whitespace: calls come out as the template renders them, bounded by the schema.
+    tag = json.dumps(tag)
+    return StructuredOutputs(structural_tag=tag, any_whitespace=False, tokenizer=tokenizer)
 
 
 def _call_schema(tool) -> dict:
@@ -113,81 +115,59 @@ def _call_schema(tool) -> dict:
     }
 
 
-def parse(text: str) -> tuple[str | None, list[dict]]:
-    """(content, tool calls) of a whole reply; a reply whose calls do not parse stays content."""
+def forced_choice(req: ChatCompletionRequest) -> bool:
+    """Whether a grammar forces the reply to be calls (tool_choice required or named)."""
+    return req.tool_choice == "required" or named(req) is not None
+
+
+def parse(text: str, partial: bool = False) -> tuple[str | None, list[dict]]:
+    """(content, tool calls) of a whole reply; a reply whose calls do not parse stays content,
+    unless `partial` (a forced call cut short by max_tokens): then the calls named so far, each
+    with its arguments as far as they came (JSON that may be incomplete)."""
     at = text.find(START)
     if at == -1:
         return text, []
     end = text.find(END, at)
-    body = text[at + len(START) : end if end != -1 else len(text)]
-    try:
-        calls = json.loads(body)
-        calls = [_call(i, c["name"], c["arguments"]) for i, c in enumerate(calls)]
-    except (json.JSONDecodeError, TypeError, KeyError):
+    calls = read_calls(text[at + len(START) : end if end != -1 else len(text)], partial)
+    if not calls:
         return text, []
     content = text[:at]
     return (content if content.strip() else None), calls
 
 
-def _call(index: int, name: str, arguments) -> dict:
-    if not isinstance(name, str):
-        raise TypeError("tool name must be a string")
+def read_calls(body: str, partial: bool = False, first: int = 0) -> list[dict]:
+    """The calls of a block's body ([] when it is not a call array), numbered from `first`; their
+    arguments are the model's own JSON text."""
+    scan = CallScanner()
+    scan.feed(body)
+    if not (partial or well_formed(body)):
+        return []
+    named = [c for c in scan.calls if c.name is not None]
+    return [call(first + i, c.name, scan.arguments(c)) for i, c in enumerate(named)]
+
+
+def well_formed(body: str) -> bool:
+    try:
+        calls = json.loads(body)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(calls, list) and all(
+        isinstance(c, dict)
+        and isinstance(c.get("name"), str)
+        and isinstance(c.get("arguments"), dict)
+        for c in calls
+    )
+
+
+def call(index: int, name: str, arguments: str) -> dict:
     return {
         "index": index,
         "id": f"call_{uuid.uuid4().hex[:24]}",
         "type": "function",
-        "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)},
+        "function": {"name": name, "arguments": arguments},
     }
 
 
 def message_calls(calls: list[dict]) -> list[dict]:
     """Calls as in a (non-streamed) assistant message: without the stream index."""
     return [{k: v for k, v in c.items() if k != "index"} for c in calls]
-
-
-class ToolStream:
-    """Splits a streamed reply into content deltas and whole tool calls: text that may begin the
-    start tag is held back; each call block goes out whole once its end tag (or the end) comes."""
-
-    def __init__(self):
-        self.buffer, self.inside, self.count = "", False, 0
-
-    def push(self, delta: str) -> tuple[str, list[dict]]:
-        self.buffer += delta
-        content, calls = "", []
-        while True:
-            if not self.inside:
-                at = self.buffer.find(START)
-                cut = at if at != -1 else len(self.buffer) - _prefix_len(self.buffer, START)
-                content, self.buffer = content + self.buffer[:cut], self.buffer[cut:]
-                if at == -1:
-                    return content, calls
-                self.inside = True
-            end = self.buffer.find(END)
-            if end == -1:
-                return content, calls
-            block, self.buffer = self.buffer[: end + len(END)], self.buffer[end + len(END) :]
-            self.inside = False
-            text, found = self._parse(block)
-            content, calls = content + text, calls + found
-
-    def finish(self) -> tuple[str, list[dict]]:
-        """At the end of the reply: a block never closed is parsed as it stands, else content."""
-        block, self.buffer = self.buffer, ""
-        return self._parse(block) if self.inside else (block, [])
-
-    def _parse(self, block: str) -> tuple[str, list[dict]]:
-        _, calls = parse(block)
-        if not calls:
-            return block, []
-        for c in calls:
-            c["index"], self.count = self.count, self.count + 1
-        return "", calls
-
-
-def _prefix_len(text: str, tag: str) -> int:
-    """Length of the longest end of `text` that begins `tag` (it may still become the tag)."""
-    for n in range(min(len(text), len(tag) - 1), 0, -1):
-        if tag.startswith(text[-n:]):
-            return n
-    return 0

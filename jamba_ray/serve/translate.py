@@ -18,6 +18,14 @@ class Limits:
     max_tokens_limit: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Fields:
+    """The request fields that a prompt-size error names (chat: messages, max_completion_tokens)."""
+
+    prompt: str = "prompt"
+    max_tokens: str = "max_tokens"
+
+
 def sampling_params(
     req, max_tokens: int | None, logprobs: int | None, prompt_logprobs=None, structured=None
 ) -> SamplingParams:
@@ -41,6 +49,7 @@ def sampling_params(
         skip_special_tokens=req.skip_special_tokens,
         structured=structured,
         priority=req.priority,
+        cache_salt=req.cache_salt,
     )
 
 
@@ -78,15 +87,32 @@ def completion_prompts(req: CompletionRequest) -> list[str | list[int]]:
     return list(p)
 
 
-def check_limits(limits: Limits, prompt_len: int, max_tokens: int | None) -> None:
+def check_limits(
+    limits: Limits, prompt_len: int, max_tokens: int | None, model_len: int, fields: Fields
+) -> None:
+    """The server's limits and the model's context, each error naming its field."""
     if limits.max_prompt_tokens and prompt_len > limits.max_prompt_tokens:
         raise InvalidRequestError(
             f"prompt has {prompt_len} tokens, more than this server's limit of "
-            f"{limits.max_prompt_tokens}"
+            f"{limits.max_prompt_tokens}",
+            fields.prompt,
+        )
+    if prompt_len >= model_len:
+        raise InvalidRequestError(
+            f"prompt has {prompt_len} tokens; this model's maximum context length is {model_len}",
+            fields.prompt,
         )
     if limits.max_tokens_limit and max_tokens and max_tokens > limits.max_tokens_limit:
         raise InvalidRequestError(
-            f"max_tokens={max_tokens} exceeds this server's limit of {limits.max_tokens_limit}"
+            f"{fields.max_tokens}={max_tokens} exceeds this server's limit of "
+            f"{limits.max_tokens_limit}",
+            fields.max_tokens,
+        )
+    if max_tokens and prompt_len + max_tokens > model_len:
+        raise InvalidRequestError(
+            f"prompt ({prompt_len} tokens) + {fields.max_tokens} ({max_tokens}) exceeds this "
+            f"model's maximum context length of {model_len} tokens",
+            fields.max_tokens,
         )
 
 

@@ -6,6 +6,7 @@ bounded (enums, ranges, patterns) so that a random model finishes its JSON well 
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 
@@ -105,3 +106,85 @@ def test_a_replayed_sequence_catches_up_with_its_tokens(llm):
     table.constrain([7], len(tok))(logits)
     allowed = [t for t in range(len(tok)) if logits[0, t] > float("-inf")]
     assert allowed and all("alpha".startswith("al" + tok.decode([t])) for t in allowed)
+
+
+# ---- JSON strings are legal JSON on every schema path -------------------------------------------
+CONTROLS = ["\x00", "\x10", "\x1f", "\t", "\n"]
+STRING_PATHS = {  # a schema -> a document whose one string holds {c}
+    "string": ({"type": "string"}, '"a{c}b"'),
+    "maxLength": ({"type": "string", "maxLength": 8}, '"a{c}b"'),
+    "minLength": ({"type": "string", "minLength": 1}, '"a{c}b"'),
+    "property": (
+        {"type": "object", "properties": {"s": {"maxLength": 5}}, "required": ["s"]},
+        '{{"s": "a{c}"}}',
+    ),
+    "propertyNames": ({"type": "object", "propertyNames": {"maxLength": 5}}, '{{"a{c}": 1}}'),
+    "additionalProperties": (
+        {"type": "object", "additionalProperties": {"type": "string", "maxLength": 4}},
+        '{{"k": "a{c}"}}',
+    ),
+    "items": ({"type": "array", "items": {"type": "string", "maxLength": 3}}, '["a{c}"]'),
+    "anyOf": ({"anyOf": [{"type": "integer"}, {"type": "string", "maxLength": 3}]}, '"a{c}"'),
+    "$defs": (
+        {"$defs": {"s": {"type": "string", "maxLength": 3}}, "$ref": "#/$defs/s"},
+        '"a{c}"',
+    ),
+    "untyped": ({}, '"a{c}"'),
+}
+
+
+@functools.cache
+def compiler(tokenizer_path: str):
+    from transformers import AutoTokenizer
+
+    from jamba_ray.model.grammar import Compiler
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_path)
+    return Compiler(tokenizer_path, len(tok), tok.eos_token_id), tok.eos_token_id
+
+
+def accepts(tokenizer_path: str, structured: StructuredOutputs, text: str | bytes) -> bool:
+    """Whether the whole text is a complete sentence of the grammar (EOS may follow it)."""
+    import xgrammar as xgr
+
+    grammars, eos = compiler(tokenizer_path)
+    m = xgr.GrammarMatcher(grammars.compile(structured))
+    return m.accept_string(text) and m.accept_token(eos)
+
+
+@pytest.mark.parametrize("path", STRING_PATHS)
+def test_no_schema_path_lets_a_raw_control_character_into_a_string(tiny_ckpt, path):
+    schema, doc = STRING_PATHS[path]
+    s = StructuredOutputs(json=json.dumps(schema), tokenizer=tiny_ckpt)
+    assert accepts(tiny_ckpt, s, doc.format(c="z"))
+    for c in CONTROLS:
+        assert not accepts(tiny_ckpt, s, doc.format(c=c)), (path, c)
+
+
+def test_json_object_strings_refuse_raw_control_characters_and_take_escapes(tiny_ckpt):
+    s = StructuredOutputs(json_object=True, tokenizer=tiny_ckpt)
+    assert accepts(tiny_ckpt, s, '{"a": "x\\ty\\u0010"}')
+    assert all(not accepts(tiny_ckpt, s, f'{{"a": "x{c}"}}') for c in CONTROLS)
+
+
+def test_a_bounded_string_keeps_its_bounds(tiny_ckpt):
+    schema = {"type": "string", "minLength": 1, "maxLength": 3}
+    s = StructuredOutputs(json=json.dumps(schema), tokenizer=tiny_ckpt)
+    verdicts = {t: accepts(tiny_ckpt, s, t) for t in ['""', '"a"', '"é漢字"', '"abcd"']}
+    assert verdicts == {'""': False, '"a"': True, '"é漢字"': True, '"abcd"': False}
+    assert not accepts(tiny_ckpt, s, b'"\xed\xa0\x80"')  # (an encoded surrogate: 3 U+FFFD)
+
+
+def test_the_rewrite_reads_schema_keywords_only():
+    from jamba_ray.engine.json_strings import strict_strings
+
+    schema = {
+        "type": "object",
+        "properties": {"maxLength": {"type": "integer"}, "s": {"type": "string", "maxLength": 2}},
+        "enum": [{"maxLength": 3}],
+    }
+    out = strict_strings(schema)
+    assert out["properties"]["maxLength"] == {"type": "integer"} and out["enum"] == schema["enum"]
+    pattern = '^[^\\x00-\\x1f"\\\\\\ud800-\\udfff]{0,2}$'
+    assert out["properties"]["s"] == {"type": "string", "pattern": pattern}
+    assert strict_strings({"type": "string", "maxLength": 2, "enum": ["a\tb"]})["maxLength"] == 2

@@ -9,16 +9,16 @@ from jamba_ray.model.sampler import RowInput, sample
 
 
 @pytest.mark.parametrize(
-    "kwargs, message",
+    "kwargs, param",
     [
         (dict(max_tokens=-1), "max_tokens"),
         (dict(max_tokens=0), "max_tokens"),
         (dict(top_p=0.0), "top_p"),
         (dict(top_p=1.5), "top_p"),
         (dict(temperature=-0.1), "temperature"),
-        (dict(n=0), "n must be"),
-        (dict(stop=5), "stop must be"),
-        (dict(stop=["a", 3]), "stop must be"),
+        (dict(n=0), "n"),
+        (dict(stop=5), "stop"),
+        (dict(stop=["a", 3]), "stop"),
         (dict(top_k=0), "top_k"),
         (dict(min_p=2), "min_p"),
         (dict(presence_penalty=3), "presence_penalty"),
@@ -26,11 +26,19 @@ from jamba_ray.model.sampler import RowInput, sample
         (dict(logprobs=50), "logprobs"),
         (dict(min_tokens=5, max_tokens=2), "min_tokens"),
         (dict(stop_token_ids=["x"]), "stop_token_ids"),
+        (dict(cache_salt=""), "cache_salt"),
+        (dict(cache_salt=7), "cache_salt"),
     ],
 )
-def test_invalid_parameters_raise_a_clear_error(kwargs, message):
-    with pytest.raises(InvalidRequestError, match=message):
+def test_invalid_parameters_raise_a_clear_error_naming_the_field(kwargs, param):
+    with pytest.raises(InvalidRequestError, match=param) as e:
         SamplingParams(**kwargs)
+    assert e.value.param == param  # (the fronts' 400s carry it as `param`)
+
+
+def test_a_cache_salt_is_a_non_empty_string_or_none():
+    assert SamplingParams(cache_salt="tenant-a").cache_salt == "tenant-a"
+    assert SamplingParams().cache_salt is None
 
 
 def test_stop_accepts_a_string_or_a_list():

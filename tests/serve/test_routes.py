@@ -95,6 +95,7 @@ HONOURED = {
         "max_tokens", "temperature", "top_p", "n", "stop", "seed", "presence_penalty",
         "frequency_penalty", "top_k", "min_p", "repetition_penalty", "min_tokens",
         "stop_token_ids", "ignore_eos", "skip_special_tokens", "priority", "prompt_logprobs",
+        "cache_salt",
     },
     "the front": {"model", "stream", "stream_options", "user", "best_of", "add_special_tokens"},
     "completions": {"prompt", "logprobs", "echo"},
@@ -121,7 +122,7 @@ NON_DEFAULT = {
     "max_tokens": 9, "temperature": 0.5, "top_p": 0.9, "n": 2, "stop": ("x",), "seed": 3,
     "presence_penalty": 0.5, "frequency_penalty": 0.25, "top_k": 5, "min_p": 0.1,
     "repetition_penalty": 1.2, "min_tokens": 1, "stop_token_ids": (7,), "ignore_eos": True,
-    "skip_special_tokens": False, "priority": -3, "prompt_logprobs": 2,
+    "skip_special_tokens": False, "priority": -3, "prompt_logprobs": 2, "cache_salt": "s",
 }  # fmt: skip
 
 

@@ -189,3 +189,59 @@ def test_grpc_generate_and_stream_follow_the_schema(served):
         stub.Generate(bad, metadata=meta, timeout=60)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "regex" in e.value.details()
     channel.close()
+
+
+# ---- strict JSON over many seeds -------------------------------------------------------------
+# Length-bounded strings are where xgrammar let raw control characters through.
+BOUNDED = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 10},
+        "tags": {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": 5}},
+        "meta": {"type": "object", "additionalProperties": {"type": "string", "maxLength": 4}},
+    },
+    "required": ["name", "tags", "meta"],
+    "additionalProperties": False,
+}
+SEEDS = range(3)  # x n=8 samples each: 24 replies per format
+
+
+def raw_controls(text: str) -> list[str]:
+    """Raw U+0000-U+001F inside JSON strings (RFC 8259 forbids them; escapes are fine)."""
+    found, inside, escaped = [], False, False
+    for ch in text:
+        if inside and not escaped and ch == "\\":
+            escaped = True
+            continue
+        if ch == '"' and not escaped:
+            inside = not inside
+        elif inside and ord(ch) < 0x20:
+            found.append(ch)
+        escaped = False
+    return found
+
+
+def strict_replies(client, response_format: dict, schema: dict) -> int:
+    """Every reply holds no raw control character in a string; every one that ended by itself
+    parses with json.loads and validates. Returns how many ended by themselves."""
+    stopped = 0
+    for seed in SEEDS:
+        r = client.chat.completions.create(
+            model=MODEL, messages=ASK, max_tokens=LONG, temperature=1.0, seed=seed, n=8,
+            response_format=response_format,
+        )  # fmt: skip
+        for c in r.choices:
+            text = c.message.content
+            assert not raw_controls(text), (seed, text)
+            if c.finish_reason == "stop":
+                jsonschema.validate(json.loads(text), schema)
+                stopped += 1
+    return stopped
+
+
+def test_json_schema_replies_are_strict_json_over_many_seeds(client):
+    assert strict_replies(client, json_schema_format(BOUNDED), BOUNDED) >= 12
+
+
+def test_json_object_replies_are_strict_json_over_many_seeds(client):
+    strict_replies(client, {"type": "json_object"}, {"type": "object"})

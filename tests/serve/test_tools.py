@@ -11,7 +11,8 @@ import openai
 import pytest
 import requests
 
-from jamba_ray.serve.tools import ToolStream, parse
+from jamba_ray.serve.tool_stream import ToolStream
+from jamba_ray.serve.tools import parse
 from tests.serve.conftest import MODEL
 
 WEATHER = {
@@ -88,10 +89,16 @@ def test_streamed_calls_come_as_tool_call_deltas(client):
     )
     chunks = [c for c in stream if c.choices]
     deltas = [d for c in chunks for d in (c.choices[0].delta.tool_calls or [])]
-    assert len(deltas) == 1 and deltas[0].index == 0
+    assert deltas[0].index == 0 and deltas[0].function.name and deltas[0].id
+    assert deltas[0].function.arguments == "" and len(deltas) >= 2  # name first, then fragments
+    assert {d.index for d in deltas} == {0} and all(d.id is None for d in deltas[1:])
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
     assert not "".join(c.choices[0].delta.content or "" for c in chunks)
-    check_calls(deltas)
+    args = json.loads("".join(d.function.arguments or "" for d in deltas))
+    if deltas[0].function.name == "get_weather":
+        jsonschema.validate(args, WEATHER)
+    else:
+        assert deltas[0].function.name == "get_time" and args == {}
 
 
 def test_auto_and_none_leave_a_plain_reply_as_content(client):
@@ -172,3 +179,92 @@ def test_the_parser_reads_jamba_calls_whole_or_streamed_in_any_pieces():
         assert [c["function"] for c in streamed] == [c["function"] for c in calls]
     assert parse("a <tool_calls>[not json") == ("a <tool_calls>[not json", [])
     assert ToolStream().push("x <tool") == ("x ", [])
+
+
+# ---- forced calls: bounded, always parsed, streamed as generated --------------------------------
+CITY = {"type": "string", "maxLength": 12}  # (bounded strings: where raw controls got through)
+BOUNDED = {
+    "type": "object",
+    "properties": {"city": CITY, "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+    "required": ["city", "days"],
+    "additionalProperties": False,
+}
+BOUNDED_TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": BOUNDED}},
+    {"type": "function", "function": {"name": "get_time"}},
+]
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+ROOM = 150  # more than the longest call the bounded schemas allow (~100 tokens)
+
+
+def strict_args(call) -> dict:
+    """json.loads is strict: a raw control character in a string fails it. The text is the
+    template's own form: no free whitespace, ", " and ": " between items."""
+    args = json.loads(call.function.arguments)
+    assert call.function.arguments == json.dumps(args, ensure_ascii=False)
+    jsonschema.validate(args, BOUNDED if call.function.name == "get_weather" else {"const": {}})
+    return args
+
+
+@pytest.mark.parametrize("choice", ["required", NAMED], ids=["required", "named"])
+def test_a_forced_call_always_parses_into_strict_json_over_many_seeds(client, choice):
+    for seed in range(3):  # x n=8: 24 replies
+        r = client.chat.completions.create(
+            model=MODEL, messages=ASK, tools=BOUNDED_TOOLS, tool_choice=choice, n=8,
+            parallel_tool_calls=False, max_tokens=ROOM, temperature=1.0, seed=seed,
+        )  # fmt: skip
+        for c in r.choices:
+            assert c.finish_reason == ("tool_calls" if choice == "required" else "stop")
+            assert c.message.content is None and len(c.message.tool_calls) == 1, c.message
+            strict_args(c.message.tool_calls[0])
+
+
+def test_auto_calls_that_parse_are_strict_json(client):
+    r = client.chat.completions.create(
+        model=MODEL, messages=ASK, tools=BOUNDED_TOOLS, tool_choice="auto", n=8, max_tokens=60,
+        temperature=1.0, seed=1,
+    )  # fmt: skip
+    for c in r.choices:
+        for call in c.message.tool_calls or []:
+            assert isinstance(json.loads(call.function.arguments), dict)
+
+
+def joined_deltas(stream) -> tuple[dict[int, dict], list[str]]:
+    calls: dict[int, dict] = {}
+    reasons = []
+    for chunk in stream:
+        for choice in chunk.choices:
+            reasons.append(choice.finish_reason)
+            for d in choice.delta.tool_calls or []:
+                if d.index not in calls:  # the first delta of a call carries its id and name
+                    assert d.id and d.function.name, d
+                    calls[d.index] = {"name": d.function.name, "arguments": ""}
+                calls[d.index]["arguments"] += d.function.arguments or ""
+    return calls, [r for r in reasons if r]
+
+
+CASES = [("required", ROOM), (NAMED, 40)]
+
+
+@pytest.mark.parametrize("choice, max_tokens", CASES, ids=["whole", "cut short"])
+def test_streamed_call_deltas_join_into_the_unstreamed_call(client, choice, max_tokens):
+    """40 tokens end inside the arguments: the reply says "length", and both forms hold the
+    call's name and its arguments as far as they came (incomplete JSON)."""
+    kwargs = dict(
+        model=MODEL, messages=ASK, tools=BOUNDED_TOOLS, tool_choice=choice,
+        max_tokens=max_tokens, temperature=1.0, seed=7,
+    )  # fmt: skip
+    whole = client.chat.completions.create(**kwargs).choices[0]
+    streamed, reasons = joined_deltas(client.chat.completions.create(**kwargs, stream=True))
+    calls = {i: {"name": c.function.name, "arguments": c.function.arguments}
+             for i, c in enumerate(whole.message.tool_calls)}  # fmt: skip
+    assert streamed == calls and reasons == [whole.finish_reason]
+    if max_tokens == ROOM:
+        assert whole.finish_reason == "tool_calls" and all(
+            strict_args(c) is not None for c in whole.message.tool_calls
+        )
+    else:
+        assert whole.finish_reason == "length" and calls[0]["name"] == "get_weather"
+        assert calls[0]["arguments"].startswith("{")
+        with pytest.raises(json.JSONDecodeError):
+            json.loads(calls[0]["arguments"])
