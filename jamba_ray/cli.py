@@ -7,9 +7,9 @@ import argparse
 import sys
 
 from . import commands
+from .batch.score_config import BATCH_SIZE, TASKS, TOO_LONG, ScoreConfig
 from .config.engine_config import BALANCES, TRANSPORTS, default_of, option_default
 from .config.pipeline_file import PipelineFile
-from .config.score_config import BATCH_SIZE, TASKS, TOO_LONG, ScoreConfig
 from .errors import JambaRayError
 from .tiny import PRESETS
 

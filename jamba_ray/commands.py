@@ -227,7 +227,7 @@ def serve_config(a) -> int:
 
 def score_config(a):
     """The job `score` runs: its flags as job fields and flat engine options."""
-    from .config.score_config import ScoreConfig
+    from .batch.score_config import ScoreConfig
 
     sampling = {"max_tokens": a.max_tokens, "temperature": a.temperature}
     if a.seed is not None:

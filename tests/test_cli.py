@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
+from jamba_ray.batch.score_config import ScoreConfig
 from jamba_ray.cli import build_parser, main
 from jamba_ray.commands import pipeline_file as _pipeline
 from jamba_ray.config import EngineConfig
 from jamba_ray.config.engine_config import OPTION_SECTION, option_default
 from jamba_ray.config.pipeline_file import PipelineFile
-from jamba_ray.config.score_config import ScoreConfig
 from tests.conftest import STAGE_CPUS, assert_greedy_like_hf
 
 ROOT = Path(__file__).parents[1]

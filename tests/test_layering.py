@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "jamba_ray"
 MAX_LINES = 300
-LONG_FOR_NOW = {"engine/scheduler.py"}  # being split by the engine's owner
+LONG_FOR_NOW: set[str] = set()
 ENGINE_MUST_NOT_IMPORT = {"torch", "ray", "model", "runtime", "serve", "batch"}
 
 

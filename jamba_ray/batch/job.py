@@ -13,11 +13,11 @@ from pathlib import Path
 
 from ray.data import ActorPoolStrategy
 
-from ..config.score_config import BATCH_SIZE, ScoreConfig
 from ..errors import InvalidRequestError
 from . import parts
 from .preflight import check_task, input_format, inspect_input
 from .progress import Progress
+from .score_config import BATCH_SIZE, ScoreConfig
 from .scorer import PipelineScorer
 
 log = logging.getLogger(__name__)

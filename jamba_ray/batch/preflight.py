@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config.model_path import resolve
-from ..config.score_config import ScoreConfig
 from ..errors import InvalidRequestError
+from .score_config import ScoreConfig
 
 JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 

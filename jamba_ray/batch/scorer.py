@@ -6,9 +6,9 @@ import math
 
 import pandas as pd
 
-from ..config.score_config import ScoreConfig
 from ..engine.sampling_params import SamplingParams
 from ..errors import JambaRayError
+from .score_config import ScoreConfig
 
 OUTPUT_COLUMNS = {
     "loglik": ["logprob", "num_tokens", "perplexity", "error"],

@@ -12,7 +12,6 @@ from .engine_config import (
     ServeConfig,
     StateConfig,
 )
-from .score_config import ScoreConfig
 from .spec import ModelSpec, canonical_dtype, dtype_bytes
 
 __all__ = [
@@ -26,7 +25,6 @@ __all__ = [
     "SchedulerConfig",
     "ServeConfig",
     "StateConfig",
-    "ScoreConfig",
     "ModelSpec",
     "canonical_dtype",
     "dtype_bytes",

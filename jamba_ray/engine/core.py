@@ -23,11 +23,13 @@ from ..config.spec import ModelSpec
 from ..errors import CapacityError, InvalidRequestError, StageFailedError
 from .kv_cache import KVCache
 from .messages import Segment, StepFailure, StepResult
+from .micro_batch import MicroBatch
 from .output_processor import OutputProcessor, Sink
 from .pipeline_api import Pipeline, backend
 from .recovery import Recovery, RecoveryPlan, Replaced
+from .recovery import trusted as recovery_trusted
 from .sampling_params import SamplingParams
-from .scheduler import MicroBatch, Scheduler
+from .scheduler import Scheduler
 from .sequence import Sequence
 from .tokenizer import encode_prompt, load_tokenizer
 
@@ -253,7 +255,8 @@ class EngineCore:
     # ---- recovery ----------------------------------------------------------------------------
     def _replace_dead(self) -> Replaced | StageFailedError:
         """Blocking: replace dead stages, importing what the engine still trusts."""
-        trusted = self.kv.trusted(self.recovery.messages()) if self.kv.snapshots else None
+        kv = self.kv
+        trusted = recovery_trusted(kv, self.recovery.messages()) if kv.snapshots else None
         return self.recovery.replace_dead(self.pipeline, trusted)
 
     def recover(self, outcome: Replaced | StageFailedError) -> None:

@@ -1,47 +1,19 @@
-"""The owner of every sequence's paged state: its KV block table, block keys, restore pin and
-decode snapshot, the checkpoint catalog, and the operations a step makes on the stages' state.
+"""The owner of every sequence's paged state (block table, keys, restore pin, snapshot), of the
+checkpoint catalog and of the operations a step makes on the stages' state. Pure Python.
 
-Pure Python. Records are keyed by sequence id and change only through the lifecycle below:
-admit (and resume) -> grow -> segment (sent) -> land -> fork -> finish / preempt / release, plus
-clear and forget after failures. Every block refcount change happens here; the state operations
-decided (copies, forks, saves, exports, forgotten ids) go into one builder, sealed into the next
-step message.
+Records are keyed by sequence id and change only through this lifecycle: admit (resume) -> grow ->
+segment -> land -> fork -> save -> release / restart, plus clear and forget after failures. Every
+block refcount change happens here; state operations go into one builder, sealed into a message.
 """
 
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import dataclass, field
-
-from .blocks import BlockAllocator, Key, chain_key, root_key
+from .blocks import BlockAllocator, chain_key, root_key
 from .messages import Fork
 from .prefix import Checkpoint, PrefixCache
+from .seq_state import Resumed, SegmentState, SeqState, tokens_of
 from .sequence import Sequence
 from .step_ops import SavedCheckpoint, StateOps, StepOpsBuilder
-
-
-@dataclass(slots=True)
-class SeqState:
-    """What the KV cache keeps for one live sequence."""
-
-    root: Key  # its cache_salt's chain root
-    blocks: list[int] = field(default_factory=list)  # KV block table
-    keys: list[Key] = field(default_factory=list)  # chained keys of its committed full blocks
-    sent: int = 0  # table entries the stages already hold
-    restore: int | None = None  # checkpoint to restore into the slot before its next segment
-
-
-@dataclass(frozen=True, slots=True)
-class Resumed:
-    length: int  # tokens the checkpoint covers
-    logprobs: list | None  # prompt-logprob entries of positions 0..length, when asked for
-
-
-@dataclass(frozen=True, slots=True)
-class SegmentState:
-    blocks: tuple[int, ...]  # table entries from `table_start` on
-    table_start: int
-    restore: int | None
 
 
 class KVCache:
@@ -65,8 +37,7 @@ class KVCache:
         self.snapshots_of: dict[int, Checkpoint] = {}
 
     def table(self, seq_id: int) -> list[int]:
-        rec = self.records.get(seq_id)
-        return list(rec.blocks) if rec else []
+        return list(self.records[seq_id].blocks) if seq_id in self.records else []
 
     def snapshot(self, seq_id: int) -> Checkpoint | None:
         return self.snapshots_of.get(seq_id)
@@ -92,14 +63,7 @@ class KVCache:
     def available(self) -> int:
         """Blocks that can be had now: free or cached ones, and the tail blocks that only
         unpinned checkpoints hold (they are evicted for them under pressure)."""
-        if self.prefix is None:
-            return self.blocks.num_free
-        holds = Counter(
-            cp.tail_block
-            for cp in self.prefix.checkpoints()
-            if cp.tail_block is not None and not self.prefix.pinned(cp.ckpt)
-        )
-        spare = sum(1 for b, n in holds.items() if self.blocks.refs(b) == n)
+        spare = self.prefix.spare_tails() if self.prefix is not None else 0
         return self.blocks.num_free + spare
 
     def _make_room(self, n: int) -> bool:
@@ -202,7 +166,7 @@ class KVCache:
         rec, bs = self.records[seq.seq_id], self.block_size
         while (len(rec.keys) + 1) * bs <= end:
             i = len(rec.keys)
-            key = chain_key(rec.keys[-1] if rec.keys else rec.root, _tokens(seq, i * bs, bs))
+            key = chain_key(rec.keys[-1] if rec.keys else rec.root, tokens_of(seq, i * bs, bs))
             if self.blocks.commit(rec.blocks[i], key) and self.snapshots:
                 self.ops.export_blocks.append(rec.blocks[i])
             rec.keys.append(key)
@@ -226,8 +190,8 @@ class KVCache:
         else:
             chain = rec.root
             for i in range(full):
-                chain = chain_key(chain, _tokens(seq, i * bs, bs))
-        tail_tokens = tuple(_tokens(seq, full * bs, length % bs))
+                chain = chain_key(chain, tokens_of(seq, i * bs, bs))
+        tail_tokens = tuple(tokens_of(seq, full * bs, length % bs))
         cp, evicted = self.prefix.add(chain, tail_tokens, length, tail)
         self._release_checkpoint(evicted)
         if cp is None:
@@ -309,11 +273,7 @@ class KVCache:
                 self._release_checkpoint(cp)
             self.snapshots_of.clear()
         self.blocks.drop_cache()
-        self._drop_pending_checkpoints()
-
-    def _drop_pending_checkpoints(self) -> None:
-        self.ops.saves, self.ops.export_blocks, self.ops.saved = [], [], []
-        self.ops.superseded = []
+        self.ops.drop_checkpoints()
 
     def unexported(self, failed: list) -> tuple[set[int], set[int]]:
         """Checkpoints and blocks whose exports never landed: those the `failed` messages
@@ -321,15 +281,6 @@ class KVCache:
         ckpts = {c for m in failed for c in m.export_ckpts} | self.ops.pending_ckpts()
         blocks = {b for m in failed for b in m.export_blocks} | set(self.ops.export_blocks)
         return ckpts, blocks
-
-    def trusted(self, failed: list) -> tuple[set[int], set[int]]:
-        """What a replacement must import: the checkpoints and KV blocks the engine may still
-        read from (committed blocks, and the tail blocks checkpoints hold), less `unexported`."""
-        if self.prefix is None:
-            return set(), set()
-        ckpts, tails = self.prefix.held()
-        lost_ckpts, lost_blocks = self.unexported(failed)
-        return ckpts - lost_ckpts, (tails | self.blocks.committed_blocks()) - lost_blocks
 
     def reexport(self, blocks: list[int]) -> None:
         """Export these again with the next message (a failed one carried them): those that are
@@ -345,14 +296,5 @@ class KVCache:
                 self._release_checkpoint(cp)
         for b in blocks:
             self.blocks.uncommit(b)
-        self._drop_pending_checkpoints()
+        self.ops.drop_checkpoints()
 
-
-def _tokens(seq: Sequence, start: int, n: int) -> list[int]:
-    """seq's tokens [start, start + n) without joining its prompt and output."""
-    p = len(seq.prompt_ids)
-    if start + n <= p:
-        return seq.prompt_ids[start : start + n]
-    if start >= p:
-        return seq.output_ids[start - p : start - p + n]
-    return seq.prompt_ids[start:] + seq.output_ids[: start + n - p]

@@ -10,7 +10,7 @@ drops, it returns, and the KV cache releases the tail blocks.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
 from .blocks import UNSALTED, BlockAllocator, Key, block_keys
@@ -121,6 +121,15 @@ class PrefixCache:
 
     def pinned(self, ckpt: int) -> bool:
         return ckpt in self._pins
+
+    def spare_tails(self) -> int:
+        """Tail blocks only unpinned checkpoints hold: evicting those frees them."""
+        holds = Counter(
+            cp.tail_block
+            for cp in self._lru.values()
+            if cp.tail_block is not None and cp.ckpt not in self._pins
+        )
+        return sum(1 for b, n in holds.items() if self.blocks.refs(b) == n)
 
     def evict_for_block(self) -> Checkpoint | None:
         """Under block pressure: the least recently used unpinned checkpoint holding a tail

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from ..errors import StageFailedError
 from .messages import StepFailure, StepMessage
-from .scheduler import MicroBatch
+from .micro_batch import MicroBatch
 from .sequence import Sequence
 
 log = logging.getLogger(__name__)
@@ -141,6 +141,17 @@ def _untrust(plan: RecoveryPlan, msgs: list[StepMessage], live: list[Sequence]) 
         plan.replay += [s for s in live if not s.suspect and id(s) not in taken]
     else:
         plan.reexport = [b for m in msgs for b in m.export_blocks]
+
+
+def trusted(kv, failed: list[StepMessage]) -> tuple[set[int], set[int]]:
+    """What a replacement must import: the checkpoints and KV blocks the engine may still read
+    from (committed blocks, and the tail blocks checkpoints hold), less what never reached the
+    driver (`KVCache.unexported`)."""
+    if kv.prefix is None:
+        return set(), set()
+    ckpts, tails = kv.prefix.held()
+    lost_ckpts, lost_blocks = kv.unexported(failed)
+    return ckpts - lost_ckpts, (tails | kv.blocks.committed_blocks()) - lost_blocks
 
 
 def _reconnect(pipeline) -> None:

@@ -9,24 +9,13 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass, field
 
 from ..config.engine_config import SchedulerConfig
 from .kv_cache import KVCache
 from .messages import Segment, SeqInfo, StepMessage
+from .micro_batch import MicroBatch, segment, wants_prompt_logprobs
 from .sequence import Sequence
 from .slots import SlotAllocator
-from .step_ops import StateOps
-
-
-@dataclass(slots=True)
-class MicroBatch:
-    message: StepMessage
-    seqs: list[Sequence]  # one per segment, same order
-    token_ids: list[int]
-    forked: list[Sequence] = field(default_factory=list)  # whose fork copy rides in this message
-    ops: StateOps = StateOps()  # its state operations, and what the engine does once it lands
-    handle: object = None  # the pipeline's pending result
 
 
 class Scheduler:
@@ -78,7 +67,7 @@ class Scheduler:
             seq.slot, *fork_slots = self.slots.allocate(1 + len(seq.forks))
             for fork, slot in zip(seq.forks, fork_slots):
                 fork.slot = slot
-            wants = _wants_prompt_logprobs(seq)  # (those resume only where the logprobs were kept)
+            wants = wants_prompt_logprobs(seq)  # (those resume only where the logprobs were kept)
             hit = self.kv.admit(seq, seq.forks, seq.params.prompt_logprobs if wants else None)
             if hit is not None:
                 seq.num_computed = seq.num_cached = hit.length
@@ -171,7 +160,7 @@ class Scheduler:
     def _build(self, chosen: list[tuple[Sequence, int]], in_flight: int) -> MicroBatch:
         segments, tokens, admitted = [], [], []
         for s, n in chosen:
-            segments.append(self._segment(s, n))
+            segments.append(segment(s, n, self.kv.segment(s)))
             tokens.extend(s.token(p) for p in range(s.num_computed, s.num_computed + n))
             admitted += [q.info() for q in (s, *s.forks) if not q.registered]
             for q in (s, *s.forks):
@@ -189,22 +178,6 @@ class Scheduler:
         dsts = {d for f in ops.forks for d in f.dsts}
         forked = [q for q in self.running if q.slot in dsts]
         return MicroBatch(msg, [s for s, _ in chosen], tokens, forked, ops)
-
-    def _segment(self, seq: Sequence, n: int) -> Segment:
-        """Which logit rows a segment needs, who samples from it, and the block-table entries
-        and checkpoint the stages need for it: decided here, once."""
-        start, end = seq.num_computed, seq.num_computed + n
-        st = self.kv.segment(seq)
-        state = dict(blocks=st.blocks, table_start=st.table_start, restore=st.restore)
-        if seq.pooling:
-            logits = "score" if end >= len(seq.prompt_ids) else "none"
-            return Segment(seq.seq_id, seq.slot, start, n, logits, **state)
-        # Samples only where the sequence's known tokens end (a replay also re-runs its outputs).
-        samples = tuple(q.seq_id for q in (*seq.forks, seq)) if end >= seq.length else ()
-        # Prompt logprobs are the request's, collected once: from its first sample.
-        wants_prompt = seq.in_prefill and _wants_prompt_logprobs(seq)
-        logits = "all" if wants_prompt else "last" if samples else "none"
-        return Segment(seq.seq_id, seq.slot, start, n, logits, samples, **state)
 
     # ---- what a landed micro-batch changes ---------------------------------------------------
     def landed(self, seq: Sequence, seg: Segment) -> None:
@@ -314,10 +287,6 @@ class Scheduler:
 def _rank(seq: Sequence) -> tuple[int, int]:
     """Lower runs first: the request's priority (vLLM's), then arrival."""
     return (getattr(seq.params, "priority", 0) or 0, seq.seq_id)
-
-
-def _wants_prompt_logprobs(seq: Sequence) -> bool:
-    return seq.index == 0 and getattr(seq.params, "prompt_logprobs", None) is not None
 
 
 def _decoding(seq: Sequence) -> bool:

@@ -74,13 +74,14 @@ class StepOpsBuilder:
         self.reset()
         return ops
 
-    def reset(self, keep_forgotten: bool = False) -> None:
-        """Empty (what is pending cannot be trusted any more); forgotten ids may stay: the
-        stages must still drop those sequences."""
-        self.copies, self.forks, self.saves, self.export_blocks = [], [], [], []
-        self.superseded, self.saved = [], []
-        if not keep_forgotten:
-            self.forgotten = []
+    def reset(self) -> None:
+        self.copies, self.forks, self.forgotten = [], [], []
+        self.drop_checkpoints()
+
+    def drop_checkpoints(self) -> None:
+        """Pending saves and exports go (what they would make is not trusted); copies, forks
+        and forgotten ids stay: live sequences and the stages still need them."""
+        self.saves, self.export_blocks, self.superseded, self.saved = [], [], [], []
 
     def pending_ckpts(self) -> set[int]:
         return {c for _, c in self.saves}

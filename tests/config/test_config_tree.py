@@ -9,12 +9,12 @@ import typing
 import pytest
 import yaml
 
+from jamba_ray.batch.score_config import TASKS, TOO_LONG, ScoreConfig
 from jamba_ray.cli import build_parser
 from jamba_ray.config import ModelConfig, file_sections
 from jamba_ray.config import engine_config as tree
 from jamba_ray.config.engine_config import EngineConfig, PipelineConfig, ServeConfig
 from jamba_ray.config.pipeline_file import PipelineFile
-from jamba_ray.config.score_config import TASKS, TOO_LONG, ScoreConfig
 from jamba_ray.errors import ConfigError, InvalidRequestError
 
 # A value other than the default for every option of the tree (dataclass form), by its path in a
@@ -216,7 +216,7 @@ def test_the_tree_and_the_cli_that_reads_it_import_neither_torch_nor_ray():
     import sys
 
     code = (
-        "import sys; import jamba_ray.config.score_config, jamba_ray.config.pipeline_file, "
+        "import sys; import jamba_ray.batch.score_config, jamba_ray.config.pipeline_file, "
         "jamba_ray.cli; "
         "assert 'torch' not in sys.modules and 'ray' not in sys.modules, sorted(sys.modules)"
     )

@@ -25,6 +25,7 @@ from jamba_ray.config.engine_config import SchedulerConfig
 from jamba_ray.engine.kv_cache import KVCache
 from jamba_ray.engine.messages import StepFailure
 from jamba_ray.engine.recovery import Recovery, Replaced
+from jamba_ray.engine.recovery import trusted as recovery_trusted
 from jamba_ray.engine.scheduler import Scheduler
 from jamba_ray.engine.sequence import Sequence
 
@@ -202,7 +203,7 @@ class StateModel(RuleBasedStateMachine):
     @rule(how=st.sampled_from(["compute error", "stage died"]))
     def recover(self, how):
         if how == "stage died":
-            trusted = self.kv.trusted(self.recovery.messages())
+            trusted = recovery_trusted(self.kv, self.recovery.messages())
             restored = self.kv.snapshots and self.stage.replace(trusted)
             if not restored:
                 self.stage.replace((set(), set()))

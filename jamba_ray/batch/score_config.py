@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
+from ..config.engine_config import EngineConfig
 from ..errors import InvalidRequestError
-from .engine_config import EngineConfig
 
 TASKS = ("loglik", "classify", "generate")
 TOO_LONG = ("error", "truncate")  # an over-long row: an error row, or its text cut to fit

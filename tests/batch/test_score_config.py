@@ -6,9 +6,9 @@ import dataclasses
 
 import pytest
 
+from jamba_ray.batch.score_config import ScoreConfig
 from jamba_ray.config import EngineConfig, ModelConfig
 from jamba_ray.config.engine_config import OPTION_SECTION
-from jamba_ray.config.score_config import ScoreConfig
 from jamba_ray.errors import ConfigError
 
 
