@@ -315,3 +315,11 @@ TestStateModel.settings = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
+
+
+def test_a_stage_replaced_without_snapshots_leaves_no_cached_prefix_even_with_nothing_to_replay():
+    """Its replacement holds no checkpoint: trusting the cache would restore garbage. (Found by
+    the model above; a plan that only replays the running sequences kept the cache when none
+    was running.)"""
+    plan = Recovery(max_restarts=1).plan(Replaced([0], restored=False), running=[])
+    assert plan.clear_cache and not plan.replay and plan.stage_restarts == 1
