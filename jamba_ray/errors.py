@@ -21,6 +21,10 @@ class ConfigError(JambaRayError, ValueError):
     """A model config, pipeline layout or engine setting is invalid."""
 
 
+class StartupError(ConfigError):
+    """A Serve app's replica failed in its constructor (Serve gave up after its retries)."""
+
+
 class CapacityError(JambaRayError):
     """The engine is full (queue limit reached); retry later."""
 

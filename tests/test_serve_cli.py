@@ -158,7 +158,9 @@ def test_a_missing_model_fails_before_ray_starts():
 
 def test_a_layout_the_machine_cannot_hold_fails_naming_the_shortfall(tmp_path):
     layout = tmp_path / "huge.yaml"
-    layout.write_text("name: huge\nstages: 2\nresources:\n  num_cpus: 4096\n")
+    layout.write_text(
+        "name: huge\nengine:\n  placement:\n    num_stages: 2\n    num_cpus_per_stage: 4096\n"
+    )
     r = run_cli("serve", "--config", str(layout), "--port", str(free_port()), "--no-grpc")
     assert r.returncode == 2
     assert "2 stage(s) need 8192.5 CPU (4096 per stage, 0.5 for the replica)" in r.stderr

@@ -10,7 +10,7 @@ from ray.serve.config import gRPCOptions
 
 from ..config.engine_config import PipelineConfig
 from ..config.pipeline_file import PipelineFile
-from ..errors import JambaRayError
+from ..errors import StartupError
 from ..logs import ANSI
 from .app import deployment
 
@@ -52,10 +52,6 @@ def start(config: PipelineConfig, blocking: bool = False):
         while True:
             time.sleep(3600)
     return handle
-
-
-class StartupError(JambaRayError):
-    """The app's replica failed in its constructor (Serve gave up after its retries)."""
 
 
 _EXCEPTION_LINE = re.compile(r"^\s*([\w.]+(?:Error|Exception|Exit)\b.*)$")

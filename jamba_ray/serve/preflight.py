@@ -37,9 +37,9 @@ def check_model(config: PipelineConfig) -> None:
     replica (builds the tiny default first when no model is named)."""
     from ..config.capacity import derive_capacity
     from ..config.fit import fit_check, require_fit
+    from ..config.model_path import resolve
     from ..config.planner import plan
     from ..config.spec import ModelSpec
-    from ..model.checkpoint import resolve
 
     if not config.model_given:
         from ..tiny import ensure_default_tiny
@@ -94,5 +94,6 @@ def check_resources(config: PipelineConfig, have: dict[str, float], complete=Tru
                 f"{replicas} replica(s) of {stages} stage(s) need {need:g} {res} "
                 f"({bundles[-1].get(res, 0.0):g} per stage, {bundles[0].get(res, 0.0):g} for the "
                 f"replica); the cluster has {have.get(res, 0.0):g}. Use fewer stages (--stages) or "
-                "smaller reservations (resources.num_cpus, serve.replica_cpus in the layout)"
+                "smaller reservations (engine.placement.num_cpus_per_stage, "
+                "serve.replica_cpus in the layout)"
             )

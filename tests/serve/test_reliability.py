@@ -133,7 +133,11 @@ def secured(served, tiny_ckpt):
     with pytest.MonkeyPatch.context() as env:  # the key travels to the replica in its runtime env
         env.setenv("JAMBA_TEST_API_KEY", "s3cret")
         base = deploy(
-            served, tiny_ckpt, "secured", stages=1, **{"serve.api_key_env": "JAMBA_TEST_API_KEY"}
+            served,
+            tiny_ckpt,
+            "secured",
+            num_stages=1,
+            **{"serve.api_key_env": "JAMBA_TEST_API_KEY"},
         )
     yield base
     serve.delete("secured")
