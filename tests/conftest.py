@@ -93,6 +93,14 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def served(tiny_ckpt, ray_session):
+    """The test session's Serve app (HTTP + gRPC on loopback), started on first use."""
+    from tests.serve.conftest import start_served
+
+    yield from start_served(tiny_ckpt)
+
+
 _HF_CACHE: dict[str, object] = {}
 
 

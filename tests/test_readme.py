@@ -7,7 +7,7 @@ What the README must follow for this to pass:
   also has a classifier head. Data paths `"data.jsonl"`, `"data.parquet"` (or any
   `"s3://..."`/`"gs://..."` path ending so) become small local files with `id` and `text`.
   Blocks that talk to a running server (they name 127.0.0.1:8000 or :9000, or localhost) run
-  against the test session's own server (tests/serve/conftest.py `served`, started on first
+  against the test session's own server (the `served` fixture of tests/conftest.py, started on first
   use): its ports replace 8000 and 9000 and its model name replaces "jamba-tiny". A block with
   `# readme: skip` never runs.
 - Commands are lines of ```bash (or sh, shell, console) blocks that start with `jamba-ray` or
@@ -32,7 +32,6 @@ import pytest
 from jamba_ray.cli import build_parser, main
 from jamba_ray.tiny import TinySpec, init_tiny
 from tests.serve.conftest import MODEL as SERVED_MODEL
-from tests.serve.conftest import served  # noqa: F401  (the session's server, for server blocks)
 
 ROOT = Path(__file__).parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")

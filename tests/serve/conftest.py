@@ -6,7 +6,6 @@ import socket
 import time
 
 import grpc
-import pytest
 import requests
 from ray import serve
 
@@ -109,8 +108,10 @@ def wait_app_idle(base: str, headers=None, timeout: float = 60) -> dict:
     return wait_for(idle, timeout, what="all slots free")
 
 
-@pytest.fixture(scope="session")
-def served(tiny_ckpt, ray_session):
+def start_served(tiny_ckpt):
+    """The session's server (the `served` fixture, defined once in tests/conftest.py so that the
+    serve tests and README's server blocks share one: a second definition would start a second
+    app whose ports Serve's running proxy never opens)."""
     from ray import serve
 
     from jamba_ray.serve.launch import start
