@@ -133,24 +133,24 @@ class PrefixCache:
 
     def evict_for_block(self) -> Checkpoint | None:
         """Under block pressure: the least recently used unpinned checkpoint holding a tail
-        block, dropped (the caller releases the block)."""
+        block, dropped (its index freed; the caller releases the block)."""
+        cp = self._evict(holding_a_block=True)
+        if cp is not None:
+            self._free.append(cp.ckpt)
+        return cp
+
+    def _evict(self, holding_a_block: bool = False) -> Checkpoint | None:
+        """The least recently used unpinned checkpoint (one with a tail block, if asked),
+        dropped; its index is the caller's."""
         key = next(
             (
                 k
                 for k, cp in self._lru.items()
-                if cp.tail_block is not None and cp.ckpt not in self._pins
+                if cp.ckpt not in self._pins
+                and (cp.tail_block is not None or not holding_a_block)
             ),
             None,
         )
-        if key is None:
-            return None
-        cp = self._drop(key)
-        self._free.append(cp.ckpt)
-        return cp
-
-    def _evict(self) -> Checkpoint | None:
-        """The least recently used unpinned checkpoint, dropped (its index is reused)."""
-        key = next((k for k, cp in self._lru.items() if cp.ckpt not in self._pins), None)
         return None if key is None else self._drop(key)
 
     def _drop(self, key) -> Checkpoint:
