@@ -69,11 +69,26 @@ class StateConfig:
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
     max_num_seqs: int = 64  # state slots per stage (clamped to the state budget)
-    max_batched_tokens: int = 512  # tokens per micro-batch; long prompts are chunked to fit
+    # tokens per micro-batch; long prompts are chunked to fit. None: by the stages' device
+    # (`BATCHED_TOKENS`): a prefill chunk's matmuls want thousands of rows to reach full speed
+    max_batched_tokens: int | None = None
     max_waiting: int = 256  # queued requests before new ones are refused (429)
 
     def __post_init__(self) -> None:
-        _positive(self, "max_num_seqs", "max_batched_tokens", "max_waiting")
+        _positive(self, "max_num_seqs", "max_waiting")
+        if self.max_batched_tokens is not None:
+            _positive(self, "max_batched_tokens")
+
+    def on(self, device: str) -> SchedulerConfig:
+        """With `max_batched_tokens` decided for stages on `device` ("cpu" or "cuda")."""
+        if self.max_batched_tokens is not None:
+            return self
+        return replace(self, max_batched_tokens=BATCHED_TOKENS[device])
+
+
+# max_batched_tokens by device when not given: vLLM's chunked-prefill size on GPUs; on CPUs the
+# size past which an 8K prefill on 2 cores gains nothing (benchmarks/prefill.py)
+BATCHED_TOKENS = {"cpu": 2048, "cuda": 8192}
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,12 +129,15 @@ class PlacementConfig:
 
 @dataclass(frozen=True, slots=True)
 class ComputeConfig:
-    threads_per_stage: int = 1
+    # torch threads of a stage that runs alone; k micro-batches in flight share them. None: the
+    # CPUs the pipeline holds on one node (`runtime/stage_spec.default_threads`)
+    threads_per_stage: int | None = None
     transport: str = "auto"  # hidden states between stages: auto | object_store | p2p
     decode_graphs: bool = False  # decode at fixed shapes, CUDA graphs on GPUs
 
     def __post_init__(self) -> None:
-        _positive(self, "threads_per_stage")
+        if self.threads_per_stage is not None:
+            _positive(self, "threads_per_stage")
         if self.transport not in TRANSPORTS:
             raise ConfigError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
 
@@ -151,6 +169,16 @@ class EngineConfig:
             )
         if self.placement.num_gpus_per_stage == 0 and self.model.dtype == "float16":
             raise ConfigError("float16 needs a GPU stage; use float32 or bfloat16 on CPU")
+
+    @property
+    def device(self) -> str:
+        """Where the stages run: "cuda" with GPUs reserved per stage, else "cpu"."""
+        return "cuda" if self.placement.num_gpus_per_stage else "cpu"
+
+    @property
+    def batched_tokens(self) -> int:
+        """`max_batched_tokens`, or its default on this config's device."""
+        return self.scheduler.on(self.device).max_batched_tokens
 
     @classmethod
     def build(cls, model: str, **flat: Any) -> EngineConfig:

@@ -79,8 +79,11 @@ class StateSection(Section):
 class SchedulerSection(Section):
     mirrors: ClassVar[type] = SchedulerConfig
     max_num_seqs: int = _d(SchedulerConfig, "max_num_seqs", ge=1, description="slots per stage")
-    max_batched_tokens: int = _d(
-        SchedulerConfig, "max_batched_tokens", ge=1, description="tokens per micro-batch"
+    max_batched_tokens: int | None = _d(
+        SchedulerConfig,
+        "max_batched_tokens",
+        ge=1,
+        description="tokens per micro-batch; null: 2048 on CPU stages, 8192 on GPU stages",
     )
     max_waiting: int = _d(
         SchedulerConfig, "max_waiting", ge=1, description="queued requests before 429"
@@ -115,7 +118,9 @@ class PlacementSection(Section):
 
 class ComputeSection(Section):
     mirrors: ClassVar[type] = ComputeConfig
-    threads_per_stage: int = _d(ComputeConfig, "threads_per_stage", ge=1)
+    threads_per_stage: int | None = _d(
+        ComputeConfig, "threads_per_stage", ge=1, description="null: the pipeline's CPUs on a node"
+    )
     transport: Literal[TRANSPORTS] = _d(
         ComputeConfig, "transport", description="auto: p2p between GPU stages, else object store"
     )

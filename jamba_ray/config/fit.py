@@ -79,7 +79,7 @@ def fit_check(spec: ModelSpec, cfg: EngineConfig, plans: list[StagePlan]) -> lis
     for p in plans:
         last = p.index == len(plans) - 1
         pool = pool_bytes(cap, p)
-        act = activation_bytes(spec, cfg.scheduler.max_batched_tokens, model.dtype, last)
+        act = activation_bytes(spec, cfg.batched_tokens, model.dtype, last)
         act = max(act, int(place.activation_memory_gib * GiB))
         weights = stage_weight_bytes(spec, p, model.dtype, model.quantization, last)
         fits.append(StageFit(p.index, weights, pool, act, device))

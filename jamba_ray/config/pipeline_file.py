@@ -25,7 +25,7 @@ DEFAULT_LAYOUT: dict[str, Any] = {
     "engine": {
         "model": {"path": None, "max_model_len": 1024},
         "state": {"state_memory_gib": 1},
-        "scheduler": {"max_num_seqs": 32, "max_batched_tokens": 256},
+        "scheduler": {"max_num_seqs": 32},
         "placement": {"num_stages": 2, "num_cpus_per_stage": 0.5},
         "compute": {"threads_per_stage": 2},
     },
@@ -120,9 +120,7 @@ class PipelineFile(BaseModel):
 
             path = str(default_tiny_dir())
         given = model is not None or self.engine.model.path is not None
-        return PipelineConfig(
-            self.name, self.engine.to_config(path), self.serve.to_config(), given
-        )
+        return PipelineConfig(self.name, self.engine.to_config(path), self.serve.to_config(), given)
 
 
 def explain(e: ValidationError) -> str:

@@ -59,7 +59,7 @@ class EngineCore:
         )
         if measured:
             budget = self.pipeline.measure(
-                config.state.gpu_memory_utilization, config.scheduler.max_batched_tokens
+                config.state.gpu_memory_utilization, config.batched_tokens
             )
             self.capacity = derive_capacity(self.spec, config, self.plans, budget)
         self.pipeline.allocate(self.capacity)
@@ -71,7 +71,9 @@ class EngineCore:
             st.checkpoint_every,
             snapshots=self.pipeline.snapshots,  # (the pipeline reads `recovery_snapshots`)
         )
-        self.scheduler = Scheduler(config.scheduler, cap.max_num_seqs, self.kv, len(self.plans))
+        self.scheduler = Scheduler(
+            config.scheduler.on(config.device), cap.max_num_seqs, self.kv, len(self.plans)
+        )
         self.outputs = OutputProcessor(
             self.tokenizer, self.spec.eos_token_id, self.capacity.max_model_len
         )

@@ -297,4 +297,3 @@ class KVCache:
         for b in blocks:
             self.blocks.uncommit(b)
         self.ops.drop_checkpoints()
-

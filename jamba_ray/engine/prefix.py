@@ -146,8 +146,7 @@ class PrefixCache:
             (
                 k
                 for k, cp in self._lru.items()
-                if cp.ckpt not in self._pins
-                and (cp.tail_block is not None or not holding_a_block)
+                if cp.ckpt not in self._pins and (cp.tail_block is not None or not holding_a_block)
             ),
             None,
         )

@@ -6,6 +6,8 @@ For engine tests (real stages, milliseconds) and debugging. A stage exception co
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from ..config.capacity import Capacity
@@ -20,7 +22,8 @@ class LocalPipeline:
     def __init__(
         self, config: EngineConfig, model: str, plans: list[StagePlan], eos_id: int | None
     ):
-        self.specs = stage_specs(config, model, plans, eos_id)
+        # in this process the stages run one after another: each may use every core
+        self.specs = stage_specs(config, model, plans, eos_id, os.cpu_count() or 1)
         self.stages = [Stage(spec) for spec in self.specs]
         self.num_stages = len(self.stages)
         self.snapshots = False  # stages never die here

@@ -25,7 +25,7 @@ from ..engine.messages import StepFailure, StepMessage, StepResult
 from ..errors import StageFailedError
 from .placement import require_feasible, stage_bundle
 from .stage import Stage
-from .stage_spec import StageSpec, probe_message, sized, stage_specs
+from .stage_spec import StageSpec, default_threads, probe_message, sized, stage_specs
 from .transport import choose
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,8 @@ class RayPipeline:
                 0,
             )
             self._wait(self.pg.ready(), "the placement group for the stages")
-        self.specs = stage_specs(config, model, plans, eos_id)
+        threads = default_threads(self.bundle["CPU"], self.num_stages, self.placement.strategy)
+        self.specs = stage_specs(config, model, plans, eos_id, threads)
         self.snapshots = config.recovery.recovery_snapshots
         self.snapshot = [Snapshot() for _ in plans]  # per stage: what it exported, for a successor
         self._exports: dict[object, tuple[StepMessage, list[list]]] = {}  # by result handle

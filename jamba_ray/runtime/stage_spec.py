@@ -3,6 +3,7 @@ that touches none of the engine's state."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 from ..engine.messages import Segment, StepMessage
@@ -38,9 +39,19 @@ class StageSpec:
         return self.index == self.num_stages - 1
 
 
-def stage_specs(config, model: str, plans, eos_id: int | None) -> list[StageSpec]:
-    """One spec per stage plan, its state not sized yet (`sized`); the device is decided here."""
-    device = "cuda" if config.placement.num_gpus_per_stage else "cpu"
+def default_threads(cpus_per_stage: float, num_stages: int, strategy: str) -> int:
+    """Torch threads of a stage that runs alone: the CPUs its pipeline holds on its node (all
+    stages' when they are packed onto one, else its own). Stages take turns on a long prompt,
+    so each uses them all; with k micro-batches in flight each uses 1/k (`Stage.forward`)."""
+    packed = strategy in ("PACK", "STRICT_PACK")
+    return max(1, math.ceil(cpus_per_stage * (num_stages if packed else 1) - 1e-9))
+
+
+def stage_specs(
+    config, model: str, plans, eos_id: int | None, default_threads: int = 1
+) -> list[StageSpec]:
+    """One spec per stage plan, its state not sized yet (`sized`); threads are the config's, else
+    `default_threads`."""
     m, c = config.model, config.compute
     return [
         StageSpec(
@@ -52,8 +63,8 @@ def stage_specs(config, model: str, plans, eos_id: int | None) -> list[StageSpec
             0,
             0,
             dtype=m.dtype,
-            device=device,
-            threads=c.threads_per_stage,
+            device=config.device,
+            threads=c.threads_per_stage or default_threads,
             quantization=m.quantization,
             decode_graphs=c.decode_graphs,
             eos_id=eos_id,

@@ -32,3 +32,23 @@ def test_decode_graphs_refuse_int8_weights():
 def test_an_unknown_option_is_refused_by_name():
     with pytest.raises(ConfigError, match="unknown engine option 'max_num_seq'"):
         EngineConfig.build("x", max_num_seq=4)
+
+
+def test_micro_batch_size_defaults_by_the_stages_device_and_a_given_one_wins():
+    assert EngineConfig.build("x").batched_tokens == 2048  # CPU stages
+    assert EngineConfig.build("x", num_gpus_per_stage=1).batched_tokens == 8192
+    assert (
+        EngineConfig.build("x", num_gpus_per_stage=1, max_batched_tokens=300).batched_tokens == 300
+    )
+    with pytest.raises(ConfigError, match="max_batched_tokens must be at least 1"):
+        EngineConfig.build("x", max_batched_tokens=0)
+
+
+def test_stage_threads_default_to_the_cpus_the_pipeline_holds_on_a_node():
+    from jamba_ray.runtime.stage_spec import default_threads
+
+    assert default_threads(1.0, 2, "PACK") == 2  # packed: a stage alone uses both stages' cores
+    assert default_threads(0.5, 2, "STRICT_PACK") == 1
+    assert default_threads(0.75, 2, "PACK") == 2
+    assert default_threads(1.0, 4, "SPREAD") == 1  # spread: only its own
+    assert default_threads(0.25, 1, "PACK") == 1  # never below one

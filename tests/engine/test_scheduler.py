@@ -14,7 +14,7 @@ from jamba_ray.engine.slots import SlotAllocator
 
 def scheduler(slots, micro_batches=1, blocks=64, block_size=4, checkpoints=0, **kw):
     kv = KVCache(blocks, block_size, checkpoints, checkpoint_every=8)
-    return Scheduler(SchedulerConfig(max_num_seqs=slots, **kw), slots, kv, micro_batches)
+    return Scheduler(SchedulerConfig(max_num_seqs=slots, **kw).on("cpu"), slots, kv, micro_batches)
 
 
 def seq(i, prompt_len=4, n=1, rid=None):

@@ -259,9 +259,7 @@ class StateModel(RuleBasedStateMachine):
         holders = Counter(b for r in self.kv.records.values() for b in r.blocks)
         if self.kv.prefix is not None:
             holders.update(
-                cp.tail_block
-                for cp in self.kv.prefix.checkpoints()
-                if cp.tail_block is not None
+                cp.tail_block for cp in self.kv.prefix.checkpoints() if cp.tail_block is not None
             )
         alloc = self.kv.blocks
         for b in range(alloc.num_blocks):
