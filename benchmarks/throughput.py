@@ -4,8 +4,10 @@
                                     [--json]
 
 Builds the `small` preset once (cached), then in one run measures: HF `generate` one request at
-a time and as a padded batch of 8; our pipeline one request at a time and with 8/32/64 concurrent
-requests (TTFT/TPOT percentiles and each stage's busy fraction).
+a time and as a padded batch of 8; then our engine one request at a time and with 8/32/64
+concurrent requests (TTFT/TPOT percentiles and each stage's busy fraction), twice: first the
+served default (`AsyncEngine`, as `serve` runs it: Ray stage actors, every option at its default),
+then the same stages in-process (`backend: local`, no Ray between them), for the overhead.
 """
 
 from __future__ import annotations
@@ -109,13 +111,7 @@ async def ours(
     from jamba_ray.engine.async_engine import AsyncEngine
 
     cfg = EngineConfig.build(
-        str(path),
-        num_stages=stages,
-        max_num_seqs=max(concurrency),
-        max_model_len=512,
-        num_cpus_per_stage=1.0 / stages,
-        threads_per_stage=os.cpu_count() or 1,
-        **engine_opts,
+        str(path), num_stages=stages, max_num_seqs=max(64, *concurrency), **engine_opts
     )
     engine = AsyncEngine(cfg)
     try:
@@ -133,9 +129,11 @@ async def ours(
         engine.shutdown()
 
 
+RUNS = {"ours": "served default (Ray stages)", "local": "in-process stages"}
+
+
 def table(r: dict) -> str:
     hf1, hf8 = r["hf"]["hf_batch1_tok_s"], r["hf"]["hf_batch8_tok_s"]
-    b1 = r["ours"]["batch1"]
     lines = [
         f"small preset, {r['stages']} stages, {r['tokens']} new tokens/request, "
         f"prompt {r['prompt_len']} tokens, transport {r['transport']}, "
@@ -145,16 +143,22 @@ def table(r: dict) -> str:
         "|---|---:|---:|---:|---:|---:|",
         f"| HF generate, batch 1 (sequential) | {hf1:.1f} | 1.00x | | | |",
         f"| HF generate, padded batch 8 | {hf8:.1f} | 1.00x | | | |",
-        f"| jamba-ray, batch 1 | {b1['tok_s']:.1f} | {b1['tok_s'] / hf1:.2f}x vs HF b1 | | "
-        f"{b1['tpot_p50'] * 1e3:.1f} | |",
     ]
-    for c, x in r["ours"]["concurrent"].items():
-        busy = " / ".join(f"{b:.0%}" for b in x["busy"])
+    for key, label in RUNS.items():
+        if key not in r:
+            continue
+        b1 = r[key]["batch1"]
         lines.append(
-            f"| jamba-ray, {c} concurrent | {x['tok_s']:.1f} | {x['tok_s'] / hf8:.2f}x vs HF b8 | "
-            f"{x['ttft_p50']:.2f} / {x['ttft_p99']:.2f} | "
-            f"{x['tpot_p50'] * 1e3:.1f} / {x['tpot_p99'] * 1e3:.1f} | {busy} |"
+            f"| {label}, batch 1 | {b1['tok_s']:.1f} | {b1['tok_s'] / hf1:.2f}x vs HF b1 | | "
+            f"{b1['tpot_p50'] * 1e3:.1f} | |"
         )
+        for c, x in r[key]["concurrent"].items():
+            busy = " / ".join(f"{b:.0%}" for b in x["busy"])
+            lines.append(
+                f"| {label}, {c} concurrent | {x['tok_s']:.1f} | {x['tok_s'] / hf8:.2f}x vs HF b8 "
+                f"| {x['ttft_p50']:.2f} / {x['ttft_p99']:.2f} | "
+                f"{x['tpot_p50'] * 1e3:.1f} / {x['tpot_p99'] * 1e3:.1f} | {busy} |"
+            )
     return "\n".join(lines)
 
 
@@ -167,6 +171,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--concurrency", default="8,32,64")
     ap.add_argument("--transport", default="auto", choices=TRANSPORTS)
+    ap.add_argument("--no-local", action="store_true", help="skip the in-process run")
     ap.add_argument(
         "--decode-graphs",
         action="store_true",
@@ -181,18 +186,14 @@ def main() -> None:
     ps = prompts(max(conc + [8]), a.prompt_len, 4096)
     hf = hf_baseline(path, ps, a.tokens)
     ray.init(include_dashboard=False, log_to_driver=False)
+    opts = {"transport": a.transport} if a.transport != "auto" else {}
+    if a.decode_graphs:
+        opts["decode_graphs"] = True
     try:
-        mine = asyncio.run(
-            ours(
-                path,
-                a.stages,
-                ps,
-                a.tokens,
-                conc,
-                transport=a.transport,
-                decode_graphs=a.decode_graphs,
-            )
-        )
+        mine = asyncio.run(ours(path, a.stages, ps, a.tokens, conc, **opts))
+        local = None
+        if not a.no_local:
+            local = asyncio.run(ours(path, a.stages, ps, a.tokens, conc, backend="local"))
     finally:
         ray.shutdown()
     r = {
@@ -204,6 +205,7 @@ def main() -> None:
         "decode_graphs": a.decode_graphs,
         "hf": hf,
         "ours": mine,
+        **({"local": local} if local else {}),
     }
     print(json.dumps(r, indent=1) if a.json else table(r))
 

@@ -109,6 +109,8 @@ class AsyncEngine:
                 continue
             try:
                 await core.step_async()
+                # a step that never awaited (the local backend) must still let streams read
+                await asyncio.sleep(0)
             except Exception as e:  # a bug outside any one request: end them all, keep serving
                 log.exception("engine step failed")
                 for rid in list(core.outputs.requests):
