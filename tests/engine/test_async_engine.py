@@ -279,3 +279,18 @@ def test_stages_overlap_on_consecutive_micro_batches(engine):
     t0, t1 = (ray.get(s.get_trace.remote()) for s in eng.core.pipeline.stages)
     overlaps = sum(1 for _, a0, a1 in t0[-100:] for _, b0, b1 in t1[-100:] if a0 < b1 and b0 < a1)
     assert overlaps > 0, "stage 0 never worked while stage 1 did"
+
+
+def test_streams_get_each_token_as_it_is_made_on_the_in_process_backend(tiny_ckpt):
+    """A step of the local backend never awaits; the step loop must still yield between steps,
+    or a stream reads its first token only once the whole request has run."""
+
+    async def first_delta_while_running():
+        eng = AsyncEngine(config(tiny_ckpt, backend="local"))
+        try:
+            async for out in await eng.generate([1, 5, 9], GREEDY, "r"):
+                return len(out.outputs[0].token_ids), eng.core.has_work()  # still running?
+        finally:
+            eng.shutdown()
+
+    assert asyncio.run(first_delta_while_running()) == (1, True)
