@@ -124,13 +124,20 @@ def choose(op: str, t: torch.Tensor, **ctx) -> tuple[str, object] | None:
     return None
 
 
+_impls: dict[tuple, object] = {}  # the choice per (op, device, dtype, ctx, verdict generation)
+
+
 def impl(op: str, t: torch.Tensor, **ctx):
     """`op`'s kernel for inputs like `t`, guarded (a call that raises disables it and answers with
-    the reference), or None when no kernel can run them."""
+    the reference), or None when no kernel can run them. Cached: layers ask on every step."""
+    key = (op, t.device, t.dtype, *ctx.items(), selfcheck.generation())
+    if key in _impls:
+        return _impls[key]
     chosen = choose(op, t, **ctx)
-    if chosen is None:
-        return None
-    return selfcheck.guarded(chosen[0], chosen[1], REFERENCE[op], t.device, t.dtype)
+    fn = chosen and selfcheck.guarded(chosen[0], chosen[1], REFERENCE[op], t.device, t.dtype)
+    if not selfcheck.capturing():  # a choice made while capturing skipped the checks
+        _impls[key] = fn
+    return fn
 
 
 def pick(op: str, t: torch.Tensor, **ctx):

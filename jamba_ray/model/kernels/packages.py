@@ -24,6 +24,11 @@ import torch
 HALF = (torch.float16, torch.bfloat16)
 
 
+def on_gpu(t: torch.Tensor) -> bool:
+    """The packages' kernels are CUDA-only. (Tests patch this to run the adapters on stand-ins.)"""
+    return t.is_cuda
+
+
 @functools.cache
 def _import(module: str, attr: str, needs: str | None = None):
     """module.attr, or None if it does not import (or lacks keyword `needs`)."""
@@ -50,7 +55,7 @@ def installed() -> dict[str, bool]:
 
 def conv_update(t: torch.Tensor, **_):
     fn = _import("causal_conv1d", "causal_conv1d_update", "conv_state_indices")
-    if fn is None or not t.is_cuda:
+    if fn is None or not on_gpu(t):
         return None
 
     def run(x, conv_state, weight, bias, slots, silu: bool = False):
@@ -67,7 +72,7 @@ def ssm_update(t: torch.Tensor, **_):
         "selective_state_update",
         "state_batch_indices",
     )
-    if fn is None or not t.is_cuda:
+    if fn is None or not on_gpu(t):
         return None
 
     def run(u, dt, A, B, C, ssm, slots, D=None, z=None):
@@ -78,7 +83,7 @@ def ssm_update(t: torch.Tensor, **_):
 
 def paged_decode(t: torch.Tensor, block_size: int = 0, **_):
     fn = _import("flash_attn", "flash_attn_with_kvcache")
-    if fn is None or not t.is_cuda or t.dtype not in HALF or block_size % 256:
+    if fn is None or not on_gpu(t) or t.dtype not in HALF or block_size % 256:
         return None
 
     def run(q, k_pool, v_pool, block_tables, seq_lens, scale: float):
@@ -97,7 +102,7 @@ def paged_decode(t: torch.Tensor, block_size: int = 0, **_):
 
 def prefill(t: torch.Tensor, **_):
     fn = _import("flash_attn", "flash_attn_varlen_func")
-    if fn is None or not t.is_cuda or t.dtype not in HALF:
+    if fn is None or not on_gpu(t) or t.dtype not in HALF:
         return None
 
     def run(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float):

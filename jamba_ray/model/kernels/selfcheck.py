@@ -40,6 +40,16 @@ class Verdict:
 
 _verdicts: dict[tuple[str, str, str], Verdict] = {}
 _fallbacks: Counter[str] = Counter()
+_generation = 0  # bumped whenever a kernel is disabled (or all are forgotten): choices change
+
+
+def generation() -> int:
+    """Callers may cache their choice of kernel as long as this stays the same."""
+    return _generation
+
+
+def capturing() -> bool:
+    return _capturing()
 
 
 def _capturing() -> bool:
@@ -101,6 +111,8 @@ def checked(
 
 def disable(name: str, key: tuple[str, str, str], why: str) -> None:
     """Turn `name` off for key's (device, dtype), warn and count it."""
+    global _generation
+    _generation += 1
     _verdicts[key] = Verdict(False, why)
     _fallbacks[name] += 1
     msg = f"kernel {name} on {key[1]} ({key[2]}) disabled, using the torch reference: {why}"
@@ -137,5 +149,7 @@ def stats() -> dict:
 
 def reset() -> None:
     """Forget every verdict and count (tests; a stage never re-enables a kernel)."""
+    global _generation
+    _generation += 1
     _verdicts.clear()
     _fallbacks.clear()
