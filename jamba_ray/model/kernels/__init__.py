@@ -197,7 +197,8 @@ def paged_decode(q, k_pool, v_pool, block_tables, seq_lens, scale: float) -> tor
     a row's length are never read); seq_lens [B] int: row b attends to its positions
     [0, seq_lens[b]) (its decode position + 1), position p at block_tables[b, p // bs], offset
     p % bs. scale: the softmax scale. Returns out [B, nh, hd] in q's dtype, softmax and sums in
-    fp32; a row of length 0 gives zeros. Nothing is written to the pools.
+    fp32; a row of length 0 gives zeros (ours and the reference; flash-attn is not checked for
+    that: the model's decode rows always hold their own token). Nothing is written to the pools.
     """
     return (impl("paged_decode", q, block_size=k_pool.shape[2]) or REFERENCE["paged_decode"])(
         q, k_pool, v_pool, block_tables, seq_lens, scale
