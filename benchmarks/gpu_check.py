@@ -1,5 +1,7 @@
-"""One-shot GPU check (NVIDIA): CUDA parity with HF on the tiny model, each Triton kernel's time and
-achieved bandwidth at Jamba-v0.1 shapes, a Jamba-v0.1-sized stage decoding (batch 1/8/64/256, bf16
+"""One-shot GPU check (NVIDIA): per kernel op, which implementation runs (flash-attn, causal-conv1d,
+mamba-ssm, our Triton kernels or torch), each one's self-check and its time beside the others;
+CUDA parity with HF on the tiny model, each Triton kernel's time and achieved bandwidth at
+Jamba-v0.1 shapes, a Jamba-v0.1-sized stage decoding (batch 1/8/64/256, bf16
 and int8, eager and as CUDA graphs) and prefilling (2K, 32K) beside transformers on the same GPU,
 and the stage-to-stage hop cost through the host vs on device (NCCL between GPUs:
 `benchmarks/hop.py --device cuda`, 2 GPUs). Writes JSON and a markdown table.
@@ -34,12 +36,12 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks import gpu_kernels, gpu_stage  # noqa: E402
+from benchmarks import gpu_kernel_choice, gpu_kernels, gpu_stage  # noqa: E402
 from benchmarks.gpu_render import render  # noqa: E402
 from benchmarks.gpu_util import empty_cache, guarded, timed  # noqa: E402
 from jamba_ray.engine.messages import Segment, StepMessage  # noqa: E402
 from jamba_ray.model import kernels  # noqa: E402
-from jamba_ray.model.device import decode_kernels  # noqa: E402
+from jamba_ray.model.kernels import packages, selfcheck  # noqa: E402
 from jamba_ray.runtime.stage import Stage  # noqa: E402
 from jamba_ray.runtime.stage_spec import StageSpec  # noqa: E402
 
@@ -232,8 +234,10 @@ def run(smoke: bool) -> dict:
         "device_kind": "CUDA" if DEV == "cuda" else "CPU",
         "torch": torch.__version__,
         "triton_kernels": kernels.available(),
-        "mamba_kernels": decode_kernels() is not None,
+        "packages": packages.installed(),
     }
+    # first: each kernel's self-check and choice, before the sections that use them
+    r["kernel_choice"] = guarded(gpu_kernel_choice.kernel_choice, DEV, smoke)
     r["parity_fp32"] = guarded(parity, "float32")
     r["parity_bf16"] = guarded(parity, "bfloat16")
     r["graph_parity"] = guarded(graph_parity)
@@ -251,6 +255,7 @@ def run(smoke: bool) -> dict:
         gpu_stage.transformers_stage, DEV, smoke, batches, lengths, budget
     )
     r["hop"] = guarded(hop_cost)
+    r["kernel_fallbacks"] = selfcheck.stats()["kernel_fallbacks"]  # incl. calls that raised
     r["wall_s"] = time.time() - t0
     return r
 

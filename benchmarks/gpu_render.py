@@ -29,8 +29,9 @@ def render(r: dict) -> str:
     on, copy = r.get("device_kind", "CUDA"), r.get("copy_gbps")
     rows = [
         f"GPU check on {r['device']} (torch {r['torch']}; Triton kernels: "
-        f"{'yes' if r.get('triton_kernels') else 'no'}; mamba-ssm/causal-conv1d: "
-        f"{'yes' if r['mamba_kernels'] else 'no'}), {r['wall_s']:.0f} s",
+        f"{'yes' if r.get('triton_kernels') else 'no'}; "
+        + ", ".join(f"{p}: {'yes' if v else 'not installed'}" for p, v in r["packages"].items())
+        + f"), {r['wall_s']:.0f} s",
         "",
         "| check | result |",
         "|---|---|",
@@ -80,6 +81,8 @@ def render(r: dict) -> str:
             f"{q['tiny_loglik_bf16']:.3f} vs {q['tiny_loglik_int8']:.3f}"
         ),
     )
+    rows += choice_rows(r.get("kernel_choice"))
+    add("kernel fallbacks after every section", r.get("kernel_fallbacks"), str)
     add("device copy bandwidth (read+write)", copy, lambda c: f"{c:.0f} GB/s")
     rows += kernel_rows(r.get("kernels"), copy)
     rows += stage_rows(r, copy)
@@ -97,6 +100,27 @@ def render(r: dict) -> str:
                 ),
             )
     return "\n".join(rows)
+
+
+def choice_rows(k) -> list[str]:
+    """Per op: each candidate's self-check (or why it is absent), what runs, times side by side."""
+    if failed(k) or not isinstance(k, dict):
+        return [f"| kernel choice | {failed(k) or k} |"]
+    note = " (interpreter: not a measurement)" if k.get("interpreted") else ""
+    rows = []
+    for label, x in k.items():
+        if label in ("packages", "interpreted", "shapes", "kernel_fallbacks"):
+            continue
+
+        def fmt(x):
+            cands = "; ".join(f"{n}: {v}" for n, v in x.items() if n not in ("runs", "ms"))
+            times = ", ".join(
+                f"{n} {cell(t, lambda t: f'{t:.3f} ms')}" for n, t in x.get("ms", {}).items()
+            )
+            return f"runs **{x['runs']}**; {cands}" + (f"; time: {times}{note}" if times else "")
+
+        rows.append(f"| kernel choice: {label} | {cell(x, fmt)} |")
+    return rows
 
 
 def kernel_rows(k, copy) -> list[str]:

@@ -41,6 +41,14 @@ def test_gpu_check_smoke_run_prints_its_table(tmp_path):
     q = r["int8_quality"]
     assert abs(q["tiny_loglik_int8"] - q["tiny_loglik_bf16"]) < 0.01 * abs(q["tiny_loglik_bf16"])
     assert 0 < r["stage_gib_int8"] < r["stage_gib_bf16"]
+    # kernel choice: without the cuda extra every package reads "not installed", our Triton
+    # kernels pass their self-checks under the interpreter and are the ones that run
+    k = r["kernel_choice"]
+    assert k["packages"] == {"flash-attn": False, "causal-conv1d": False, "mamba-ssm": False}
+    assert k["conv_update"]["causal_conv1d_update"].startswith("not installed")
+    assert k["paged_decode, 16-token blocks"]["runs"] == "triton_paged_decode"
+    assert k["prefill"]["runs"] == "torch path" and set(r["kernel_fallbacks"].values()) == {0}
+    assert "kernel choice: ssm_update | runs **triton_ssm_update**" in table
     # Seeded draws repeat. (On the CPU "device" and "CPU" are the same, so the greedy parity line
     # compares the CPU with itself: it means something only on a GPU, and is not asserted here.)
     assert r["sampler"]["seeded_reproducible"] is True

@@ -16,6 +16,7 @@ KERNEL_TESTS = [
     "tests/model/test_kernels.py",
     "tests/model/test_paged_attention.py",
     "tests/model/test_kernel_dispatch.py",
+    "tests/model/test_selfcheck.py",
 ]
 
 

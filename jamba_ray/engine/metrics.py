@@ -65,6 +65,14 @@ class EngineMetrics:
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
             for st in stats.get("stages", []):
                 lines.append(f'{name}{{{labels}{sep}stage="{st["stage"]}"}} {st.get(key, 0)}')
+        name = "jamba_ray_stage_kernel_fallbacks_total"
+        lines += [
+            f"# HELP {name} Kernels a stage disabled for the torch reference (failed self-check).",
+            f"# TYPE {name} counter",
+        ]
+        for st in stats.get("stages", []):
+            for kernel, n in st.get("kernel_fallbacks", {}).items():
+                lines.append(f'{name}{{{labels}{sep}stage="{st["stage"]}",kernel="{kernel}"}} {n}')
         lines += self.ttft.render(
             "jamba_ray_time_to_first_token_seconds", "Time to first token.", labels
         )

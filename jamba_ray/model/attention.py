@@ -4,8 +4,11 @@ A block table maps a sequence's positions to blocks of `block_size` tokens: posi
 block `table[p // block_size]` at offset `p % block_size`. Decode reads each row's own blocks up to
 its own length (`decode_ref`, the torch reference: no padding to the batch's longest row); the
 fixed-shape decode step (CUDA graphs) reads padded tables masked by position (`decode_padded`).
-On CUDA both run as the Triton paged kernel (`kernels.paged_decode`), which reads the blocks in
-place: no gather of K/V, and each row stops at its own length even in a padded table.
+On CUDA both run as a paged kernel (`kernels.pick("paged_decode")`: flash-attn's
+`flash_attn_with_kvcache` with a block table where it takes the pool, else our Triton kernel),
+which reads the blocks in place: no gather of K/V, and each row stops at its own length even in a
+padded table. Prefill chunks run as one flash-attn varlen call where it is installed (CUDA,
+fp16/bf16), else chunk by chunk through torch's SDPA.
 """
 
 from __future__ import annotations
@@ -30,7 +33,11 @@ def attend(attn, x: torch.Tensor, lay: Layout, k_pool: torch.Tensor, v_pool: tor
         k_pool[block, :, off] = k[rows]
         v_pool[block, :, off] = v[rows]
         out[rows] = _decode(attn, q[rows], lay, k_pool, v_pool)
-    for c in lay.chunks:
+    varlen = kernels.pick("prefill", q) if lay.chunks else None
+    if varlen is not None:
+        rows, o = _chunks_varlen(attn, varlen, q, k, v, lay, k_pool, v_pool)
+        out[rows] = o
+    for c in lay.chunks if varlen is None else ():
         out[c.row : c.row + c.n] = _chunk(attn, q, k, v, c, lay.block_size, k_pool, v_pool)
     return attn.o_proj(out.reshape(t, -1))
 
@@ -45,11 +52,12 @@ def _decode_targets(lay: Layout) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _decode(attn, q: torch.Tensor, lay: Layout, k_pool, v_pool) -> torch.Tensor:
-    if kernels.enabled_for(q):  # Triton: each row reads its own blocks in place, up to its length
+    kernel = kernels.pick("paged_decode", q, block_size=lay.block_size)
+    if kernel is not None:  # each row reads its own blocks in place, up to its length
         table = lay.decode_table
         if table is None:  # padding past a row's own blocks is never read
             table = torch.nn.utils.rnn.pad_sequence(list(lay.decode_blocks), batch_first=True)
-        return kernels.paged_decode(q, k_pool, v_pool, table, lay.decode_pos + 1, attn.scaling)
+        return kernel(q, k_pool, v_pool, table, lay.decode_pos + 1, attn.scaling)
     decode = decode_padded if lay.decode_table is not None else decode_ref
     return decode(attn, q, lay, k_pool, v_pool)
 
@@ -92,13 +100,38 @@ def decode_padded(attn, q: torch.Tensor, lay: Layout, k_pool, v_pool) -> torch.T
     return o[:, :, 0]
 
 
+def _store(c, block_size: int, k, v, k_pool, v_pool) -> torch.Tensor:
+    """Write chunk c's K/V [n, kvh, hd] into its blocks; returns its positions [n]."""
+    positions = torch.arange(c.start, c.start + c.n, device=k.device)
+    block, off = c.blocks[positions // block_size], positions % block_size
+    k_pool[block, :, off] = k[c.row : c.row + c.n]
+    v_pool[block, :, off] = v[c.row : c.row + c.n]
+    return positions
+
+
+def _chunks_varlen(attn, varlen, q, k, v, lay: Layout, k_pool, v_pool):
+    """Every prefill chunk in one varlen call: each chunk's queries over its keys [0, end),
+    causal aligned bottom-right. Returns the chunks' rows [Tc] and outputs [Tc, nh, hd]."""
+    rows, keys, values, cu_q, cu_k = [], [], [], [0], [0]
+    for c in lay.chunks:
+        end = c.start + c.n
+        _store(c, lay.block_size, k, v, k_pool, v_pool)
+        keys.append(gather(k_pool, c.blocks, end).transpose(0, 1))  # [end, kvh, hd]
+        values.append(gather(v_pool, c.blocks, end).transpose(0, 1))
+        rows.append(torch.arange(c.row, c.row + c.n, device=q.device))
+        cu_q.append(cu_q[-1] + c.n)
+        cu_k.append(cu_k[-1] + end)
+    rows = torch.cat(rows)
+    max_q, max_k = max(c.n for c in lay.chunks), max(c.start + c.n for c in lay.chunks)
+    cu = [torch.tensor(x, device=q.device) for x in (cu_q, cu_k)]
+    o = varlen(q[rows], torch.cat(keys), torch.cat(values), *cu, max_q, max_k, attn.scaling)
+    return rows, o
+
+
 def _chunk(attn, q, k, v, c, block_size: int, k_pool, v_pool):
     end = c.start + c.n
     rows = slice(c.row, c.row + c.n)
-    positions = torch.arange(c.start, end, device=q.device)
-    block, off = c.blocks[positions // block_size], positions % block_size
-    k_pool[block, :, off] = k[rows]
-    v_pool[block, :, off] = v[rows]
+    positions = _store(c, block_size, k, v, k_pool, v_pool)
     keys = gather(k_pool, c.blocks, end)[None]  # [1, kvh, end, hd]
     values = gather(v_pool, c.blocks, end)[None]
     query = q[rows].transpose(0, 1)[None]  # [1, nh, n, hd]

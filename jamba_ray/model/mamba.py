@@ -12,21 +12,15 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels
-from .device import decode_kernels
 from .layout import Layout
 from .scan import chunked_scan
 
 
 def conv_step(xs, conv, lay: Layout, weight, bias):
     """One token per row: xs [D, DI]; conv state [S, DI, K] updated in place for decode slots."""
-    if kernels.enabled_for(xs):  # ours: in place at the rows' slots, no gather/scatter
-        return kernels.conv_update(xs, conv, weight, bias, lay.decode_slots)
-    ext = decode_kernels() if xs.is_cuda else None
-    if ext is not None:  # causal-conv1d's CUDA kernel: same [B, DI, K] state layout
-        state = lay.decode_state(conv)
-        out = ext[0](xs, state, weight[:, 0, :], bias, None)
-        lay.store_decode_state(conv, state)
-        return out
+    kernel = kernels.pick("conv_update", xs)
+    if kernel is not None:  # causal-conv1d or ours: in place at the rows' slots, no gather/scatter
+        return kernel(xs, conv, weight, bias, lay.decode_slots)
     window = torch.cat([lay.decode_state(conv)[:, :, 1:], xs[:, :, None]], dim=-1)  # [D, DI, K]
     lay.store_decode_state(conv, window)
     # A depthwise dot product: cheaper than a conv1d call for one position per row.
@@ -61,14 +55,9 @@ def conv_chunk_reference(xs, conv, slot, weight, bias):
 
 def ssm_step(u, dt, A, B, C, ssm, lay: Layout):
     """Selective state update for one token per row; ssm [S, DI, N] updated in place."""
-    if kernels.enabled_for(u):  # ours, in place by slot; D and the gate are applied by the caller
-        return kernels.ssm_update(u, dt, A, B, C, ssm, lay.decode_slots)
-    ext = decode_kernels() if u.is_cuda else None
-    if ext is not None:  # mamba-ssm's Triton kernel, on a gathered copy of the slots' states
-        state = lay.decode_state(ssm)
-        out = ext[1](state, u, dt, A, B, C)
-        lay.store_decode_state(ssm, state)
-        return out
+    kernel = kernels.pick("ssm_update", u)
+    if kernel is not None:  # mamba-ssm or ours, in place by slot; the caller applies D and gate
+        return kernel(u, dt, A, B, C, ssm, lay.decode_slots)
     dA = torch.exp(dt[:, :, None] * A)  # [D, DI, N]
     dBu = dt[:, :, None] * B[:, None, :] * u[:, :, None]
     state = lay.decode_state(ssm) * dA + dBu
@@ -83,15 +72,15 @@ def ssm_scan(u, dt, A, B, C, ssm, slot):
     return y  # [n, DI]
 
 
-def scan_chunks(uf, dt, A, B, C, ssm, chunks):
-    """The prefill chunks of a micro-batch through the varlen scan kernel at once, each from and
+def scan_chunks(scan, uf, dt, A, B, C, ssm, chunks):
+    """The prefill chunks of a micro-batch through the varlen `scan` kernel at once, each from and
     back into its slot (the torch path: `ssm_scan` chunk by chunk). Returns their rows [Tc] and
     outputs [Tc, DI]."""
     dev = uf.device
     rows = torch.cat([torch.arange(c.row, c.row + c.n, device=dev) for c in chunks])  # [Tc]
     cu = torch.tensor([0, *itertools.accumulate(c.n for c in chunks)], device=dev)  # [G+1]
     slots = torch.tensor([c.slot for c in chunks], device=dev)  # [G]
-    y, _ = kernels.varlen_scan(uf[rows], dt[rows], A, B[rows], C[rows], ssm, cu, slots)
+    y, _ = scan(uf[rows], dt[rows], A, B[rows], C[rows], ssm, cu, slots)
     return rows, y
 
 
@@ -119,8 +108,9 @@ def mamba_mix(mixer, x: torch.Tensor, lay: Layout, conv: torch.Tensor, ssm: torc
     if lay.num_decode:
         d = lay.decode_rows
         y[d] = ssm_step(uf[d], dt[d], A, B[d], C[d], ssm, lay)
-    if lay.chunks and kernels.enabled_for(uf):  # ours: every chunk in one launch, by slot
-        rows, y_chunks = scan_chunks(uf, dt, A, B, C, ssm, lay.chunks)
+    scan = kernels.pick("varlen_scan", uf) if lay.chunks else None
+    if scan is not None:  # ours: every chunk in one launch, by slot
+        rows, y_chunks = scan_chunks(scan, uf, dt, A, B, C, ssm, lay.chunks)
         y[rows] = y_chunks
     else:
         for c in lay.chunks:

@@ -13,6 +13,7 @@ import torch
 
 from ..engine.messages import StepMessage, StepResult
 from ..errors import StageFailedError
+from ..model.kernels import selfcheck
 from ..model.loader import load_slice_model
 from .last_stage import SamplingTable
 from .stage_spec import StageSpec
@@ -145,6 +146,7 @@ class Stage:
             "sampling_rows": len(self.sampling.rows) if self.sampling is not None else 0,
             "block_tables": len(self.pool.tables),
             **(self.graphs.stats() if self.graphs else {}),
+            **selfcheck.stats(),  # kernel_fallbacks per kernel name, each self-check's verdict
             **self.counters,
         }
 

@@ -3,7 +3,8 @@ slot) gives the torch path's logits: eager and fixed-shape (CUDA-graph) steps, o
 
 On CUDA the layers pick the kernels themselves (`kernels.enabled_for`); here it is patched to run
 them on CPU tensors under TRITON_INTERPRET=1. fp32 throughout: the paths differ in summation
-order only, ~1e-6 on logits of order 1-10.
+order only, ~1e-6 on logits of order 1-10. Each test also checks that the kernels passed their
+self-checks: a kernel disabled for its reference would make the comparison vacuous.
 """
 
 import pytest
@@ -15,6 +16,7 @@ need_triton()  # skips, or fails in CI, before the kernels are imported
 
 from jamba_ray.engine.messages import StepMessage  # noqa: E402
 from jamba_ray.model import kernels  # noqa: E402
+from jamba_ray.model.kernels import selfcheck  # noqa: E402
 from jamba_ray.runtime.stage import Stage  # noqa: E402
 from tests.conftest import seg, stage_logits, stage_spec  # noqa: E402
 
@@ -27,6 +29,11 @@ def pipeline(path, graphs=False):
         Stage(stage_spec(path, i, a, b, len(BOUNDS), 6, MAX_LEN, decode_graphs=graphs))
         for i, (a, b) in enumerate(BOUNDS)
     ]
+
+
+def assert_kernels_ran(*names):
+    fallbacks = selfcheck.stats()["kernel_fallbacks"]
+    assert all(fallbacks.get(n) == 0 for n in names), fallbacks
 
 
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "fixed-shape"])
@@ -50,6 +57,7 @@ def test_decode_through_the_kernels_matches_the_torch_path(tiny_ckpt, monkeypatc
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     if graphs:
         assert kernel_path[0].stats()["decode_graph_steps"] == 2
+    assert_kernels_ran("triton_conv_update", "triton_ssm_update", "triton_paged_decode")
     live = list(prompts)  # the Mamba state left in the live slots is the torch path's too
     for a, b in zip(torch_path, kernel_path):
         torch.testing.assert_close(b.pool.conv[:, live], a.pool.conv[:, live], atol=1e-5, rtol=1e-5)
@@ -73,6 +81,7 @@ def test_prefill_chunks_through_the_varlen_scan_kernel_match_the_torch_path(tiny
         m.setattr(kernels, "enabled_for", lambda t: True)
         got = stage_logits(kernel_path, msg, flat)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert_kernels_ran("triton_varlen_scan")
     for a, b in zip(torch_path, kernel_path):
         torch.testing.assert_close(
             b.pool.ssm[:, [4, 0, 2]], a.pool.ssm[:, [4, 0, 2]], atol=1e-5, rtol=1e-5

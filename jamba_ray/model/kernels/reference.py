@@ -94,3 +94,25 @@ def paged_decode_ref(q, k_pool, v_pool, block_tables, seq_lens, scale: float) ->
         scores = torch.einsum("hd,hnd->hn", q[b].float(), keys) * scale  # [nh, n]
         out[b] = torch.einsum("hn,hnd->hd", scores.softmax(-1), values).to(q.dtype)
     return out
+
+
+def prefill_ref(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float) -> torch.Tensor:
+    """Reference for flash-attn's varlen prefill: q [Tq, nh, hd], k, v [Tk, kvh, hd]; segment g's
+    queries cu_q[g]:cu_q[g+1] are its last positions of keys cu_k[g]:cu_k[g+1] (causal, aligned
+    bottom-right). max_q, max_k are unused here. Returns [Tq, nh, hd] in q's dtype."""
+    out = torch.empty_like(q)
+    bq, bk = cu_q.tolist(), cu_k.tolist()
+    for g in range(len(bq) - 1):
+        n, m = bq[g + 1] - bq[g], bk[g + 1] - bk[g]
+        query = q[bq[g] : bq[g + 1]].transpose(0, 1)[None].float()  # [1, nh, n, hd]
+        keys = k[bk[g] : bk[g + 1]].transpose(0, 1)[None].float()  # [1, kvh, m, hd]
+        values = v[bk[g] : bk[g + 1]].transpose(0, 1)[None].float()
+        mask = (
+            torch.arange(m, device=q.device)[None, :]
+            <= torch.arange(m - n, m, device=q.device)[:, None]
+        )
+        o = F.scaled_dot_product_attention(
+            query, keys, values, attn_mask=mask, scale=scale, enable_gqa=True
+        )  # [1, nh, n, hd]
+        out[bq[g] : bq[g + 1]] = o[0].transpose(0, 1).to(q.dtype)
+    return out
