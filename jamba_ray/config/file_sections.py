@@ -12,9 +12,11 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .engine_config import (
+    AUTOSCALING_TARGETS,
     BACKENDS,
     BALANCES,
     QUANTIZATIONS,
+    ROUTERS,
     STRATEGIES,
     TRANSPORTS,
     AutoscalingConfig,
@@ -23,6 +25,7 @@ from .engine_config import (
     ModelConfig,
     PlacementConfig,
     RecoveryConfig,
+    RouterConfig,
     SchedulerConfig,
     ServeConfig,
     StateConfig,
@@ -152,6 +155,24 @@ class AutoscalingSection(Section):
     upscale_delay_s: float = _d(AutoscalingConfig, "upscale_delay_s", ge=0)
     downscale_delay_s: float = _d(AutoscalingConfig, "downscale_delay_s", ge=0)
     look_back_period_s: float | None = _d(AutoscalingConfig, "look_back_period_s", gt=0)
+    target: Literal[AUTOSCALING_TARGETS] = _d(
+        AutoscalingConfig, "target", description="what each replica is kept at target_value of"
+    )
+    target_value: float | None = _d(
+        AutoscalingConfig, "target_value", gt=0, description="per replica; not for ongoing_requests"
+    )
+
+
+class RouterSection(Section):
+    mirrors: ClassVar[type] = RouterConfig
+    policy: Literal[ROUTERS] = _d(
+        RouterConfig, "policy", description="prefix: by the prefix replicas hold; default: Serve's"
+    )
+    imbalance_threshold: float = _d(
+        RouterConfig, "imbalance_threshold", ge=0, description="ongoing requests over the least"
+    )
+    stats_period_s: float = _d(RouterConfig, "stats_period_s", gt=0)
+    recent_ttl_s: float = _d(RouterConfig, "recent_ttl_s", ge=0)
 
 
 class ServeSection(Section):
@@ -171,3 +192,4 @@ class ServeSection(Section):
     graceful_shutdown_timeout_s: float = _d(ServeConfig, "graceful_shutdown_timeout_s", gt=0)
     health_check_period_s: float = _d(ServeConfig, "health_check_period_s", gt=0)
     autoscaling: AutoscalingSection = Field(default_factory=AutoscalingSection)
+    router: RouterSection = Field(default_factory=RouterSection)

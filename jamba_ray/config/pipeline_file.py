@@ -2,8 +2,8 @@
 
 A layout nests the tree's sections under their own names: `engine` holds `model`, `state`,
 `scheduler`, `placement`, `compute` and `recovery`, field for field as `EngineConfig`, and `serve`
-holds `ServeConfig`'s fields and `autoscaling`. Every option can be set; one left out is the
-tree's default. `to_config()` turns a validated file into the frozen `PipelineConfig`.
+holds `ServeConfig`'s fields, `autoscaling` and `router`. Every option can be set; one left out is
+the tree's default. `to_config()` turns a validated file into the frozen `PipelineConfig`.
 """
 
 from __future__ import annotations
@@ -120,9 +120,7 @@ class PipelineFile(BaseModel):
 
             path = str(default_tiny_dir())
         given = model is not None or self.engine.model.path is not None
-        return PipelineConfig(
-            self.name, self.engine.to_config(path), self.serve.to_config(), given
-        )
+        return PipelineConfig(self.name, self.engine.to_config(path), self.serve.to_config(), given)
 
 
 def explain(e: ValidationError) -> str:

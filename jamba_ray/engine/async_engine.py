@@ -16,6 +16,7 @@ from ..errors import StageFailedError
 from .core import EngineCore
 from .messages import StepFailure
 from .outputs import RequestOutput
+from .prefix_report import REPORT_LIMIT, PrefixReport, build_report
 from .sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -149,6 +150,11 @@ class AsyncEngine:
     async def stats(self) -> dict:
         stages = await asyncio.to_thread(self.core.pipeline.stats)
         return {**self.core.stats_local(), "stages": stages}
+
+    def routing_report(self, limit: int = REPORT_LIMIT) -> PrefixReport:
+        """What this pipeline holds and how full it is (for a prefix-aware router and for
+        autoscaling); engine-side only, no stage round trip."""
+        return build_report(self.core.kv, self.core.scheduler, limit)
 
     async def metrics(self) -> str:
         return self.core.outputs.metrics.render(await self.stats())

@@ -52,13 +52,16 @@ class PrefixReport:
 
     def to_dict(self) -> dict:
         """The wire form (Serve's routing stats are a dict)."""
-        return {**asdict(self), "blocks": list(self.blocks), "load": asdict(self.load)}
+        blob = b"".join(sorted(self.blocks))  # one bytes object: small to pickle and to hash
+        return {**asdict(self), "blocks": blob, "load": asdict(self.load)}
 
     @classmethod
     def from_dict(cls, d: dict) -> PrefixReport:
         cps = tuple((bytes(k), int(n)) for k, n in d["checkpoints"])
         load = Load(**d["load"])
-        return cls(**{**d, "blocks": frozenset(d["blocks"]), "checkpoints": cps, "load": load})
+        blob, n = d["blocks"], DIGEST_BYTES
+        blocks = frozenset(blob[i : i + n] for i in range(0, len(blob), n))
+        return cls(**{**d, "blocks": blocks, "checkpoints": cps, "load": load})
 
 
 def pending_prefill(scheduler) -> int:
