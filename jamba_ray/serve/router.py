@@ -22,6 +22,7 @@ from ..engine.prefix_rank import Candidate, Recent, rank, report_source
 from ..engine.prefix_report import PrefixReport, RequestKeys
 
 TOKEN_ARGS = ("prompt_token_ids", "token_ids", "prompt_ids", "prompt")
+CHOSEN_TTL_S = 2.0  # a first choice not sent by then was not taken
 
 
 def request_tokens(args: Sequence, kwargs: dict) -> tuple[list[int], str | None] | None:
@@ -58,6 +59,9 @@ class PrefixRouter(RequestRouter):
         self.recent = Recent(recent_ttl_s)
         self._reports: dict[ReplicaID, tuple[Any, PrefixReport | None]] = {}
         self._keys: dict[str, RequestKeys] = {}  # internal request id -> its keys, until routed
+        # replica -> when each request this router just ranked first there stops counting: it
+        # is in no queue length until sent, and concurrent decisions must see it
+        self._chosen: dict[ReplicaID, list[float]] = {}
 
     def _report(self, replica: RunningReplica) -> PrefixReport | None:
         stats = replica.routing_stats
@@ -117,8 +121,21 @@ class PrefixRouter(RequestRouter):
             report = self._report(r)
             sources = [report_source(report)] if report is not None else []
             load = loads.get(r.replica_id, report.load.ongoing if report else 0.0)
+            load += len(self._pending(r.replica_id, now))
             cands.append(Candidate(rid, load, sources + self.recent.sources(rid, now)))
-        return [[by_id[rid]] for rid in rank(req, cands, self.threshold)]
+        order = [by_id[rid] for rid in rank(req, cands, self.threshold)]
+        self._chosen.setdefault(order[0].replica_id, []).append(now + CHOSEN_TTL_S)
+        return [[r] for r in order]
+
+    def _pending(self, replica_id: ReplicaID, now: float) -> list[float]:
+        live = [t for t in self._chosen.get(replica_id, ()) if t > now]
+        self._chosen[replica_id] = live
+        return live
+
+    def on_send_request(self, replica_id: ReplicaID):
+        super().on_send_request(replica_id)  # Serve's queue length counts it from now on
+        if self._chosen.get(replica_id):
+            self._chosen[replica_id].pop(0)
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result):
         keys = self._keys.pop(pending_request.metadata.internal_request_id, None)
