@@ -223,6 +223,14 @@ class AutoscalingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class IngressConfig:
+    """The front deployment (HTTP, gRPC, tokenization): no GPU, scaled apart from the engines."""
+
+    num_cpus: float = 0.25  # per ingress replica
+    autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
+
+
+@dataclass(frozen=True, slots=True)
 class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
@@ -233,11 +241,12 @@ class ServeConfig:
     max_tokens_limit: int | None = None  # largest max_tokens a request may ask
     request_timeout_s: float = 600.0
     api_key_env: str | None = None  # env var holding the API key (unset field: no auth)
-    replica_cpus: float = 0.5  # CPUs of the replica (ingress + engine) itself
+    replica_cpus: float = 0.5  # CPUs of each engine replica itself (its step loop), beside stages
     # scale-down / redeploy: a replica stops taking requests and its streams get this long to end
     graceful_shutdown_timeout_s: float = 600.0
     health_check_period_s: float = 10.0
-    autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
+    autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)  # engine replicas
+    ingress: IngressConfig = field(default_factory=IngressConfig)
 
 
 @dataclass(frozen=True, slots=True)

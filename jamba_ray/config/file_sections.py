@@ -20,6 +20,7 @@ from .engine_config import (
     AutoscalingConfig,
     ComputeConfig,
     EngineConfig,
+    IngressConfig,
     ModelConfig,
     PlacementConfig,
     RecoveryConfig,
@@ -154,6 +155,14 @@ class AutoscalingSection(Section):
     look_back_period_s: float | None = _d(AutoscalingConfig, "look_back_period_s", gt=0)
 
 
+class IngressSection(Section):
+    mirrors: ClassVar[type] = IngressConfig
+    num_cpus: float = _d(IngressConfig, "num_cpus", ge=0, description="per ingress replica")
+    autoscaling: AutoscalingSection = Field(
+        default_factory=AutoscalingSection, description="ingress replicas (no GPU, no stages)"
+    )
+
+
 class ServeSection(Section):
     mirrors: ClassVar[type] = ServeConfig
     host: str = _d(ServeConfig, "host")
@@ -170,4 +179,7 @@ class ServeSection(Section):
     replica_cpus: float = _d(ServeConfig, "replica_cpus", ge=0)
     graceful_shutdown_timeout_s: float = _d(ServeConfig, "graceful_shutdown_timeout_s", gt=0)
     health_check_period_s: float = _d(ServeConfig, "health_check_period_s", gt=0)
-    autoscaling: AutoscalingSection = Field(default_factory=AutoscalingSection)
+    autoscaling: AutoscalingSection = Field(
+        default_factory=AutoscalingSection, description="engine replicas (pipelines)"
+    )
+    ingress: IngressSection = Field(default_factory=IngressSection)

@@ -1,4 +1,6 @@
-"""The Serve application: one replica = one whole pipeline, behind a FastAPI ingress.
+"""The ingress deployment: HTTP (FastAPI) and gRPC, auth, validation, tokenization and chat
+templates; each served model's engine is a deployment of its own (engine_deployment.py), reached
+through a DeploymentHandle and routed to by the request's `model`.
 
 (No `from __future__ import annotations` here: FastAPI reads the route annotations at runtime.
 Helpers the routes call are defined above the class: Serve pickles the ingress class by value.)
@@ -7,10 +9,7 @@ Helpers the routes call are defined above the class: Serve pickles the ingress c
 import asyncio
 import logging
 import os
-import time
-from dataclasses import replace
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -19,8 +18,6 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config.engine_config import PipelineConfig
-from ..config.pipeline_file import PipelineFile
-from ..engine.client import EngineClient
 from ..errors import (
     AuthenticationError,
     ConfigError,
@@ -33,6 +30,7 @@ from ..errors import (
 from .errors import error_body, retry_headers
 from .grpc import GrpcMethods
 from .http import error_response, guard, invalid
+from .metrics_text import PROMETHEUS, all_metrics
 from .openai import OpenAIServing
 from .protocol import ChatCompletionRequest, CompletionRequest
 from .tokenize import DetokenizeRequest, TokenizeRequest, detokenize, tokenize, tokenizer_info
@@ -63,24 +61,23 @@ def api_key(env: str | None) -> str | None:
     return key
 
 
-@serve.deployment(max_ongoing_requests=1024, health_check_period_s=10, health_check_timeout_s=60)
+@serve.deployment(max_ongoing_requests=1024)
 @serve.ingress(api)
 class JambaServer(GrpcMethods):
-    """Owns one AsyncEngine, whose stage actors live in this replica's placement group."""
+    """The front of the app; `engines`: served model name -> (model path, its engine's handle)."""
 
-    def __init__(self, config: PipelineConfig, model_name: str):
-        from ..engine.async_engine import AsyncEngine
+    async def __init__(self, config: PipelineConfig, engines: dict):
+        from .engine_handle import EngineHandle
 
         opts = config.serve
         self.api_key = api_key(opts.api_key_env)
-        engine_cfg = config.engine.with_options(in_current_group=True)
-        self.engine: EngineClient = AsyncEngine(engine_cfg)
-        self.model_name = model_name
         self.max_body = opts.max_body_bytes
         self.timeout_s = opts.request_timeout_s
-        self.serving = OpenAIServing(
-            self.engine, model_name, Limits(opts.max_prompt_tokens, opts.max_tokens_limit)
-        )
+        limits = Limits(opts.max_prompt_tokens, opts.max_tokens_limit)
+        names = list(engines)
+        clients = await asyncio.gather(*(EngineHandle.connect(h, p) for p, h in engines.values()))
+        self.models = {n: OpenAIServing(c, n, limits) for n, c in zip(names, clients)}
+        self.serving = self.models[names[0]]  # the default: routes and calls that name no model
 
     # ---- plumbing ---------------------------------------------------------------------------
     async def _body(self, request: Request, model_cls):
@@ -95,17 +92,25 @@ class JambaServer(GrpcMethods):
             req = model_cls.model_validate_json(raw)
         except ValidationError as e:
             raise invalid(e) from None
-        if req.model is not None:  # (optional on the tokenizer routes, as in vLLM)
-            self._card(req.model)
+        self._serving(req.model)  # (optional on the tokenizer routes, as in vLLM)
         return req
 
-    def _card(self, model_id: str | None = None) -> dict:
-        if model_id is not None and model_id != self.model_name:
+    def _serving(self, model_id: str | None) -> OpenAIServing:
+        """The model a request names (None: the default one); an unknown name is a 404."""
+        if model_id is None:
+            return self.serving
+        serving = self.models.get(model_id)
+        if serving is None:
+            served = ", ".join(f"'{n}'" for n in self.models)
             raise ModelNotFoundError(
-                f"The model '{model_id}' does not exist; this server serves '{self.model_name}'"
+                f"The model '{model_id}' does not exist; this server serves {served}"
             )
-        max_len = self.engine.model_card()["max_model_len"]
-        return {"id": self.model_name, "object": "model", "created": 0, "owned_by": "jamba-ray",
+        return serving
+
+    def _card(self, model_id: str | None = None) -> dict:
+        serving = self._serving(model_id)
+        max_len = serving.engine.model_card()["max_model_len"]
+        return {"id": serving.model_name, "object": "model", "created": 0, "owned_by": "jamba-ray",
                 "max_model_len": max_len}  # fmt: skip
 
     def _auth(self, header: str | None) -> None:
@@ -122,17 +127,20 @@ class JambaServer(GrpcMethods):
         except Exception as e:
             return error_response(e)
 
-    async def _respond(self, request: Request, model_cls, unary, streaming):
+    async def _respond(self, request: Request, model_cls, kind: str):
+        """`kind`: the OpenAIServing method pair (`chat`, `chat_stream`) of the request's model."""
         try:
             req = await self._body(request, model_cls)
+            serving = self._serving(req.model)
             if req.stream:
-                events = await streaming(req)
+                events = await getattr(serving, f"{kind}_stream")(req)
                 return StreamingResponse(
                     guard(events, self.timeout_s),
                     media_type="text/event-stream",
                     headers={"Cache-Control": "no-cache"},
                 )
-            return JSONResponse(await asyncio.wait_for(unary(req), self.timeout_s))
+            unary = getattr(serving, kind)(req)
+            return JSONResponse(await asyncio.wait_for(unary, self.timeout_s))
         except TimeoutError:
             return error_response(RequestTimeoutError("request timed out"))
         except Exception as e:
@@ -141,19 +149,16 @@ class JambaServer(GrpcMethods):
     # ---- routes -----------------------------------------------------------------------------
     @api.post("/v1/completions")
     async def completions(self, request: Request):
-        return await self._respond(
-            request, CompletionRequest, self.serving.completion, self.serving.completion_stream
-        )
+        return await self._respond(request, CompletionRequest, "completion")
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
-        return await self._respond(
-            request, ChatCompletionRequest, self.serving.chat, self.serving.chat_stream
-        )
+        return await self._respond(request, ChatCompletionRequest, "chat")
 
     @api.get("/v1/models")
-    async def models(self, request: Request):
-        return await self._call(request, lambda _: {"object": "list", "data": [self._card()]})
+    async def models_list(self, request: Request):
+        cards = lambda _: {"object": "list", "data": [self._card(n) for n in self.models]}  # noqa: E731
+        return await self._call(request, cards)
 
     @api.get("/v1/models/{model_id:path}")
     async def model(self, request: Request, model_id: str):
@@ -161,14 +166,19 @@ class JambaServer(GrpcMethods):
 
     @api.post("/tokenize")
     async def tokenize(self, request: Request):
-        max_len = self.engine.model_card()["max_model_len"]
-        run = lambda r: tokenize(self.serving, r, max_len)  # noqa: E731
+        def run(r: TokenizeRequest) -> dict:
+            serving = self._serving(r.model)
+            return tokenize(serving, r, serving.engine.model_card()["max_model_len"])
+
         return await self._call(request, run, TokenizeRequest)
 
     @api.post("/detokenize")
     async def detokenize(self, request: Request):
-        tok = self.serving.tok
-        return await self._call(request, lambda r: detokenize(tok, r, len(tok)), DetokenizeRequest)
+        def run(r: DetokenizeRequest) -> dict:
+            tok = self._serving(r.model).tok
+            return detokenize(tok, r, len(tok))
+
+        return await self._call(request, run, DetokenizeRequest)
 
     @api.get("/tokenizer_info")
     async def tokenizer_info(self, request: Request):
@@ -183,27 +193,25 @@ class JambaServer(GrpcMethods):
 
     @api.get("/health")
     async def health(self):
-        """A real one-token forward through every stage, on the pipeline's reserved probe slot.
-        While a stage is being replaced: 503 with Retry-After and status "recovering", so that
-        new work goes to other replicas while the streams in flight continue."""
-        if self.engine.recovering:
-            body = {"status": "recovering", "stages": self.engine.model_card()["stages"]}
-            return JSONResponse(body, 503, headers=retry_headers(503))
+        """A real one-token forward through every stage of each model's engine (on its reserved
+        probe slot). While a stage is being replaced: 503 with Retry-After and status
+        "recovering", so that new work goes to other replicas while the streams in flight go on."""
         try:
-            t0 = time.perf_counter()
-            await self.engine.probe()
-            return {
-                "status": "ok",
-                "stages": self.engine.model_card()["stages"],
-                "probe_s": time.perf_counter() - t0,
-            }
+            reports = await asyncio.gather(*(s.engine.health() for s in self.models.values()))
         except Exception as e:
             return error_response(StageFailedError(f"health probe failed: {type(e).__name__}"))
+        body = dict(reports[0])
+        if len(reports) > 1:
+            body["models"] = dict(zip(self.models, reports))
+        if any(r["status"] == "recovering" for r in reports):
+            body["status"] = "recovering"
+            body.pop("probe_s", None)
+            return JSONResponse(body, 503, headers=retry_headers(503))
+        return body
 
     @api.get("/metrics")
     async def metrics(self):
-        text = await self.engine.metrics()
-        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(await all_metrics(self.models), media_type=PROMETHEUS)
 
     @api.get("/v1/stats")
     async def stats(self, request: Request):
@@ -211,59 +219,7 @@ class JambaServer(GrpcMethods):
             self._auth(request.headers.get("authorization"))
         except AuthenticationError as e:
             return error_response(e)
-        return await self.engine.stats()
-
-    # ---- Serve hooks ------------------------------------------------------------------------
-    async def check_health(self) -> None:
-        """Serve's periodic check. A recovery in progress passes (failing would have Serve kill the
-        replica and every stream the recovery keeps alive), and a dead stage the probe finds
-        starts one; only a pipeline that is broken and not recovering fails."""
-        await self.engine.check(timeout_s=30)
-
-    def __del__(self):
-        try:
-            self.engine.shutdown()
-        except Exception:
-            pass
-
-
-def served_name(config: PipelineConfig) -> str:
-    if config.serve.served_model_name:
-        return config.serve.served_model_name
-    return "jamba-tiny" if not config.model_given else Path(config.engine.model.path).name
-
-
-def deployment(config: PipelineConfig) -> serve.Application:
-    """Bind the app: the replica's placement group = [replica bundle] + one bundle per stage."""
-    from ..runtime.placement import stage_bundle
-
-    if not config.model_given:
-        from ..tiny import ensure_default_tiny
-
-        ensure_default_tiny()
-    api_key(config.serve.api_key_env)  # refuse here too, before any replica starts
-    place = config.engine.placement
-    bundle = stage_bundle(place, place.num_stages)
-    engine = replace(config.engine, placement=replace(place, num_cpus_per_stage=bundle["CPU"]))
-    config = replace(config, engine=engine)
-    bundles = [{"CPU": config.serve.replica_cpus}] + [bundle] * place.num_stages
-    env = {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}
-    if os.environ.get("JAMBA_RAY_REPLACEMENT_DELAY_S"):  # a test knob: slow replacement stages
-        env["JAMBA_RAY_REPLACEMENT_DELAY_S"] = os.environ["JAMBA_RAY_REPLACEMENT_DELAY_S"]
-    if config.serve.api_key_env:
-        env[config.serve.api_key_env] = os.environ[config.serve.api_key_env]
-    return JambaServer.options(
-        name="JambaServer",
-        placement_group_bundles=bundles,
-        placement_group_strategy=place.strategy,
-        autoscaling_config=config.serve.autoscaling.serve_dict(),
-        graceful_shutdown_timeout_s=config.serve.graceful_shutdown_timeout_s,
-        health_check_period_s=config.serve.health_check_period_s,
-        ray_actor_options={"num_cpus": config.serve.replica_cpus, "runtime_env": {"env_vars": env}},
-    ).bind(config, served_name(config))
-
-
-def build_app(args: dict) -> serve.Application:
-    """Serve config entry point (`import_path: jamba_ray.serve.app:build_app`)."""
-    pipeline = PipelineFile.load_or_default(args.get("config"))
-    return deployment(pipeline.to_config(args.get("model")))
+        reports = await asyncio.gather(*(s.engine.stats() for s in self.models.values()))
+        if len(reports) == 1:
+            return reports[0]
+        return {**reports[0], "models": dict(zip(self.models, reports))}
