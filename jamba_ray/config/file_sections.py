@@ -21,7 +21,9 @@ from .engine_config import (
     TRANSPORTS,
     AutoscalingConfig,
     ComputeConfig,
+    EngineAutoscalingConfig,
     EngineConfig,
+    IngressConfig,
     ModelConfig,
     PlacementConfig,
     RecoveryConfig,
@@ -155,11 +157,20 @@ class AutoscalingSection(Section):
     upscale_delay_s: float = _d(AutoscalingConfig, "upscale_delay_s", ge=0)
     downscale_delay_s: float = _d(AutoscalingConfig, "downscale_delay_s", ge=0)
     look_back_period_s: float | None = _d(AutoscalingConfig, "look_back_period_s", gt=0)
+
+
+class EngineAutoscalingSection(AutoscalingSection):
+    mirrors: ClassVar[type] = EngineAutoscalingConfig
     target: Literal[AUTOSCALING_TARGETS] = _d(
-        AutoscalingConfig, "target", description="what each replica is kept at target_value of"
+        EngineAutoscalingConfig,
+        "target",
+        description="what each replica is kept at target_value of",
     )
     target_value: float | None = _d(
-        AutoscalingConfig, "target_value", gt=0, description="per replica; not for ongoing_requests"
+        EngineAutoscalingConfig,
+        "target_value",
+        gt=0,
+        description="per replica (not ongoing_requests)",
     )
 
 
@@ -173,6 +184,14 @@ class RouterSection(Section):
     )
     stats_period_s: float = _d(RouterConfig, "stats_period_s", gt=0)
     recent_ttl_s: float = _d(RouterConfig, "recent_ttl_s", ge=0)
+
+
+class IngressSection(Section):
+    mirrors: ClassVar[type] = IngressConfig
+    num_cpus: float = _d(IngressConfig, "num_cpus", ge=0, description="per ingress replica")
+    autoscaling: AutoscalingSection = Field(
+        default_factory=AutoscalingSection, description="ingress replicas (no GPU, no stages)"
+    )
 
 
 class ServeSection(Section):
@@ -191,5 +210,8 @@ class ServeSection(Section):
     replica_cpus: float = _d(ServeConfig, "replica_cpus", ge=0)
     graceful_shutdown_timeout_s: float = _d(ServeConfig, "graceful_shutdown_timeout_s", gt=0)
     health_check_period_s: float = _d(ServeConfig, "health_check_period_s", gt=0)
-    autoscaling: AutoscalingSection = Field(default_factory=AutoscalingSection)
+    autoscaling: EngineAutoscalingSection = Field(
+        default_factory=EngineAutoscalingSection, description="engine replicas (pipelines)"
+    )
     router: RouterSection = Field(default_factory=RouterSection)
+    ingress: IngressSection = Field(default_factory=IngressSection)

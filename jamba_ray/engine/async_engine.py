@@ -9,6 +9,7 @@ import asyncio
 import contextvars
 import itertools
 import logging
+import time
 from collections.abc import AsyncIterator
 
 from ..config.engine_config import EngineConfig
@@ -133,6 +134,16 @@ class AsyncEngine:
         if isinstance(result, StepFailure):
             raise StageFailedError(f"health probe failed: {result.error}")
 
+    async def health(self, timeout_s: float = 60.0) -> dict:
+        """{"status": "recovering" | "ok", "stages", "probe_s"}: "recovering" while stages are
+        being replaced (new work should go elsewhere); raises when a stage cannot compute."""
+        stages = self.core.pipeline.num_stages
+        if self.recovering:
+            return {"status": "recovering", "stages": stages}
+        t0 = time.perf_counter()
+        await self.probe(timeout_s)
+        return {"status": "ok", "stages": stages, "probe_s": time.perf_counter() - t0}
+
     async def check(self, timeout_s: float = 30.0) -> None:
         """Serve's health check: passes while a recovery is under way (failing would kill the
         streams it keeps alive); a dead stage found by the probe starts one; raises only for a
@@ -156,8 +167,9 @@ class AsyncEngine:
         autoscaling); engine-side only, no stage round trip."""
         return build_report(self.core.kv, self.core.scheduler, limit)
 
-    async def metrics(self) -> str:
-        return self.core.outputs.metrics.render(await self.stats())
+    async def metrics(self, labels: str = "") -> str:
+        """`labels`: Prometheus labels on every sample (`model="a"` when an app serves several)."""
+        return self.core.outputs.metrics.render(await self.stats(), labels)
 
     def model_card(self) -> dict:
         core = self.core
@@ -165,6 +177,7 @@ class AsyncEngine:
             "max_model_len": core.capacity.max_model_len,
             "stages": core.pipeline.num_stages,
             "max_num_seqs": core.capacity.max_num_seqs,
+            "vocab_size": core.spec.vocab_size,
         }
 
     def shutdown(self) -> None:

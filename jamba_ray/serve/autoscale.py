@@ -69,7 +69,7 @@ def serve_autoscaling(cfg) -> dict[str, Any]:
     """Serve's `autoscaling_config` for an `AutoscalingConfig` of the tree: its own options, and
     this policy for a target other than ongoing requests."""
     out = cfg.serve_dict()
-    if cfg.target != "ongoing_requests":
+    if getattr(cfg, "target", "ongoing_requests") != "ongoing_requests":
         kwargs = {"target": cfg.target, "target_value": cfg.target_value}
         out["policy"] = {"policy_function": POLICY_PATH, "policy_kwargs": kwargs}
     return out

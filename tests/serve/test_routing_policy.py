@@ -5,7 +5,7 @@ target asks for."""
 import pytest
 from ray.serve.config import AutoscalingContext
 
-from jamba_ray.config.engine_config import AutoscalingConfig, RouterConfig
+from jamba_ray.config.engine_config import EngineAutoscalingConfig, RouterConfig
 from jamba_ray.engine.prefix_report import Load
 from jamba_ray.engine.sampling_params import SamplingParams
 from jamba_ray.errors import ConfigError
@@ -60,13 +60,13 @@ def test_bad_router_and_autoscaling_settings_are_refused_by_name(bad, field, tmp
     with pytest.raises(ConfigError, match=key):
         PipelineFile.load(f)
     with pytest.raises(ConfigError, match=field):
-        (RouterConfig if "router" in field else AutoscalingConfig)(**{key: bad[field]})
+        (RouterConfig if "router" in field else EngineAutoscalingConfig)(**{key: bad[field]})
 
 
 def test_ongoing_requests_is_serves_own_policy_and_a_fill_target_is_ours():
-    plain = serve_autoscaling(AutoscalingConfig(max_replicas=3))
+    plain = serve_autoscaling(EngineAutoscalingConfig(max_replicas=3))
     assert "policy" not in plain and "target" not in plain and plain["max_replicas"] == 3
-    ours = serve_autoscaling(AutoscalingConfig(target="blocks", target_value=100.0))
+    ours = serve_autoscaling(EngineAutoscalingConfig(target="blocks", target_value=100.0))
     assert ours["policy"] == {
         "policy_function": POLICY_PATH,
         "policy_kwargs": {"target": "blocks", "target_value": 100.0},
