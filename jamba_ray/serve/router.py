@@ -10,6 +10,7 @@ power-of-two router does). What it routed since the last reports counts too (`Re
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -113,6 +114,7 @@ class PrefixRouter(RequestRouter):
             pending_request.routing_context.should_backoff = True
         loads = await self._loads(candidate_replicas)
         alive = [r for r in candidate_replicas if r.replica_id in loads] or candidate_replicas
+        alive = random.sample(alive, len(alive))  # equal loads: no replica is always first
         req, now = self._request_keys(pending_request), time.time()
         by_id, cands = {}, []
         for r in alive:
