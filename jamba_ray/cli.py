@@ -100,7 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="checkpoint dir or hub id (default: the pipeline's, else the auto-created tiny model)",
     )
     s.add_argument(
-        "--config", default=None, help="pipelines/*.yaml (default: the built-in tiny-cpu)"
+        "--config",
+        action="append",
+        default=None,
+        help="pipelines/*.yaml (default: the built-in tiny-cpu); repeat it to serve one model "
+        "per file in one app (the flags and the first file's serve section set the app's options)",
     )
     s.add_argument(
         "--stages", type=int, default=None, help="pipeline stages (default: the layout's)"
@@ -222,7 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     sc = sub.add_parser(
         "serve-config", help="print a Serve config (serve run/deploy, KubeRay) for a pipeline"
     )
-    sc.add_argument("--config", required=True, help="pipelines/*.yaml")
+    sc.add_argument(
+        "--config", action="append", required=True, help="pipelines/*.yaml (repeat: one model each)"
+    )
     sc.set_defaults(fn=commands.serve_config)
     return p
 

@@ -141,7 +141,17 @@ def pipeline_file(a):
     given = {k: v for k, v in flags.items() if v is not None}
     if a.stages is not None:
         given["stage_slices"] = None  # a stage count replaces the file's explicit slices
-    return PipelineFile.load_or_default(a.config).with_overrides(**given)
+    first = a.config[0] if a.config else None
+    return PipelineFile.load_or_default(first).with_overrides(**given)
+
+
+def serve_configs(a) -> list:
+    """What `serve` deploys: the first pipeline (the flags and --model apply to it; its serve
+    section is the app's), then one more model per further --config, as its file says."""
+    from .config.pipeline_file import PipelineFile
+
+    more = [PipelineFile.load(p).to_config() for p in (a.config or [])[1:]]
+    return [serve_pipeline(a).to_config(a.model), *more]
 
 
 def serve(a) -> int:
@@ -154,17 +164,18 @@ def serve(a) -> int:
 
     if a.api_key:
         os.environ["JAMBA_RAY_API_KEY"] = a.api_key
-    config = serve_pipeline(a).to_config(a.model)
+    configs = serve_configs(a)
     if not is_detached_child():
-        opts = config.serve
+        opts = configs[0].serve
         local = (a.address or os.environ.get("RAY_ADDRESS")) is None  # this machine's ports, CPUs
         if local:
             check_ports(opts.host, {"--port": opts.port, "--grpc-port": opts.grpc_port})
-        check_model(config)
-        if local and config.engine.placement.num_cpus_per_stage is not None:
-            check_resources(config, local_resources(), complete=False)
+        for config in configs:
+            check_model(config)
+            if local and config.engine.placement.num_cpus_per_stage is not None:
+                check_resources(config, local_resources(), complete=False)
         return run_detached([sys.executable, "-m", "jamba_ray", *a.argv])
-    return serve_foreground(config, a.address)
+    return serve_foreground(configs, a.address)
 
 
 def serve_pipeline(a):
@@ -176,9 +187,9 @@ def serve_pipeline(a):
     return pipeline
 
 
-def serve_foreground(config, address: str | None) -> int:
-    """Start Ray (its gRPC proxy bound to the server's host), check the cluster can hold a
-    replica, deploy, and serve until SIGINT / SIGTERM."""
+def serve_foreground(configs: list, address: str | None) -> int:
+    """Start Ray (its gRPC proxy bound to the server's host), check the cluster can hold each
+    model's replica, deploy, and serve until SIGINT / SIGTERM."""
     import ray
 
     from .foreground import interrupt_on_signals, shutdown_quietly, sleep_forever
@@ -188,19 +199,20 @@ def serve_foreground(config, address: str | None) -> int:
     from .serve.preflight import check_resources, cluster_resources
 
     interrupt_on_signals()
-    opts, serving = config.serve, False
+    opts, serving = configs[0].serve, False
     try:
         quiet_ray()
         ray.init(address=address, log_to_driver=False, runtime_env=runtime_env(opts.host))
         interrupt_on_signals()  # again: Ray's core worker installs its own SIGTERM handler
-        check_resources(config, cluster_resources())
-        print(
-            f"jamba-ray: deploying {config.engine.placement.num_stages} stage(s) of "
-            f"{config.engine.model.path}; each stage loads its weights first",
-            flush=True,
-        )
+        for config in configs:
+            check_resources(config, cluster_resources())
+            print(
+                f"jamba-ray: deploying {config.engine.placement.num_stages} stage(s) of "
+                f"{config.engine.model.path}; each stage loads its weights first",
+                flush=True,
+            )
         serving = True
-        start(config)
+        start(configs)
         print(
             f"jamba-ray: serving on http://{opts.host}:{opts.port}/v1"
             + (f" and gRPC {opts.host}:{opts.grpc_port}" if opts.grpc_port else "")
@@ -221,7 +233,8 @@ def serve_config(a) -> int:
     from .config.pipeline_file import PipelineFile
     from .serve.launch import serve_config
 
-    print(yaml.safe_dump(serve_config(a.config, PipelineFile.load(a.config)), sort_keys=False))
+    paths = a.config if len(a.config) > 1 else a.config[0]
+    print(yaml.safe_dump(serve_config(paths, PipelineFile.load(a.config[0])), sort_keys=False))
     return 0
 
 

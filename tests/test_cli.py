@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
+import yaml
 
 from jamba_ray.batch.score_config import ScoreConfig
 from jamba_ray.cli import build_parser, main
@@ -88,6 +89,25 @@ def test_serve_config_prints_a_serve_config(capsys):
     assert main(["serve-config", "--config", str(ROOT / "pipelines" / "tiny-cpu.yaml")]) == 0
     out = capsys.readouterr().out
     assert "import_path: jamba_ray.serve.app:build_app" in out and "grpc_servicer_functions" in out
+
+
+def test_serve_with_two_configs_serves_two_models_and_the_flags_set_the_first(tmp_path, capsys):
+    """One model per --config; flags and --model go to the first (its serve section is the
+    app's); `serve-config` passes the files on as a list."""
+    from jamba_ray.commands import serve_configs
+
+    other = tmp_path / "b.yaml"
+    other.write_text("name: b\nserve: {served_model_name: b, autoscaling: {max_replicas: 2}}\n")
+    tiny = str(ROOT / "pipelines" / "tiny-cpu.yaml")
+    argv = ["serve", "--config", tiny, "--config", str(other), "--port", "9001", "--stages", "3"]
+    first, second = serve_configs(build_parser().parse_args(argv))
+    assert first.serve.port == 9001 and first.engine.placement.num_stages == 3
+    assert second.serve.served_model_name == "b" and second.serve.autoscaling.max_replicas == 2
+    assert second.engine.placement.num_stages == option_default("num_stages")
+    assert main(["serve-config", "--config", tiny, "--config", str(other)]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["applications"][0]["args"] == {
+        "config": [tiny, str(other)]
+    }
 
 
 def test_generate_without_a_model_uses_the_tiny_default_and_prints_json_lines(capsys, ray_session):

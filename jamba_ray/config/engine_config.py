@@ -14,6 +14,15 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any
 
 from ..errors import ConfigError
+from .serve_config import (  # noqa: F401  (the Serve part of the tree, re-exported)
+    AUTOSCALING_TARGETS,
+    ROUTERS,
+    AutoscalingConfig,
+    EngineAutoscalingConfig,
+    IngressConfig,
+    RouterConfig,
+    ServeConfig,
+)
 from .spec import canonical_dtype
 
 TRANSPORTS = ("auto", "object_store", "p2p")  # how hidden states cross stages: runtime/transport.py
@@ -230,42 +239,6 @@ def default_of(cls: type, name: str) -> Any:
 def option_default(option: str) -> Any:
     """The default of a flat engine option (`option_default("max_num_seqs")` -> 64)."""
     return default_of(_SECTIONS[section_of(option)], option)
-
-
-@dataclass(frozen=True, slots=True)
-class AutoscalingConfig:
-    min_replicas: int = 1
-    max_replicas: int = 1
-    initial_replicas: int | None = None
-    target_ongoing_requests: float = 8.0  # per replica (= per pipeline)
-    upscale_delay_s: float = 5.0
-    downscale_delay_s: float = 30.0
-    look_back_period_s: float | None = None
-
-    def serve_dict(self) -> dict[str, Any]:
-        if self.max_replicas < self.min_replicas:
-            raise ConfigError("autoscaling.max_replicas must be at least min_replicas")
-        return {
-            f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class ServeConfig:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    grpc_port: int | None = None  # None: no gRPC proxy
-    served_model_name: str | None = None
-    max_body_bytes: int = 1 << 20
-    max_prompt_tokens: int | None = None
-    max_tokens_limit: int | None = None  # largest max_tokens a request may ask
-    request_timeout_s: float = 600.0
-    api_key_env: str | None = None  # env var holding the API key (unset field: no auth)
-    replica_cpus: float = 0.5  # CPUs of the replica (ingress + engine) itself
-    # scale-down / redeploy: a replica stops taking requests and its streams get this long to end
-    graceful_shutdown_timeout_s: float = 600.0
-    health_check_period_s: float = 10.0
-    autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
 
 
 @dataclass(frozen=True, slots=True)

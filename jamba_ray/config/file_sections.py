@@ -12,17 +12,22 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .engine_config import (
+    AUTOSCALING_TARGETS,
     BACKENDS,
     BALANCES,
     QUANTIZATIONS,
+    ROUTERS,
     STRATEGIES,
     TRANSPORTS,
     AutoscalingConfig,
     ComputeConfig,
+    EngineAutoscalingConfig,
     EngineConfig,
+    IngressConfig,
     ModelConfig,
     PlacementConfig,
     RecoveryConfig,
+    RouterConfig,
     SchedulerConfig,
     ServeConfig,
     StateConfig,
@@ -159,6 +164,41 @@ class AutoscalingSection(Section):
     look_back_period_s: float | None = _d(AutoscalingConfig, "look_back_period_s", gt=0)
 
 
+class EngineAutoscalingSection(AutoscalingSection):
+    mirrors: ClassVar[type] = EngineAutoscalingConfig
+    target: Literal[AUTOSCALING_TARGETS] = _d(
+        EngineAutoscalingConfig,
+        "target",
+        description="what each replica is kept at target_value of",
+    )
+    target_value: float | None = _d(
+        EngineAutoscalingConfig,
+        "target_value",
+        gt=0,
+        description="per replica (not ongoing_requests)",
+    )
+
+
+class RouterSection(Section):
+    mirrors: ClassVar[type] = RouterConfig
+    policy: Literal[ROUTERS] = _d(
+        RouterConfig, "policy", description="prefix: by the prefix replicas hold; default: Serve's"
+    )
+    imbalance_threshold: float = _d(
+        RouterConfig, "imbalance_threshold", ge=0, description="ongoing requests over the least"
+    )
+    stats_period_s: float = _d(RouterConfig, "stats_period_s", gt=0)
+    recent_ttl_s: float = _d(RouterConfig, "recent_ttl_s", ge=0)
+
+
+class IngressSection(Section):
+    mirrors: ClassVar[type] = IngressConfig
+    num_cpus: float = _d(IngressConfig, "num_cpus", ge=0, description="per ingress replica")
+    autoscaling: AutoscalingSection = Field(
+        default_factory=AutoscalingSection, description="ingress replicas (no GPU, no stages)"
+    )
+
+
 class ServeSection(Section):
     mirrors: ClassVar[type] = ServeConfig
     host: str = _d(ServeConfig, "host")
@@ -175,4 +215,8 @@ class ServeSection(Section):
     replica_cpus: float = _d(ServeConfig, "replica_cpus", ge=0)
     graceful_shutdown_timeout_s: float = _d(ServeConfig, "graceful_shutdown_timeout_s", gt=0)
     health_check_period_s: float = _d(ServeConfig, "health_check_period_s", gt=0)
-    autoscaling: AutoscalingSection = Field(default_factory=AutoscalingSection)
+    autoscaling: EngineAutoscalingSection = Field(
+        default_factory=EngineAutoscalingSection, description="engine replicas (pipelines)"
+    )
+    router: RouterSection = Field(default_factory=RouterSection)
+    ingress: IngressSection = Field(default_factory=IngressSection)

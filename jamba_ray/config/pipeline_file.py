@@ -2,8 +2,8 @@
 
 A layout nests the tree's sections under their own names: `engine` holds `model`, `state`,
 `scheduler`, `placement`, `compute` and `recovery`, field for field as `EngineConfig`, and `serve`
-holds `ServeConfig`'s fields and `autoscaling`. Every option can be set; one left out is the
-tree's default. `to_config()` turns a validated file into the frozen `PipelineConfig`.
+holds `ServeConfig`'s fields, `autoscaling` and `router`. Every option can be set; one left out is
+the tree's default. `to_config()` turns a validated file into the frozen `PipelineConfig`.
 """
 
 from __future__ import annotations

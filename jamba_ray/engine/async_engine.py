@@ -9,6 +9,7 @@ import asyncio
 import contextvars
 import itertools
 import logging
+import time
 from collections.abc import AsyncIterator
 
 from ..config.engine_config import EngineConfig
@@ -16,6 +17,7 @@ from ..errors import StageFailedError
 from .core import EngineCore
 from .messages import StepFailure
 from .outputs import RequestOutput
+from .prefix_report import REPORT_LIMIT, PrefixReport, build_report
 from .sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -134,6 +136,16 @@ class AsyncEngine:
         if isinstance(result, StepFailure):
             raise StageFailedError(f"health probe failed: {result.error}")
 
+    async def health(self, timeout_s: float = 60.0) -> dict:
+        """{"status": "recovering" | "ok", "stages", "probe_s"}: "recovering" while stages are
+        being replaced (new work should go elsewhere); raises when a stage cannot compute."""
+        stages = self.core.pipeline.num_stages
+        if self.recovering:
+            return {"status": "recovering", "stages": stages}
+        t0 = time.perf_counter()
+        await self.probe(timeout_s)
+        return {"status": "ok", "stages": stages, "probe_s": time.perf_counter() - t0}
+
     async def check(self, timeout_s: float = 30.0) -> None:
         """Serve's health check: passes while a recovery is under way (failing would kill the
         streams it keeps alive); a dead stage found by the probe starts one; raises only for a
@@ -152,8 +164,14 @@ class AsyncEngine:
         stages = await asyncio.to_thread(self.core.pipeline.stats)
         return {**self.core.stats_local(), "stages": stages}
 
-    async def metrics(self) -> str:
-        return self.core.outputs.metrics.render(await self.stats())
+    def routing_report(self, limit: int = REPORT_LIMIT) -> PrefixReport:
+        """What this pipeline holds and how full it is (for a prefix-aware router and for
+        autoscaling); engine-side only, no stage round trip."""
+        return build_report(self.core.kv, self.core.scheduler, limit)
+
+    async def metrics(self, labels: str = "") -> str:
+        """`labels`: Prometheus labels on every sample (`model="a"` when an app serves several)."""
+        return self.core.outputs.metrics.render(await self.stats(), labels)
 
     def model_card(self) -> dict:
         core = self.core
@@ -161,6 +179,7 @@ class AsyncEngine:
             "max_model_len": core.capacity.max_model_len,
             "stages": core.pipeline.num_stages,
             "max_num_seqs": core.capacity.max_num_seqs,
+            "vocab_size": core.spec.vocab_size,
         }
 
     def shutdown(self) -> None:

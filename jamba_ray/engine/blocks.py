@@ -125,6 +125,13 @@ class BlockAllocator:
     def committed_blocks(self) -> set[int]:
         return set(self._by_key.values())
 
+    def recent_keys(self, limit: int) -> list[Key]:
+        """Up to `limit` keys of cached full blocks, those in use first, then the evictable ones
+        most recently released first (the last to be evicted): a replica's routing report."""
+        in_use = [k for k, b in self._by_key.items() if self._refs[b] > 0]
+        idle = [self._key_of[b] for b in reversed(self._cached)]
+        return (in_use + idle)[:limit]
+
     def lookup(self, key: Key) -> int | None:
         return self._by_key.get(key)
 

@@ -19,9 +19,6 @@ class EngineClient(Protocol):
     @property
     def tokenizer(self): ...
 
-    @property
-    def recovering(self) -> bool: ...
-
     async def generate(
         self,
         prompt: str | list[int],
@@ -36,16 +33,20 @@ class EngineClient(Protocol):
     async def probe(self, timeout_s: float = 60.0) -> None:
         """A real forward through every stage; raises StageFailedError when one cannot compute."""
 
+    async def health(self, timeout_s: float = 60.0) -> dict:
+        """{"status": "recovering" | "ok", "stages", "probe_s"}; raises when a stage cannot
+        compute."""
+
     async def check(self, timeout_s: float = 30.0) -> None:
         """Health for Serve: passes while recovering; raises when broken and not recovering."""
 
     async def stats(self) -> dict:
         """Engine numbers plus per-stage counters under "stages"."""
 
-    async def metrics(self) -> str:
-        """Prometheus text exposition."""
+    async def metrics(self, labels: str = "") -> str:
+        """Prometheus text exposition (`labels` on every sample)."""
 
     def model_card(self) -> dict:
-        """max_model_len, stages, max_num_seqs."""
+        """max_model_len, stages, max_num_seqs, vocab_size."""
 
     def shutdown(self) -> None: ...

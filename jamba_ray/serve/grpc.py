@@ -78,7 +78,12 @@ def completion_proto(index: int, text: str, token_ids, finish_reason, logprobs) 
 
 
 class GrpcMethods:
-    """Mixed into the Serve deployment; expects `self.engine`, `self.api_key`, `self.timeout_s`."""
+    """Mixed into the ingress; expects `_serving(model)`, `self.api_key`, `self.timeout_s`. A call
+    picks its model with a `model` metadata entry (none: the app's first model)."""
+
+    def _grpc_engine(self, ctx):
+        meta = dict(ctx.invocation_metadata()) if ctx is not None else {}
+        return self._serving(meta.get("model")).engine
 
     def _grpc_fail(self, ctx, exc: BaseException):
         code, message = grpc_status(exc)
@@ -88,8 +93,8 @@ class GrpcMethods:
             ctx.set_code(getattr(grpc.StatusCode, code))
             ctx.set_details(message)
 
-    def _grpc_sampling(self, request: pb.GenerateRequest) -> SamplingParams:
-        return sampling_from_proto(request.sampling, self.engine.tokenizer.name_or_path)
+    def _grpc_sampling(self, engine, request: pb.GenerateRequest) -> SamplingParams:
+        return sampling_from_proto(request.sampling, engine.tokenizer.name_or_path)
 
     def _grpc_auth(self, ctx) -> None:
         if not self.api_key:
@@ -102,8 +107,9 @@ class GrpcMethods:
         try:
             self._grpc_auth(grpc_context)
             rid = request.request_id or f"grpc-{uuid.uuid4().hex}"
-            stream = await self.engine.generate(
-                prompt_from_proto(request), self._grpc_sampling(request), rid
+            engine = self._grpc_engine(grpc_context)
+            stream = await engine.generate(
+                prompt_from_proto(request), self._grpc_sampling(engine, request), rid
             )
             acc: dict[int, CompletionOutput] = {}
             last = None
@@ -130,8 +136,9 @@ class GrpcMethods:
         try:
             self._grpc_auth(grpc_context)
             rid = request.request_id or f"grpc-{uuid.uuid4().hex}"
-            stream = await self.engine.generate(
-                prompt_from_proto(request), self._grpc_sampling(request), rid
+            engine = self._grpc_engine(grpc_context)
+            stream = await engine.generate(
+                prompt_from_proto(request), self._grpc_sampling(engine, request), rid
             )
             total = 0
             async with _closing(stream), asyncio.timeout(self.timeout_s):
@@ -165,8 +172,9 @@ class GrpcMethods:
             items = list(request.texts) + [list(t.ids) for t in request.token_ids]
             if not items:
                 raise InvalidRequestError("give texts or token_ids to score")
+            engine, per_token = self._grpc_engine(grpc_context), request.return_token_logprobs
             results = await asyncio.wait_for(
-                asyncio.gather(*[self._score_one(x, request.return_token_logprobs) for x in items]),
+                asyncio.gather(*[self._score_one(engine, x, per_token) for x in items]),
                 self.timeout_s,
             )
             return pb.ScoreResponse(results=results)
@@ -174,9 +182,9 @@ class GrpcMethods:
             self._grpc_fail(grpc_context, _timed_out(e, self.timeout_s))
             return pb.ScoreResponse()
 
-    async def _score_one(self, item, per_token: bool) -> pb.ScoreResult:
+    async def _score_one(self, engine, item, per_token: bool) -> pb.ScoreResult:
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
-        stream = await self.engine.generate(item, params)
+        stream = await engine.generate(item, params)
         last = None
         async with _closing(stream):
             async for out in stream:
@@ -193,21 +201,19 @@ class GrpcMethods:
     async def Health(self, request: pb.HealthRequest, grpc_context=None) -> pb.HealthResponse:
         """As /health: UNAVAILABLE while stages are being replaced (status "recovering": new work
         goes elsewhere, streams in flight go on) or when a stage cannot compute."""
-        stages = self.engine.model_card()["stages"]
-        if self.engine.recovering:
-            self._grpc_fail(
-                grpc_context,
-                StageFailedError("recovering: stages are being replaced; retry new work later"),
-            )
-            return pb.HealthResponse(status="recovering", stages=stages)
         try:
-            await self.engine.probe()
-            return pb.HealthResponse(status="ok", stages=stages)
+            report = await self._grpc_engine(grpc_context).health()
         except Exception as e:
             self._grpc_fail(
                 grpc_context, StageFailedError(f"health probe failed: {type(e).__name__}")
             )
             return pb.HealthResponse(status="unavailable")
+        if report["status"] == "recovering":
+            self._grpc_fail(
+                grpc_context,
+                StageFailedError("recovering: stages are being replaced; retry new work later"),
+            )
+        return pb.HealthResponse(status=report["status"], stages=report["stages"])
 
 
 def _timed_out(e: BaseException, timeout_s: float) -> BaseException:

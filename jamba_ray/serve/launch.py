@@ -20,14 +20,16 @@ APP_NAME = "jamba"
 GRPC_SERVICER = "jamba_ray.proto.jamba_pb2_grpc.add_JambaServiceServicer_to_server"
 
 
-def start(config: PipelineConfig, blocking: bool = False):
-    """Deploy the pipeline app on the running Ray cluster; returns the ingress handle."""
-    opts = config.serve
+def start(configs: PipelineConfig | list[PipelineConfig], blocking: bool = False):
+    """Deploy the app (one model per pipeline; the first one's serve section sets ports and the
+    front) on the running Ray cluster; returns the ingress handle."""
+    configs = [configs] if isinstance(configs, PipelineConfig) else configs
+    opts = configs[0].serve
     grpc = None
     if opts.grpc_port:
         grpc = gRPCOptions(port=opts.grpc_port, grpc_servicer_functions=[GRPC_SERVICER])
     serve.start(http_options={"host": opts.host, "port": opts.port}, grpc_options=grpc)
-    app = deployment(config)
+    app = deployment(configs)
     # serve.run() connects to the Serve just started with the options above and says it will not
     # apply its own (defaults nobody passed): true, and misleading, so not shown.
     quiet = _DropMessage("New http_options/controller_options will not be applied")
@@ -83,8 +85,9 @@ class _DropMessage(logging.Filter):
         return self.text not in record.getMessage()
 
 
-def serve_config(pipeline_path: str, pipeline: PipelineFile) -> dict:
-    """A Serve config (for `serve run` / `serve deploy` / KubeRay) that runs this pipeline file."""
+def serve_config(pipeline_path: str | list[str], pipeline: PipelineFile) -> dict:
+    """A Serve config (for `serve run` / `serve deploy` / KubeRay) that runs this pipeline file
+    (a list of files: one model each; `pipeline` is the first, whose serve section is the app's)."""
     opts = pipeline.serve
     cfg = {
         "proxy_location": "EveryNode",

@@ -71,6 +71,20 @@ SAMPLE = {
     "serve.autoscaling.upscale_delay_s": 1.0,
     "serve.autoscaling.downscale_delay_s": 2.0,
     "serve.autoscaling.look_back_period_s": 3.0,
+    "serve.autoscaling.target": "slots",
+    "serve.autoscaling.target_value": 12.0,
+    "serve.router.policy": "default",
+    "serve.router.imbalance_threshold": 2.0,
+    "serve.router.stats_period_s": 0.5,
+    "serve.router.recent_ttl_s": 1.0,
+    "serve.ingress.num_cpus": 2.0,
+    "serve.ingress.autoscaling.min_replicas": 2,
+    "serve.ingress.autoscaling.max_replicas": 4,
+    "serve.ingress.autoscaling.initial_replicas": 3,
+    "serve.ingress.autoscaling.target_ongoing_requests": 64.0,
+    "serve.ingress.autoscaling.upscale_delay_s": 3.0,
+    "serve.ingress.autoscaling.downscale_delay_s": 60.0,
+    "serve.ingress.autoscaling.look_back_period_s": 5.0,
 }
 
 

@@ -153,3 +153,13 @@ def test_cluster_launcher_yaml_parses():
     cfg = yaml.safe_load((ROOT / "clusters" / "ray-cluster-gpu.yaml").read_text())
     assert cfg["available_node_types"]["gpu_4x80g"]["resources"]["GPU"] == 4
     assert cfg["head_node_type"] in cfg["available_node_types"]
+
+
+def test_the_routed_two_pipeline_config_uses_the_prefix_router_and_fill_autoscaling():
+    from ray.serve.schema import ServeDeploySchema
+
+    cfg = yaml.safe_load((ROOT / "clusters" / "serve-2-pipelines-routed.yaml").read_text())
+    app = ServeDeploySchema.model_validate(cfg).applications[0]
+    serve_opts = PipelineFile.load(ROOT / app.args["config"]).to_config().serve
+    assert serve_opts.router.policy == "prefix"
+    assert serve_opts.autoscaling.min_replicas == 2 and serve_opts.autoscaling.target == "slots"

@@ -59,6 +59,7 @@ def pipeline_for_tests(**overrides) -> PipelineFile:
             "num_stages": 2,
             "num_cpus_per_stage": STAGE_CPUS,
             "serve.replica_cpus": 0.25,
+            "serve.ingress.num_cpus": 0.1,
             "serve.served_model_name": MODEL,
             "max_num_seqs": 8,
             "max_waiting": 24,

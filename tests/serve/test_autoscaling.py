@@ -9,7 +9,7 @@ import time
 import requests
 from ray import serve
 
-from jamba_ray.serve.app import deployment
+from jamba_ray.serve.app import deployment, engine_name
 from tests.serve.conftest import MODEL, pipeline_for_tests, wait_for
 
 APP = "scale"
@@ -17,9 +17,9 @@ APP = "scale"
 
 def replicas() -> int:
     app = serve.status().applications.get(APP)
-    if app is None or "JambaServer" not in app.deployments:
+    if app is None or engine_name(MODEL) not in app.deployments:
         return 0
-    return app.deployments["JambaServer"].replica_states.get("RUNNING", 0)
+    return app.deployments[engine_name(MODEL)].replica_states.get("RUNNING", 0)
 
 
 def test_load_adds_a_pipeline_and_idle_removes_it_without_failures(served, tiny_ckpt):

@@ -19,6 +19,7 @@ from ray import serve
 
 from jamba_ray.proto import jamba_pb2 as pb
 from jamba_ray.proto import jamba_pb2_grpc as pb_grpc
+from jamba_ray.serve.app import engine_name
 from jamba_ray.serve.errors import RETRY_AFTER_S
 
 try:  # the HTTP library the openai client is built on (httpx2 from openai 3 on)
@@ -139,10 +140,11 @@ def health(base: str) -> tuple[int, str | None, str | None]:
 
 
 def replica_names(app_name: str) -> set[str]:
-    """Serve names each replica actor after its app, deployment and a fresh id: a replica that
-    Serve replaced would show up under another name."""
+    """Serve names each replica actor after its app, deployment and a fresh id: an engine replica
+    that Serve replaced would show up under another name."""
     actors = ray.util.list_named_actors(all_namespaces=True)
-    return {a["name"] for a in actors if a["name"].startswith(f"SERVE_REPLICA::{app_name}#")}
+    prefix = f"SERVE_REPLICA::{app_name}#{engine_name(MODEL)}#"
+    return {a["name"] for a in actors if a["name"].startswith(prefix)}
 
 
 def grpc_health(served) -> tuple[str, str]:
@@ -239,7 +241,7 @@ def test_stages_killed_under_streams_and_during_replacement_lose_nothing(app, se
     assert new_pids[0] == pids[0] and len(set(new_pids + pids)) == 5
     status = serve.status().applications[APP]
     assert status.status == "RUNNING"
-    assert status.deployments["JambaServer"].replica_states == {"RUNNING": 1}
+    assert status.deployments[engine_name(MODEL)].replica_states == {"RUNNING": 1}
 
 
 def test_deleting_the_app_lets_a_stream_in_flight_finish(app):
