@@ -22,7 +22,7 @@ class Replica:
 
     def __init__(self, blocks=256, checkpoints=32):
         self.kv = KVCache(blocks, BS, checkpoints, checkpoint_every=EVERY)
-        self.sched = Scheduler(SchedulerConfig(max_num_seqs=4), 4, self.kv, 1)
+        self.sched = Scheduler(SchedulerConfig(max_num_seqs=4).on("cpu"), 4, self.kv, 1)
         self.n = 0
 
     def run(self, prompt, salt=None, finish=True):
