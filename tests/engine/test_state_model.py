@@ -332,7 +332,7 @@ class StateModel(RuleBasedStateMachine):
         tails = prefix.held()[1] if prefix else set()
         assert not self.kv.records and self.sched.slots.num_used == 0
         assert self.kv.blocks.num_used == len(tails), "blocks in use beyond checkpoint tails"
-        assert prefix is None or not prefix._pins
+        assert prefix is None or not prefix._pins and not prefix.num_reserved
         assert not self.kv.snapshots_of or all(s.finished for s in self.seqs)
 
     def teardown(self):
