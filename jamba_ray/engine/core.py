@@ -227,8 +227,9 @@ class EngineCore:
             if seq.slot is not None:
                 self.finish_seq(seq)
             return
-        if seq.seq_id in result.prompt_logprobs:
-            self.outputs.prompt_logprobs(seq, *result.prompt_logprobs[seq.seq_id])
+        if seg.logits == "all":  # (none come back when the prefix cache had every position's)
+            first, entries = result.prompt_logprobs.get(seq.seq_id, (seg.end, []))
+            self.outputs.prompt_logprobs(seq, first, entries)
         if seg.logits == "score":
             self.outputs.scores(seq, result.scores[seq.seq_id])
             self.finish_seq(seq, "stop")

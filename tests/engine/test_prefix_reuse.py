@@ -172,6 +172,14 @@ def test_an_exact_repeat_resumes_one_token_short_of_its_end(tiny_ckpt):
     assert [first[0].num_cached_tokens, again[0].num_cached_tokens] == [0, len(prompt) - 1]
     for got in (first[0], again[0]):
         assert_same(answer(got), answer(want))
+    # with prompt logprobs: the checkpoint kept those of the positions it covers (all of them)
+    scored = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=1)
+    prompt = SYSTEM + [303, 304]
+    first, again = (warm.generate([prompt], scored)[0] for _ in range(2))
+    assert again.num_cached_tokens == len(prompt) - 1
+    assert len(again.prompt_logprobs) == len(first.prompt_logprobs) == len(prompt)
+    for a, b in zip(first.prompt_logprobs[1:], again.prompt_logprobs[1:]):
+        assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], abs=1e-5) for k in a)
 
 
 def test_requests_sharing_a_prefix_resume_at_its_last_shared_block_from_the_third_on(tiny_ckpt):
