@@ -228,7 +228,7 @@ class EngineCore:
                 self.finish_seq(seq)
             return
         if seg.logits == "all":  # (none come back when the prefix cache had every position's)
-            first, entries = result.prompt_logprobs.get(seq.seq_id, (seg.end, []))
+            first, entries = result.prompt_logprobs.get(seq.seq_id, (seg.start + 1, []))
             self.outputs.prompt_logprobs(seq, first, entries)
         if seg.logits == "score":
             self.outputs.scores(seq, result.scores[seq.seq_id])
