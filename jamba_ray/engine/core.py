@@ -200,36 +200,38 @@ class EngineCore:
             self.recovery.failed(mb, result)
             return
         self.kv.drop_superseded(mb.ops.superseded)
+        landed: list = []  # checkpoints the segments emitted
         for seg, seq in zip(mb.message.segments, mb.seqs):
             try:
-                self._land(seg, seq, result)
+                self._land(seg, seq, result, landed)
             except Exception as e:  # a bug in one request's postprocessing ends only that request
                 log.exception("postprocessing request %s failed", seq.request_id)
                 self.fail_request(
                     seq.request_id,
                     StageFailedError(f"postprocessing a step failed: {type(e).__name__}: {e}"),
                 )
-        self._keep_prompt_logprobs(mb)
+        self._keep_prompt_logprobs(mb, landed)
         for rid in dict.fromkeys(s.request_id for s in mb.seqs):
             self.outputs.emit(rid)
 
-    def _keep_prompt_logprobs(self, mb: MicroBatch) -> None:
-        """Checkpoints this message saved keep the prompt logprobs they cover, so that a scoring
-        request resuming from one has them all."""
-        for saved in mb.ops.saved:
+    def _keep_prompt_logprobs(self, mb: MicroBatch, landed: list) -> None:
+        """Checkpoints this message saved or emitted keep the prompt logprobs they cover, so that
+        a scoring request resuming from one has them all."""
+        for saved in (*mb.ops.saved, *landed):
             state = self.outputs.requests.get(saved.request_id)
             entries = state.prompt_logprobs if state is not None and saved.index == 0 else None
             if entries is not None and len(entries) > saved.length:
                 self.kv.keep_logprobs(saved, state.params.prompt_logprobs, entries)
 
-    def _land(self, seg: Segment, seq: Sequence, result: StepResult) -> None:
-        self.scheduler.landed(seq, seg)
+    def _land(self, seg: Segment, seq: Sequence, result: StepResult, landed: list) -> None:
+        landed += self.scheduler.landed(seq, seg)
         if seq.aborted:
             if seq.slot is not None:
                 self.finish_seq(seq)
             return
-        if seq.seq_id in result.prompt_logprobs:
-            self.outputs.prompt_logprobs(seq, *result.prompt_logprobs[seq.seq_id])
+        if seg.logits == "all":  # (none come back when the prefix cache had every position's)
+            first, entries = result.prompt_logprobs.get(seq.seq_id, (seg.start + 1, []))
+            self.outputs.prompt_logprobs(seq, first, entries)
         if seg.logits == "score":
             self.outputs.scores(seq, result.scores[seq.seq_id])
             self.finish_seq(seq, "stop")

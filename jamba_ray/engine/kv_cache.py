@@ -2,13 +2,15 @@
 checkpoint catalog and of the operations a step makes on the stages' state. Pure Python.
 
 Records are keyed by sequence id and change only through this lifecycle: admit (resume) -> grow ->
-segment -> land -> fork -> save -> release / restart, plus clear and forget after failures. Every
-block refcount change happens here; state operations go into one builder, sealed into a message.
+segment (its emits reserved) -> land (emits catalogued) -> fork -> save -> release / restart, plus
+clear and forget after failures. Every block refcount change happens here; state operations go into
+one builder, sealed into a message. Making checkpoints is `checkpointing.py`'s part of it.
 """
 
 from __future__ import annotations
 
 from .blocks import BlockAllocator, chain_key, root_key
+from .checkpointing import Checkpointing
 from .messages import Fork
 from .prefix import Checkpoint, PrefixCache
 from .seq_state import Resumed, SegmentState, SeqState, tokens_of
@@ -16,7 +18,7 @@ from .sequence import Sequence
 from .step_ops import SavedCheckpoint, StateOps, StepOpsBuilder
 
 
-class KVCache:
+class KVCache(Checkpointing):
     def __init__(
         self,
         num_blocks: int,
@@ -35,6 +37,9 @@ class KVCache:
         self.records: dict[int, SeqState] = {}
         # seq id -> its latest decode snapshot (kept across preemptions, until it ends)
         self.snapshots_of: dict[int, Checkpoint] = {}
+        # restores in the message being built: pinned until it is sealed (no emit of the same
+        # message may take their index)
+        self._sent_restores: list[int] = []
 
     def table(self, seq_id: int) -> list[int]:
         return list(self.records[seq_id].blocks) if seq_id in self.records else []
@@ -51,12 +56,16 @@ class KVCache:
             "kv_blocks_cached": blocks.num_cached,
             "block_size": blocks.block_size,
             "prefix_checkpoints": prefix.num_checkpoints if prefix else 0,
+            "prefix_checkpoints_reserved": prefix.num_reserved if prefix else 0,
             "kv_blocks_held_by_checkpoints": len(tails),
             "prefix_cache_queries": prefix.queries if prefix else 0,
             "prefix_cache_hits": prefix.hits if prefix else 0,
         }
 
     def seal(self) -> StateOps:
+        for ckpt in self._sent_restores if self.prefix is not None else ():
+            self.prefix.unpin(ckpt)
+        self._sent_restores = []
         return self.ops.seal()
 
     # ---- admission ---------------------------------------------------------------------------
@@ -72,7 +81,7 @@ class KVCache:
             cp = self.prefix.evict_for_block()
             if cp is None:
                 break
-            self.snapshots_of = {k: v for k, v in self.snapshots_of.items() if v != cp}
+            self._forget_snapshot(cp)
             self._release_checkpoint(cp)
         return self.blocks.num_free >= n
 
@@ -89,14 +98,16 @@ class KVCache:
     def admit(self, seq: Sequence, forks: list[Sequence], logprobs_k=None) -> Resumed | None:
         """Records for `seq` and its forks (each holds one block for its copied last block), and
         `seq` resumed from its longest cached prefix, if any: shared full blocks, a copy of the
-        checkpoint's tail block, and the checkpoint restored into its slot by the stages."""
+        checkpoint's tail block, and the checkpoint restored into its slot by the stages. Where
+        the cached full blocks reach further, its prefill emits a checkpoint there."""
         root = root_key(getattr(seq.params, "cache_salt", None))
         rec = self.records[seq.seq_id] = SeqState(root)
         for f in forks:
             self.records[f.seq_id] = SeqState(root, self._allocate(1))
         if self.prefix is None:
             return None
-        match = self.prefix.match(seq.prompt_ids + seq.output_ids, root, logprobs_k)
+        found = self.prefix.lookup(seq.prompt_ids + seq.output_ids, root, logprobs_k)
+        match, rec.junction = found.match, found.reach
         if match is None:
             return None
         cp = match.checkpoint
@@ -124,13 +135,16 @@ class KVCache:
         self.records[seq.seq_id].blocks += self.blocks.allocate(need)
         return True
 
-    def segment(self, seq: Sequence) -> SegmentState:
-        """The table entries and restore the stages lack, now marked sent (a restore in a message
-        no longer pins its checkpoint)."""
+    def segment(self, seq: Sequence, end: int) -> SegmentState:
+        """The table entries and restore the stages lack, now marked sent (a restore in a sealed
+        message no longer pins its checkpoint), and the checkpoints the segment up to `end`
+        emits."""
         rec = self.records[seq.seq_id]
-        state = SegmentState(tuple(rec.blocks[rec.sent :]), rec.sent, rec.restore)
-        self._unpin(rec)
-        rec.sent = len(rec.blocks)
+        emits = self.plan_emits(seq, end)
+        state = SegmentState(tuple(rec.blocks[rec.sent :]), rec.sent, rec.restore, emits)
+        if rec.restore is not None:
+            self._sent_restores.append(rec.restore)
+        rec.restore, rec.sent = None, len(rec.blocks)
         return state
 
     def _unpin(self, rec: SeqState) -> None:
@@ -160,76 +174,24 @@ class KVCache:
         self.ops.forks.append(Fork(parent.slot, tuple(c.slot for c in children)))
 
     # ---- after a segment ran -----------------------------------------------------------------
-    def land(self, seq: Sequence, end: int) -> None:
-        """Full blocks become shareable; a checkpoint at the end of a prompt and every
-        `checkpoint_every` tokens inside it (and of a decoding sequence, with snapshots)."""
-        rec, bs = self.records[seq.seq_id], self.block_size
+    def land(self, seq: Sequence, end: int, emits=()) -> list[SavedCheckpoint]:
+        """Full blocks become shareable; the checkpoints the segment emitted enter the catalog
+        (returned); with snapshots, a decoding sequence is checkpointed every `checkpoint_every`
+        tokens (by the next message)."""
+        rec, bs = self.records.get(seq.seq_id), self.block_size
+        if rec is None:
+            self.release_emits(emits)
+            return []
         while (len(rec.keys) + 1) * bs <= end:
             i = len(rec.keys)
             key = chain_key(rec.keys[-1] if rec.keys else rec.root, tokens_of(seq, i * bs, bs))
             if self.blocks.commit(rec.blocks[i], key) and self.snapshots:
                 self.ops.export_blocks.append(rec.blocks[i])
             rec.keys.append(key)
-        periodic = end % self.checkpoint_every == 0
-        if end == len(seq.prompt_ids) or (seq.in_prefill and periodic):
-            self.save(seq, end)
-        elif self.snapshots and periodic:
+        landed = self.land_emits(seq, emits)
+        if self.snapshots and end > len(seq.prompt_ids) and end % self.checkpoint_every == 0:
             self.save(seq, end, snapshot=True)
-
-    def save(self, seq: Sequence, length: int, snapshot: bool = False) -> None:
-        """A checkpoint of `seq` after `length` tokens. A `snapshot` (a decoding sequence's,
-        kept for recovery) supersedes its previous one once the message saving it lands; so does
-        its last state when it ends (unless that is the snapshot itself)."""
-        rec = self.records.get(seq.seq_id)
-        if self.prefix is None or rec is None or seq.slot is None or length < 1:
-            return
-        full, bs = length // self.block_size, self.block_size
-        tail = rec.blocks[full] if length % bs else None
-        if 0 < full <= len(rec.keys):
-            chain = rec.keys[full - 1]  # committed already
-        else:
-            chain = rec.root
-            for i in range(full):
-                chain = chain_key(chain, tokens_of(seq, i * bs, bs))
-        tail_tokens = tuple(tokens_of(seq, full * bs, length % bs))
-        cp, evicted = self.prefix.add(chain, tail_tokens, length, tail)
-        self._release_checkpoint(evicted)
-        if cp is None:
-            return
-        if tail is not None:
-            self.blocks.share(tail)
-        self.ops.saves.append((seq.slot, cp.ckpt))
-        self.ops.saved.append(
-            SavedCheckpoint(seq.seq_id, seq.request_id, seq.index, cp.ckpt, length)
-        )
-        if (old := self.snapshots_of.pop(seq.seq_id, None)) is not None:
-            self.ops.superseded.append(old)
-        if snapshot:
-            self.snapshots_of[seq.seq_id] = cp
-        if self.snapshots and tail is not None:  # its positions < length are final now
-            self.ops.export_blocks.append(tail)
-
-    def drop_superseded(self, superseded: tuple[Checkpoint, ...]) -> None:
-        """The message that saved their successors landed: older snapshots go (those still
-        there: one evicted meanwhile, its index maybe reused, is left alone)."""
-        for cp in superseded if self.prefix is not None else ():
-            self._release_checkpoint(self.prefix.supersede(cp))
-
-    def _release_checkpoint(self, cp: Checkpoint | None) -> None:
-        if cp is not None and cp.tail_block is not None:
-            self.blocks.free([cp.tail_block])
-
-    def keep_logprobs(self, saved: SavedCheckpoint, k: int, entries: list) -> None:
-        if self.prefix is not None:
-            self.prefix.keep_logprobs(saved.ckpt, saved.length, k, entries)
-
-    def next_stop(self, seq: Sequence, end: int) -> int:
-        """Where a prefill chunk ending at `end` should stop: at the next checkpoint inside it."""
-        if self.prefix is None or not seq.in_prefill:
-            return end
-        step = self.checkpoint_every
-        nxt = (seq.num_computed // step + 1) * step
-        return min(end, nxt) if nxt < len(seq.prompt_ids) else end
+        return landed
 
     # ---- the end of a sequence's state ------------------------------------------------------
     def release(self, seq: Sequence, forget: bool, ended: bool = False) -> None:
@@ -246,7 +208,9 @@ class KVCache:
         self.blocks.free(rec.blocks)
         gone = {b for b in rec.blocks if self.blocks.refs(b) == 0}
         self.ops.copies = [(s, d) for s, d in self.ops.copies if d not in gone]
-        if seq.slot is not None:  # a fork into its slot is moot
+        saving = {slot for slot, _ in self.ops.saves}
+        if seq.slot is not None and seq.slot not in saving:  # a fork into its slot is moot
+            # (unless its last state is saved from there: a fork applies before the saves)
             forks = [Fork(f.src, tuple(d for d in f.dsts if d != seq.slot)) for f in self.ops.forks]
             self.ops.forks = [f for f in forks if f.dsts]
         if forget or rec.sent:

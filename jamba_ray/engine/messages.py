@@ -34,6 +34,9 @@ class Segment:
     blocks: tuple[int, ...] = ()  # KV block table entries from `table_start` on (a delta)
     table_start: int = 0  # 0: `blocks` is the whole table (a new, resumed or replayed sequence)
     restore: int | None = None  # checkpoint restored into the slot first (a prefix-cache hit)
+    # (p, checkpoint): the Mamba state after p tokens (start < p <= end) is written into that
+    # checkpoint while the segment runs (prefix-cache checkpoints inside a prefill chunk)
+    emits: tuple[tuple[int, int], ...] = ()
 
     @property
     def end(self) -> int:
@@ -74,8 +77,9 @@ class SeqInfo:
 class StepMessage:
     """One micro-batch: tokens are packed in segment order. The state operations apply first, in
     this order: forgotten sequences, block copies, forks, checkpoint saves, exports; then the
-    segments. An export hands copies of the named checkpoints and full KV blocks to the driver
-    (recovery snapshots: a replacement stage imports them)."""
+    segments (each writing the checkpoints it `emits` as it runs). An export hands copies of
+    the named checkpoints and full KV blocks to the driver (recovery snapshots: a replacement
+    stage imports them)."""
 
     step_id: int
     segments: tuple[Segment, ...]

@@ -24,7 +24,7 @@ def segment(seq: Sequence, n: int, st: SegmentState) -> Segment:
     """Which logit rows a segment needs, who samples from it, and the block-table entries
     and checkpoint the stages need for it: decided here, once."""
     start, end = seq.num_computed, seq.num_computed + n
-    state = dict(blocks=st.blocks, table_start=st.table_start, restore=st.restore)
+    state = dict(blocks=st.blocks, table_start=st.table_start, restore=st.restore, emits=st.emits)
     if seq.pooling:
         logits = "score" if end >= len(seq.prompt_ids) else "none"
         return Segment(seq.seq_id, seq.slot, start, n, logits, **state)

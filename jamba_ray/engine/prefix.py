@@ -36,6 +36,12 @@ class Match:
     keys: list[Key]  # their chained keys
 
 
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    match: Match | None  # the checkpoint to resume from, if any
+    reach: int  # tokens in the cached full blocks the prompt begins with (at most len - 1)
+
+
 class PrefixCache:
     def __init__(self, blocks: BlockAllocator, num_checkpoints: int):
         self.blocks = blocks  # read only: lookups of cached full blocks
@@ -45,6 +51,8 @@ class PrefixCache:
         # checkpoint -> (k, prompt-logprob entries of positions 0..length): scoring resumes too
         self.logprobs: dict[int, tuple[int, list]] = {}
         self._pins: dict[int, int] = {}  # checkpoint -> restores not sent yet
+        # indices a message in flight emits into: neither matchable nor evictable until it lands
+        self._reserved: set[int] = set()
 
     @property
     def num_checkpoints(self) -> int:
@@ -57,6 +65,11 @@ class PrefixCache:
         """The longest usable checkpoint that leaves at least one token of `tokens` to run
         (the last prompt token's logits are what the first sample is drawn from); with
         `logprobs_k`, only one that kept the prompt logprobs (top-k) of the tokens it covers."""
+        return self.lookup(tokens, root, logprobs_k).match
+
+    def lookup(self, tokens: list[int], root: Key = UNSALTED, logprobs_k=None) -> Lookup:
+        """`match`, and how far the cached full blocks reach (a prefill emits a checkpoint there
+        when that is past the match: a junction later requests resume from)."""
         self.queries += len(tokens)
         bs, best = self.blocks.block_size, None
         keys = block_keys(tokens, bs, len(tokens) - 1, root)
@@ -71,7 +84,7 @@ class PrefixCache:
         if best is not None:
             self.hits += best.checkpoint.length
             self._lru.move_to_end(best.checkpoint.key)
-        return best
+        return Lookup(best, len(cached) * bs)
 
     def _best_tail(self, tokens, start, chain, cached, keys, best, logprobs_k) -> Match | None:
         limit = len(tokens) - 1
@@ -86,22 +99,57 @@ class PrefixCache:
         return best
 
     def add(
-        self, chain: Key, tail: tuple[int, ...], length: int, tail_block: int | None
+        self,
+        chain: Key,
+        tail: tuple[int, ...],
+        length: int,
+        tail_block: int | None,
+        reserved: int | None = None,
     ) -> tuple[Checkpoint | None, Checkpoint | None]:
-        """A new checkpoint (the stages fill its index from a slot) and the one evicted for it;
-        (None, None) when it exists already or every index is pinned. The caller holds
-        `tail_block` for the new one and releases the evicted one's."""
+        """A new checkpoint (the stages fill its index from a slot, or filled the `reserved` one
+        already) and the one evicted for it; (None, None) when it exists already (a reserved
+        index is then free again) or every index is pinned. The caller holds `tail_block` for
+        the new one and releases the evicted one's."""
+        if reserved is not None:
+            self._reserved.remove(reserved)
         if (chain, tail) in self._lru:
+            if reserved is not None:
+                self._free.append(reserved)
             return None, None
         evicted = None
-        if self._free:
-            ckpt = self._free.pop()
-        elif (evicted := self._evict()) is not None:
-            ckpt = evicted.ckpt
+        if reserved is not None:
+            ckpt = reserved
+        elif (got := self._take()) is not None:
+            ckpt, evicted = got
         else:
             return None, None
         cp = self._lru[(chain, tail)] = Checkpoint(ckpt, length, chain, tail, tail_block)
         return cp, evicted
+
+    def _take(self) -> tuple[int, Checkpoint | None] | None:
+        """A free index, or the least recently used unpinned checkpoint's (returned too)."""
+        if self._free:
+            return self._free.pop(), None
+        evicted = self._evict()
+        return None if evicted is None else (evicted.ckpt, evicted)
+
+    def reserve(self) -> tuple[int, Checkpoint | None] | None:
+        """An index for a checkpoint a segment emits, and the one evicted for it (the caller
+        releases its tail block); None when every index is pinned or reserved. It is neither
+        matchable nor evictable until `add` registers it (its message landed) or `unreserve`."""
+        got = self._take()
+        if got is not None:
+            self._reserved.add(got[0])
+        return got
+
+    def unreserve(self, ckpt: int) -> None:
+        """Its message failed: whatever a stage wrote there is not a checkpoint."""
+        self._reserved.remove(ckpt)
+        self._free.append(ckpt)
+
+    @property
+    def num_reserved(self) -> int:
+        return len(self._reserved)
 
     def held(self) -> tuple[set[int], set[int]]:
         """Indices of the live checkpoints, and the tail blocks they hold."""

@@ -112,7 +112,7 @@ class Scheduler:
         for s in sorted(seqs, key=_rank):
             if budget <= 0 or s.slot is None:
                 continue
-            end = self.kv.next_stop(s, s.num_computed + min(s.pending(), budget))
+            end = s.num_computed + min(s.pending(), budget)  # (checkpoints are emitted inside)
             have = len(self.kv.table(s.seq_id))
             end = min(end, (self.kv.available() + have) * self.kv.block_size)
             if end <= s.num_computed:  # no block to be had: one from a lower-ranked sequence
@@ -160,7 +160,7 @@ class Scheduler:
     def _build(self, chosen: list[tuple[Sequence, int]], in_flight: int) -> MicroBatch:
         segments, tokens, admitted = [], [], []
         for s, n in chosen:
-            segments.append(segment(s, n, self.kv.segment(s)))
+            segments.append(segment(s, n, self.kv.segment(s, s.num_computed + n)))
             tokens.extend(s.token(p) for p in range(s.num_computed, s.num_computed + n))
             admitted += [q.info() for q in (s, *s.forks) if not q.registered]
             for q in (s, *s.forks):
@@ -180,12 +180,15 @@ class Scheduler:
         return MicroBatch(msg, [s for s, _ in chosen], tokens, forked, ops)
 
     # ---- what a landed micro-batch changes ---------------------------------------------------
-    def landed(self, seq: Sequence, seg: Segment) -> None:
+    def landed(self, seq: Sequence, seg: Segment) -> list:
+        """Returns the checkpoints the segment emitted (SavedCheckpoint: prompt logprobs)."""
         seq.in_flight = False
         seq.num_computed = seg.end
         seq.suspect = seq.suspect and seq.in_prefill  # cleared once its known tokens ran
         if seq.slot is not None:
-            self.kv.land(seq, seg.end)
+            return self.kv.land(seq, seg.end, seg.emits)
+        self.kv.release_emits(seg.emits)
+        return []
 
     def append(self, seq: Sequence, token: int) -> None:
         seq.output_ids.append(token)
@@ -272,8 +275,11 @@ class Scheduler:
             self.preempt(s, count=False)
 
     def requeue(self, mb: MicroBatch) -> None:
-        """A failed message's forgotten ids go out again; its registrations are sent again."""
+        """A failed message's forgotten ids go out again; its registrations are sent again;
+        the checkpoint indices its segments would have emitted are free again."""
         self.kv.forget_again(mb.message.finished)
+        for seg in mb.message.segments:
+            self.kv.release_emits(seg.emits)
         for info in mb.message.admitted:
             self._unregister(info)
 

@@ -17,6 +17,7 @@ class SeqState:
     keys: list[Key] = field(default_factory=list)  # chained keys of its committed full blocks
     sent: int = 0  # table entries the stages already hold
     restore: int | None = None  # checkpoint to restore into the slot before its next segment
+    junction: int = 0  # where the cached full blocks of its prompt ended when it was admitted
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +31,7 @@ class SegmentState:
     blocks: tuple[int, ...]  # table entries from `table_start` on
     table_start: int
     restore: int | None
+    emits: tuple[tuple[int, int], ...] = ()  # (position, reserved checkpoint)
 
 
 def tokens_of(seq: Sequence, start: int, n: int) -> list[int]:

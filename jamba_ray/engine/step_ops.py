@@ -50,23 +50,25 @@ class StateOps:
 
 @dataclass(slots=True)
 class StepOpsBuilder:
-    exports_ckpts: bool = False  # recovery snapshots: each save is exported too
+    exports_ckpts: bool = False  # recovery snapshots: each save is exported too (with it)
     copies: list[tuple[int, int]] = field(default_factory=list)
     forks: list[Fork] = field(default_factory=list)
     saves: list[tuple[int, int]] = field(default_factory=list)
+    export_ckpts: list[int] = field(default_factory=list)  # emitted ones that landed
     export_blocks: list[int] = field(default_factory=list)
     forgotten: list[int] = field(default_factory=list)
     superseded: list[Checkpoint] = field(default_factory=list)
     saved: list[SavedCheckpoint] = field(default_factory=list)
 
     def seal(self) -> StateOps:
-        ckpts = tuple(c for _, c in self.saves) if self.exports_ckpts else ()
+        saved = [c for _, c in self.saves] if self.exports_ckpts else []
+        ckpts = tuple(dict.fromkeys(self.export_ckpts + saved))
         ops = StateOps(
             tuple(self.copies),
             tuple(self.forks),
             tuple(self.saves),
             ckpts,
-            tuple(self.export_blocks),
+            tuple(dict.fromkeys(self.export_blocks)),  # (one tail block may hold several)
             tuple(self.forgotten),
             tuple(self.superseded),
             tuple(self.saved),
@@ -82,6 +84,7 @@ class StepOpsBuilder:
         """Pending saves and exports go (what they would make is not trusted); copies, forks
         and forgotten ids stay: live sequences and the stages still need them."""
         self.saves, self.export_blocks, self.superseded, self.saved = [], [], [], []
+        self.export_ckpts = []
 
     def pending_ckpts(self) -> set[int]:
-        return {c for _, c in self.saves}
+        return {c for _, c in self.saves} | set(self.export_ckpts)

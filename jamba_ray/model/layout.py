@@ -19,6 +19,9 @@ class Chunk:
     n: int
     start: int
     blocks: torch.Tensor  # [ceil((start + n) / block_size)]
+    # (m, checkpoint): the Mamba state after the chunk's first m tokens (0 < m < n) goes there
+    # (one after all n is the slot's own final state: `StatePool.emit_ends` copies it)
+    emits: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +70,8 @@ class Layout:
                 own.append(table[: s.start // block_size + 1])
             else:
                 blocks = t(table[: -(-s.end // block_size)])
-                chunks.append(Chunk(s.slot, offset, s.length, s.start, blocks))
+                inside = tuple((p - s.start, c) for p, c in s.emits if p < s.end)
+                chunks.append(Chunk(s.slot, offset, s.length, s.start, blocks, inside))
             offset += s.length
         span = None
         if (

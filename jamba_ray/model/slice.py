@@ -93,7 +93,8 @@ class SliceModel(nn.Module):
             j = self.pool_index[name]
             normed = layer.input_layernorm(h)
             if isinstance(layer, JambaMambaDecoderLayer):
-                mixed = mamba_mix(layer.mamba, normed, lay, pool.conv[j], pool.ssm[j])
+                ckpt = (pool.ckpt_conv[j], pool.ckpt_ssm[j])
+                mixed = mamba_mix(layer.mamba, normed, lay, pool.conv[j], pool.ssm[j], *ckpt)
             else:
                 mixed = attend(layer.self_attn, normed, lay, pool.k[j], pool.v[j])
             h = h + mixed

@@ -5,7 +5,8 @@
 - KV: fixed-size blocks, `[n_attn, blocks, kv_heads, block_size, head_dim]`; a sequence's block
   table maps its positions to blocks. Slots and blocks are sized independently.
 The engine alone hands handles out and takes them back: the pool holds no ownership of its own.
-`apply` carries out what one step message does to this state; nothing else changes the tables.
+`apply` carries out what one step message does to this state before its layers run (nothing else
+changes the tables), `emit_ends` what it does after them.
 """
 
 from __future__ import annotations
@@ -75,6 +76,14 @@ class StatePool:
             self.restore(s.restore, s.slot)
         elif s.start == 0:
             self.start(s.slot)
+
+    def emit_ends(self, msg: StepMessage) -> None:
+        """After the layers ran: a checkpoint a segment emits at its end is its slot's state then
+        (the Mamba layers write those inside a chunk as they run)."""
+        for s in msg.segments:
+            for p, ckpt in s.emits:
+                if p == s.end:
+                    self.save(s.slot, ckpt)
 
     def check(self, slot: int, end: int, table: list[int]) -> None:
         if not 0 <= slot < self.shape.slots:

@@ -94,6 +94,7 @@ class Stage:
             out = self.graphs.run(msg, x, tables) if self.graphs is not None else None
             if out is None:  # not a decode-only micro-batch, or graphs are off
                 out = self.model(msg, x, self.pool, tables)
+            self.pool.emit_ends(msg)
             if self.sampling is not None:
                 out = self._result(msg, out)
         self._count(msg, t0, wall0)

@@ -154,14 +154,15 @@ def test_prompt_logprobs_cover_every_position_even_when_the_prefix_is_cached(tin
 
 
 def test_a_checkpoint_saved_by_a_message_that_failed_part_way_is_not_reused(tiny_ckpt):
-    """The last stage fails the message that also saves a checkpoint: the first stage saved it,
-    the last did not. Its request fails alone; the same prompt again must not resume from it."""
+    """The last stage fails the message that also makes a checkpoint (emitted inside its chunk):
+    the first stage wrote it, the last did not. Its request fails alone; the same prompt again
+    must not resume from it."""
     eng = core(tiny_ckpt, checkpoint_every=8, max_batched_tokens=8)
     last, failed = eng.pipeline.stages[1], []
     real = last.forward
 
     def forward(msg, x):
-        if msg.saves and not failed:
+        if (msg.saves or any(s.emits for s in msg.segments)) and not failed:
             failed.append(msg.step_id)
             raise RuntimeError("lost in the last stage")
         return real(msg, x)

@@ -141,20 +141,24 @@ def test_segments_carry_only_the_table_entries_the_stages_lack():
 
 def test_a_second_request_with_the_same_prefix_resumes_from_its_checkpoint():
     s = sched(blocks=32, every=4)
-    prompt = list(range(1, 11))  # checkpoints every 4 tokens inside the prompt and at its end
+    prompt = list(range(1, 11))
     a = seq(0, prompt)
     s.add(a)
-    for _ in range(3):  # chunks stop at 4, 8, then the end of the prompt
-        land(s, s.schedule())
-    assert a.num_computed == 10 and s.kv.prefix.num_checkpoints == 3
+    mb = s.schedule()  # one chunk, emitting every 4 tokens, after 9 (all but the last) and 10
+    emits = dict(mb.message.segments[0].emits)  # position -> its reserved index
+    assert sorted(emits) == [4, 8, 9, 10]
+    assert s.kv.prefix.num_checkpoints == 0 and not mb.message.saves  # not before it lands
+    land(s, mb)
+    assert a.num_computed == 10 and s.kv.prefix.num_checkpoints == 4
     b = seq(1, prompt[:9] + [99, 98])
     s.add(b)
     mb = s.schedule()
     resumed = next(g for g in mb.message.segments if g.seq_id == 1)
-    assert (resumed.start, resumed.restore, resumed.table_start) == (8, 1, 0)
+    assert (resumed.start, resumed.restore, resumed.table_start) == (9, emits[9], 0)
     shared = tuple(s.kv.table(a.seq_id)[:2])
-    assert b.num_cached == 8 and resumed.blocks[:2] == shared  # shared, not copied
-    assert mb.message.saves  # a's end-of-prompt state is kept once it lands
+    assert b.num_cached == 9 and resumed.blocks[:2] == shared  # shared, not copied
+    assert (s.kv.table(a.seq_id)[2], resumed.blocks[2]) in mb.message.copies  # the tail: copied
+    assert [p for p, _ in resumed.emits] == [10, 11]
 
 
 def test_when_blocks_run_out_the_youngest_sequence_is_preempted_and_recomputed_later():
@@ -187,12 +191,13 @@ def snap_sched(blocks=32, checkpoints=8, every=4) -> Scheduler:
 
 def test_with_snapshots_each_full_block_and_checkpoint_is_exported_as_it_is_made():
     s = snap_sched()
-    a = seq(0, range(1, 7))  # 6 tokens: one full block, a checkpoint at 4 and at the prompt's end
+    a = seq(0, range(1, 7))  # 6 tokens: one full block, checkpoints emitted at 4, 5 and 6
     s.add(a)
-    land(s, s.schedule())  # the chunk stops at the checkpoint: 4 tokens, block 0 full
-    mb = s.schedule()
-    assert mb.message.export_blocks == (s.kv.table(a.seq_id)[0],)
-    assert mb.message.export_ckpts == tuple(c for _, c in mb.message.saves) and mb.message.saves
+    land(s, s.schedule())  # block 0 full; the checkpoints at 5 and 6 hold block 1
+    mb = s.schedule()  # (the emitted checkpoints are exported by the next message)
+    assert mb.message.export_blocks == tuple(s.kv.table(a.seq_id)[:2])
+    assert sorted(mb.message.export_ckpts) == sorted(s.kv.prefix.held()[0])
+    assert len(mb.message.export_ckpts) == 3 and not mb.message.saves
     land(s, mb)
     exported = [mb.message.export_blocks]
     for _ in range(8):  # decode: each block once as it fills, nothing in between
@@ -200,7 +205,7 @@ def test_with_snapshots_each_full_block_and_checkpoint_is_exported_as_it_is_made
         exported.append(mb.message.export_blocks)
         land(s, mb)
     flat = [b for e in exported for b in e]
-    # block 1 also with the end-of-prompt checkpoint at 6, whose tail it holds
+    # block 1 first with the checkpoints at 5 and 6, whose tail it holds
     table = s.kv.table(a.seq_id)
     assert flat == [table[0], table[1], *table[1 : a.num_computed // 4]]
 
@@ -210,15 +215,15 @@ def test_a_checkpoint_inside_a_block_exports_that_partial_block_with_it():
     s = snap_sched()
     a = seq(0, range(1, 7))  # the prompt ends at 6, inside its second block
     s.add(a)
-    land(s, s.schedule())
-    land(s, s.schedule())
-    mb = s.schedule()  # saves the end-of-prompt checkpoint
-    assert mb.message.saves and s.kv.table(a.seq_id)[1] in mb.message.export_blocks
+    land(s, s.schedule())  # emits the end-of-prompt checkpoint
+    mb = s.schedule()
+    (end,) = [cp.ckpt for cp in s.kv.prefix.checkpoints() if cp.length == 6]
+    assert end in mb.message.export_ckpts and s.kv.table(a.seq_id)[1] in mb.message.export_blocks
 
 
 def test_a_decoding_sequence_keeps_one_snapshot_the_older_goes_once_the_newer_lands():
     s = snap_sched(every=4)
-    a = seq(0, range(1, 4))  # 3-token prompt: its end is checkpointed; decode snapshots at 4, 8
+    a = seq(0, range(1, 4))  # 3-token prompt: checkpoints at 2 and 3; decode snapshots at 4, 8
     s.add(a)
     land(s, s.schedule())
     cache = s.kv.prefix
@@ -228,17 +233,17 @@ def test_a_decoding_sequence_keeps_one_snapshot_the_older_goes_once_the_newer_la
         land(s, mb)
         s.kv.drop_superseded(mb.ops.superseded)  # (the engine does this when a message lands)
         lengths.append(sorted(cp.length for cp in cache.checkpoints()))
-    # the prompt's end stays (prefix reuse); of the snapshots only the newest remains
-    assert lengths[-1] == [3, 8] and [3, 4] in lengths and [3, 4, 8] in lengths
+    # the prompt's stay (prefix reuse); of the snapshots only the newest remains
+    assert lengths[-1] == [2, 3, 8] and [2, 3, 4] in lengths and [2, 3, 4, 8] in lengths
     assert s.kv.snapshot(a.seq_id).length == 8
 
 
 def test_what_a_failed_message_exported_is_forgotten_after_a_replacement():
     s = snap_sched(every=4)
-    a = seq(0, range(1, 10))  # 9 tokens: checkpoints at 4, 8 and 9
+    a = seq(0, range(1, 10))  # 9 tokens: checkpoints emitted at 4, 8 and 9
     s.add(a)
-    land(s, s.schedule())  # 0..4
-    failed = s.schedule()  # 4..8: saves the checkpoint at 4, exports block 0
+    land(s, s.schedule())  # 0..9
+    failed = s.schedule()  # exports them and blocks 0, 1 and 2
     assert failed.message.export_ckpts and failed.message.export_blocks
     s.kv.forget_unexported([failed.message])
     assert s.kv.prefix.num_checkpoints == 0 and s.kv.blocks.num_cached == 0
@@ -275,7 +280,7 @@ def test_a_sequence_ending_on_a_snapshot_keeps_it_as_its_final_state():
         s.kv.drop_superseded(mb.ops.superseded)
     s.finish(a, "stop")  # its last state is the snapshot at 8: that one stays
     assert [cp.length for cp in s.kv.ops.superseded] == [4]  # (the one 8 replaced, still to go)
-    assert sorted(cp.length for cp in s.kv.prefix.checkpoints()) == [3, 4, 8]
+    assert sorted(cp.length for cp in s.kv.prefix.checkpoints()) == [2, 3, 4, 8]
 
 
 def test_a_checkpoint_waiting_to_be_restored_is_not_evicted_for_another():

@@ -111,7 +111,7 @@ def test_forks_share_the_prompts_blocks_and_sample_as_before(tiny_ckpt):
     eng.add_request("forked", SYSTEM, params, sink)
     eng.step()  # admitted: three slots; the forks hold one block each for their copied tail
     held = eng.stats_local()["kv_blocks_in_use"]
-    assert held == 2 + 2  # the first chunk (up to the checkpoint at 6) took 2; 2 reserved
+    assert held == 2 + 2  # the first chunk (7 tokens, the budget) took 2; 2 reserved
     while eng.has_work():
         eng.step()
     single = run(core(tiny_ckpt, enable_prefix_caching=False), [SYSTEM], GREEDY)[0][0]
@@ -146,3 +146,69 @@ def test_rows_that_share_an_instruction_compute_it_once(tiny_ckpt):
         assert len(a["token_logprobs"]) == len(b["token_logprobs"]) == len(SYSTEM) + 3
         assert a["token_logprobs"] == pytest.approx(b["token_logprobs"], abs=1e-5)
     assert cached.stats()["prefix_cache_hits"] - before == 3 * 36  # rows 2-4 resumed at 36
+
+
+# ---- checkpoints emitted inside full-size chunks ----------------------------------------------
+def llms(path, **kw):
+    """A warm LLM and a cold one (prefix caching off: the oracle), stages in-process."""
+    from jamba_ray.engine.llm import LLM
+
+    base = dict(num_stages=2, backend="local", max_num_seqs=4, max_model_len=400, **kw)
+    return LLM(path, **base), LLM(path, enable_prefix_caching=False, **base)
+
+
+def answer(out):
+    o = out.outputs[0]
+    return o.token_ids, [d[t] for t, d in zip(o.token_ids, o.logprobs)]
+
+
+def test_an_exact_repeat_resumes_one_token_short_of_its_end(tiny_ckpt):
+    """The prefill emitted a checkpoint after all but the prompt's last token (39: inside a
+    block): a repeat runs that token alone, for its logits, and answers as a cold run."""
+    warm, cold = llms(tiny_ckpt, block_size=4, checkpoint_every=16)
+    prompt = SYSTEM + [301, 302]  # 40 tokens
+    first, again = warm.generate([prompt], GREEDY), warm.generate([prompt], GREEDY)
+    (want,) = cold.generate([prompt], GREEDY)
+    assert [first[0].num_cached_tokens, again[0].num_cached_tokens] == [0, len(prompt) - 1]
+    for got in (first[0], again[0]):
+        assert_same(answer(got), answer(want))
+    # with prompt logprobs: the checkpoint kept those of the positions it covers (all of them)
+    scored = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=1)
+    prompt = SYSTEM + [303, 304]
+    first, again = (warm.generate([prompt], scored)[0] for _ in range(2))
+    assert again.num_cached_tokens == len(prompt) - 1
+    assert len(again.prompt_logprobs) == len(first.prompt_logprobs) == len(prompt)
+    for a, b in zip(first.prompt_logprobs[1:], again.prompt_logprobs[1:]):
+        assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], abs=1e-5) for k in a)
+
+
+def test_requests_sharing_a_prefix_resume_at_its_last_shared_block_from_the_third_on(tiny_ckpt):
+    """A 300-token prefix, 16-token blocks, the default checkpoint every 256: the second request
+    resumes at 256 and, its cached full blocks reaching 288 (18 blocks), emits a checkpoint
+    there (a junction); the third resumes at 288. All answer as cold runs."""
+    warm, cold = llms(tiny_ckpt, block_size=16)
+    shared = [1] + [(13 * i) % 400 + 20 for i in range(299)]
+    prompts = [shared + [430 + i, 440 + i] for i in range(3)]
+    got = [warm.generate([p], GREEDY)[0] for p in prompts]
+    assert [o.num_cached_tokens for o in got] == [0, 256, 288]
+    for o, want in zip(got, cold.generate(prompts, GREEDY)):
+        assert_same(answer(o), answer(want))
+
+
+def test_a_long_prompt_runs_in_as_many_micro_batches_as_the_token_budget_needs(tiny_ckpt):
+    """100 tokens, a budget of 32, a checkpoint every 8: 4 micro-batches (not 13, one per
+    checkpoint), and a repeat resumes from the checkpoint after 99 they emitted."""
+    eng = core(tiny_ckpt, stages=1, max_batched_tokens=32, checkpoint_every=8)
+    prompt = [1] + list(range(100, 199))
+    steps, first = 0, []
+    eng.add_request("long", prompt, GREEDY, lambda out: first.extend(out.outputs[0].token_ids))
+    while not first:
+        eng.step()
+        steps += 1
+    assert steps == 4
+    while eng.has_work():
+        eng.step()
+    before = eng.stats_local()["prefix_cache_hits"]
+    run(eng, [prompt])
+    assert eng.stats_local()["prefix_cache_hits"] - before == 99
+    assert_nothing_leaked(eng)

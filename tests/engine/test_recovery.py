@@ -175,9 +175,10 @@ def test_a_replacement_killed_while_it_loads_is_replaced_again_and_resumes_from_
     clean, disturbed, started, before, stats = run(go())
     assert_replay_like_clean(clean, disturbed)
     assert started == [True, True] and stats["slots_in_use"] == 0
-    # the prompt's 3 tokens past the clean run's checkpoint at 16, then at most two snapshot
+    # the replay only: the prompt's last token past the clean run's checkpoint at 18 (all but
+    # its last) ran as a one-token segment (not a prefill one); then at most two snapshot
     # periods again (the newest snapshot's save may ride in the failed message), not all ~49
-    assert 3 < stats["stages"][0]["prefill_tokens"] - before <= 3 + 16
+    assert 0 < stats["stages"][0]["prefill_tokens"] - before <= 16
 
 
 def test_a_replay_with_prompt_logprobs_and_forks_samples_only_at_the_end_of_known_tokens(
@@ -326,19 +327,20 @@ def test_a_stage_killed_with_a_warm_prefix_cache_resumes_from_snapshots_or_repla
             eng.shutdown()
 
     clean, disturbed, warm, stats = run(go())
-    assert warm["prefix_cache_hits"] >= 24 and stats["stage_restarts"] == 1
+    # the first request emitted a checkpoint after all but its last token: all of `shared`
+    assert warm["prefix_cache_hits"] == 26 and stats["stage_restarts"] == 1
     assert_replay_like_clean(clean, disturbed)
     assert len(clean[0]) == 64 and stats["slots_in_use"] == 0
     assert stats["kv_blocks_in_use"] == stats["kv_blocks_held_by_checkpoints"]
     hits = stats["prefix_cache_hits"] - warm["prefix_cache_hits"]
-    # tokens the healthy first stage re-ran as chunks for the replay (the prompt's 3 beyond its
-    # cached 24 ran once before the kill)
-    replayed = stats["stages"][0]["prefill_tokens"] - warm["stages"][0]["prefill_tokens"] - 3
+    # tokens the healthy first stage re-ran as chunks for the replay (the prompt's 1 beyond its
+    # cached 26 ran before the kill as a one-token segment: not a prefill one)
+    replayed = stats["stages"][0]["prefill_tokens"] - warm["stages"][0]["prefill_tokens"]
     if snapshots:  # killed ~30 tokens in (~57): back to a snapshot within two periods of 8 (the
         # newest one's save may ride in the failed message)
-        assert hits - 24 >= 40 and 0 < replayed <= 16
+        assert hits - 26 >= 40 and 0 < replayed <= 16
     else:  # the whole sequence again (its prompt and the ~30 tokens sampled)
-        assert hits == 24 and replayed >= 26 + 30
+        assert hits == 26 and replayed >= 26 + 30
 
 
 def test_a_second_stage_dying_while_the_first_is_replaced_is_replaced_too(tiny_ckpt, ray_session):

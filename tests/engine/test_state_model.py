@@ -2,13 +2,16 @@
 against a simulated stage that applies every StepMessage as the stages do.
 
 The simulated stage keeps, per KV block, which token each position holds, per slot and per
-checkpoint which token prefix its Mamba state has seen, and what the driver holds as exported
-snapshots. Every segment it applies is checked the way a real stage would get it wrong: the slot's
-state must be the sequence's tokens before `start`, every KV position before `start` must hold the
-sequence's token, and no block it writes may be in another live sequence's table. After every
-rule the bookkeeping is checked: refcounts equal holders, every block is free, cached or held,
-slots and records belong to live sequences only, pending copies target private blocks; once every
-request has ended, the blocks in use are exactly those checkpoints hold.
+checkpoint which token prefix its Mamba state has seen (a segment's emits write the prefix up to
+their position as it runs), and what the driver holds as exported snapshots. Every segment it
+applies is checked the way a real stage would get it wrong: the slot's state must be the
+sequence's tokens before `start`, every KV position before `start` must hold the sequence's token,
+no block it writes may be in another live sequence's table, and no checkpoint it emits into may be
+in the catalog or restored by the same message. After every rule the bookkeeping is checked:
+refcounts equal holders, every block is free, cached or held, slots and records belong to live
+sequences only, pending copies target private blocks, every catalogued checkpoint holds exactly the
+tokens its key names; once every request has ended, the blocks in use are exactly those
+checkpoints hold.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from jamba_ray.config.engine_config import SchedulerConfig
+from jamba_ray.engine.blocks import UNSALTED, block_keys, root_key
 from jamba_ray.engine.kv_cache import KVCache
 from jamba_ray.engine.messages import StepFailure
 from jamba_ray.engine.recovery import Recovery, Replaced
@@ -70,6 +74,11 @@ class Stage:
             {c: self.ckpts.get(c) for c in msg.export_ckpts},
             {b: list(self.block(b)) for b in msg.export_blocks},
         )
+        emitted = [c for seg in msg.segments for _, c in seg.emits]
+        assert len(set(emitted)) == len(emitted), "two emits into one checkpoint"
+        catalog = kv.prefix.held()[0] if kv.prefix is not None else set()
+        assert not set(emitted) & catalog, "an emit into a checkpoint others may restore"
+        assert not {s.restore for s in msg.segments} & set(emitted), "restore of an emit"
         for seg, seq in zip(msg.segments, seqs):
             table = self.tables.get(seg.seq_id, [])[: seg.table_start] + list(seg.blocks)
             self.tables[seg.seq_id] = table
@@ -91,6 +100,9 @@ class Stage:
             assert b not in others, f"block {b} is written by two live sequences"
             assert not kv.blocks.committed(b), f"committed block {b} written"
             self.block(b)[p % BS] = GARBAGE if failed else tokens[p]
+        for p, c in seg.emits:  # the state after p tokens, written while the segment runs
+            assert seg.start < p <= seg.end, f"emit at {p} outside ({seg.start}, {seg.end}]"
+            self.ckpts[c] = (GARBAGE,) if failed else tuple(tokens[:p])
         self.slots[seg.slot] = (GARBAGE,) if failed else tuple(tokens[: seg.end])
 
     def replace(self, trusted) -> bool:
@@ -195,6 +207,8 @@ class StateModel(RuleBasedStateMachine):
                 if p // BS < len(table):
                     self.stage.block(table[p // BS])[p % BS] = GARBAGE
             self.stage.slots[seg.slot] = (GARBAGE,)
+            for _, c in seg.emits:  # (a stage may have written some of them)
+                self.stage.ckpts[c] = (GARBAGE,)
             seq.in_flight = False
         self.sched.requeue(mb)
         self.recovery.failed(mb, StepFailure("planted"))
@@ -287,15 +301,38 @@ class StateModel(RuleBasedStateMachine):
             table = self.kv.records[s.seq_id].blocks
             for b in table[s.num_computed // BS :]:  # where it writes next
                 assert owners[b] == 1 and not self.kv.blocks.committed(b)
+        # a pending copy's target: one sequence's, or (once that one ended) only held by the
+        # checkpoints of its last state, whose tokens this copy brings
+        prefix = self.kv.prefix
+        tails = Counter(cp.tail_block for cp in prefix.checkpoints()) if prefix else Counter()
         for _, dst in self.kv.ops.copies:
-            assert owners[dst] == 1 and self.kv.blocks.refs(dst) == 1
+            refs = self.kv.blocks.refs(dst)
+            assert owners[dst] <= 1 and 0 < refs == owners[dst] + tails[dst]
+
+    @invariant()
+    def catalogued_checkpoints_hold_the_state_after_their_tokens(self):
+        """Every checkpoint a sequence may resume from holds the prefix its key names (those
+        whose save has not gone out yet excepted)."""
+        if not hasattr(self, "kv") or self.kv.prefix is None:
+            return
+        pending = {c for _, c in self.kv.ops.saves}
+        roots = (UNSALTED, root_key("tenant"))
+        for cp in self.kv.prefix.checkpoints():
+            if cp.ckpt in pending:
+                continue
+            state = self.stage.ckpts.get(cp.ckpt)
+            assert state is not None and GARBAGE not in state, f"checkpoint {cp} holds {state}"
+            full = cp.length // BS * BS
+            assert len(state) == cp.length and state[full:] == cp.tail, f"{cp}: {state}"
+            chains = [(block_keys(list(state[:full]), BS, root=r) or [r])[-1] for r in roots]
+            assert cp.chain in chains, f"checkpoint {cp.ckpt} holds other tokens: {state}"
 
     def idle_baseline(self):
         prefix = self.kv.prefix
         tails = prefix.held()[1] if prefix else set()
         assert not self.kv.records and self.sched.slots.num_used == 0
         assert self.kv.blocks.num_used == len(tails), "blocks in use beyond checkpoint tails"
-        assert prefix is None or not prefix._pins
+        assert prefix is None or not prefix._pins and not prefix.num_reserved
         assert not self.kv.snapshots_of or all(s.finished for s in self.seqs)
 
     def teardown(self):

@@ -22,6 +22,7 @@ from tests.conftest import seg, stage_logits, stage_spec  # noqa: E402
 
 BOUNDS = [(0, 3), (3, 6)]  # each stage holds an attention layer and Mamba layers
 MAX_LEN = 64
+CLOSE = dict(atol=1e-5, rtol=1e-5)  # fp32, summation order only
 
 
 def pipeline(path, graphs=False):
@@ -86,3 +87,31 @@ def test_prefill_chunks_through_the_varlen_scan_kernel_match_the_torch_path(tiny
         torch.testing.assert_close(
             b.pool.ssm[:, [4, 0, 2]], a.pool.ssm[:, [4, 0, 2]], atol=1e-5, rtol=1e-5
         )
+
+
+def test_checkpoints_emitted_inside_chunks_by_the_varlen_kernel_match_the_torch_path(
+    tiny_ckpt, monkeypatch
+):
+    """Two chunks in one launch, each emitting mid-chunk (the second at its first token too) and
+    at its end: the kernel's states land in the checkpoint pool as the torch path's do."""
+    from dataclasses import replace
+
+    def stages():
+        return [
+            Stage(stage_spec(tiny_ckpt, i, a, b, len(BOUNDS), 6, MAX_LEN, checkpoints=6))
+            for i, (a, b) in enumerate(BOUNDS)
+        ]
+
+    torch_path, kernel_path = stages(), stages()
+    a = replace(seg(4, 4, 0, 9, max_len=MAX_LEN), emits=((3, 0), (9, 1)))
+    b = replace(seg(2, 2, 0, 6, max_len=MAX_LEN), emits=((1, 2), (4, 3), (6, 4)))
+    msg = StepMessage(0, (a, b))
+    flat = [1, 5, 9, 200, 3, 77, 12, 8, 9] + [1, 250, 7, 9, 10, 11]
+    stage_logits(torch_path, msg, flat)
+    with monkeypatch.context() as m:
+        m.setattr(kernels, "enabled_for", lambda t: True)
+        stage_logits(kernel_path, msg, flat)
+    for t, k in zip(torch_path, kernel_path):
+        torch.testing.assert_close(k.pool.ckpt_ssm[:, :5], t.pool.ckpt_ssm[:, :5], **CLOSE)
+        torch.testing.assert_close(k.pool.ckpt_conv[:, :5], t.pool.ckpt_conv[:, :5], **CLOSE)
+        assert t.pool.ckpt_ssm[:, :5].abs().sum(dim=(0, 2, 3)).min() > 0  # all five written
