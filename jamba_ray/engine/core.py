@@ -74,9 +74,7 @@ class EngineCore:
         self.scheduler = Scheduler(
             config.scheduler.on(config.device), cap.max_num_seqs, self.kv, len(self.plans)
         )
-        self.outputs = OutputProcessor(
-            self.tokenizer, self.spec.eos_token_id, self.capacity.max_model_len
-        )
+        self.outputs = OutputProcessor(self.tokenizer, self.spec.eos_token_id, cap.max_model_len)
         self.recovery = Recovery(config.recovery.max_stage_restarts)
         self.in_flight: deque[MicroBatch] = deque()
         self._next_seq = 0

@@ -101,20 +101,21 @@ def test_seeded_sampling_is_reproducible_across_batch_compositions(engine):
     assert len(runs) > 1
 
 
+FRESH = [2, 251, 252, 253]  # no other prompt shares its first token: nothing to resume from
+
+
 def test_n_samples_fork_the_state_after_one_prefill(engine, tiny_ckpt):
     eng, loop = engine
     before = loop.run_until_complete(eng.stats())
     outs = merged(
         loop.run_until_complete(
-            collect(
-                eng, PROMPTS[3], SamplingParams(n=3, max_tokens=8, temperature=0, ignore_eos=True)
-            )
+            collect(eng, FRESH, SamplingParams(n=3, max_tokens=8, temperature=0, ignore_eos=True))
         )
     )
     after = loop.run_until_complete(eng.stats())
     assert len(outs) == 3
     for o in outs:  # three greedy samples of one prompt: each is HF's greedy run
-        assert_greedy_like_hf(tiny_ckpt, PROMPTS[3], o["tokens"])
+        assert_greedy_like_hf(tiny_ckpt, FRESH, o["tokens"])
     for b, a in zip(before["stages"], after["stages"]):
         assert a["prefill_segments"] - b["prefill_segments"] == 1  # the prompt ran once per stage
     assert after["forks"] - before["forks"] == 2
