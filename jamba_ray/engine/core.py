@@ -31,6 +31,7 @@ from .recovery import trusted as recovery_trusted
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence
+from .tier_link import attach_tier
 from .tokenizer import encode_prompt, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -76,9 +77,9 @@ class EngineCore:
             self.tokenizer, self.spec.eos_token_id, self.capacity.max_model_len
         )
         self.recovery = Recovery(config.recovery.max_stage_restarts)
-        self.in_flight: deque[MicroBatch] = deque()
-        self._next_seq = 0
+        self.in_flight, self._next_seq = deque[MicroBatch](), 0
         self.counters = {"forks": 0, "stage_restarts": 0, "isolated_failures": 0}
+        self.tier = attach_tier(self)  # (None unless state.prefix_tier)
 
     # ---- requests ----------------------------------------------------------------------------
     def add_request(
@@ -292,6 +293,7 @@ class EngineCore:
             "in_flight_micro_batches": len(self.in_flight),
             **self.outputs.counters,
             **self.counters,
+            **(self.tier.stats() if self.tier is not None else {}),
         }
 
     def shutdown(self) -> None:

@@ -28,8 +28,8 @@ class KVCache:
         self.blocks = BlockAllocator(num_blocks, block_size)
         self.prefix = PrefixCache(self.blocks, num_checkpoints) if num_checkpoints else None
         self.block_size, self.checkpoint_every = block_size, checkpoint_every
-        # Recovery snapshots: every checkpoint and full block is exported as it is made, and
-        # decoding sequences are checkpointed every `checkpoint_every` tokens too.
+        # Exports (recovery snapshots; a prefix tier, `tier_link.py`): every checkpoint and full
+        # block as made; snapshots also checkpoint decoding sequences every `checkpoint_every`.
         self.snapshots = snapshots and self.prefix is not None
         self.ops = StepOpsBuilder(exports_ckpts=self.snapshots)
         self.records: dict[int, SeqState] = {}
@@ -167,7 +167,7 @@ class KVCache:
         while (len(rec.keys) + 1) * bs <= end:
             i = len(rec.keys)
             key = chain_key(rec.keys[-1] if rec.keys else rec.root, tokens_of(seq, i * bs, bs))
-            if self.blocks.commit(rec.blocks[i], key) and self.snapshots:
+            if self.blocks.commit(rec.blocks[i], key) and self.ops.exports_ckpts:
                 self.ops.export_blocks.append(rec.blocks[i])
             rec.keys.append(key)
         periodic = end % self.checkpoint_every == 0
@@ -206,7 +206,7 @@ class KVCache:
             self.ops.superseded.append(old)
         if snapshot:
             self.snapshots_of[seq.seq_id] = cp
-        if self.snapshots and tail is not None:  # its positions < length are final now
+        if self.ops.exports_ckpts and tail is not None:  # positions < length are final now
             self.ops.export_blocks.append(tail)
 
     def drop_superseded(self, superseded: tuple[Checkpoint, ...]) -> None:
@@ -297,4 +297,3 @@ class KVCache:
         for b in blocks:
             self.blocks.uncommit(b)
         self.ops.drop_checkpoints()
-

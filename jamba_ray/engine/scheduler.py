@@ -30,6 +30,7 @@ class Scheduler:
         self.preempted: list[Sequence] = []  # since the engine looked (prompt logprobs restart)
         self.num_preemptions = 0
         self._step = 0
+        self.tier = None  # a prefix tier's link (`tier_link.TierLink`): imports at admission
 
     @property
     def num_waiting(self) -> int:
@@ -67,6 +68,8 @@ class Scheduler:
             seq.slot, *fork_slots = self.slots.allocate(1 + len(seq.forks))
             for fork, slot in zip(seq.forks, fork_slots):
                 fork.slot = slot
+            if self.tier is not None:
+                self.tier.import_prefix(seq)
             wants = wants_prompt_logprobs(seq)  # (those resume only where the logprobs were kept)
             hit = self.kv.admit(seq, seq.forks, seq.params.prompt_logprobs if wants else None)
             if hit is not None:
