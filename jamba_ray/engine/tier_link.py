@@ -153,6 +153,12 @@ def _local_length(kv, tokens: list[int], root: Key) -> int:
 def _import(kv, client: PrefixTier, hit, keys: list[Key], room_for: int) -> bool:
     """Take room, have the stages import the hit, then file it here; False (nothing kept) if
     there is no room or an import failed."""
+    stale = [cp for cp in kv.prefix.checkpoints() if cp.key == (hit.chain, hit.tail)]
+    if stale:  # here, but some of its blocks were evicted: it is replaced by the import
+        if kv.prefix.pinned(stale[0].ckpt):
+            return False
+        for cp in kv.prefix.discard({stale[0].ckpt}):
+            kv._release_checkpoint(cp)
     missing = [i for i, k in enumerate(keys) if kv.blocks.lookup(k) is None]
     for k in keys:  # hold the cached ones while room is made
         if (b := kv.blocks.lookup(k)) is not None:
