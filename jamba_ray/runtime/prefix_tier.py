@@ -45,35 +45,37 @@ class PrefixTierStore:
 
     def publish(self, pub: Publication, exports: list[list]) -> int:
         """`exports[stage][item]`: refs to a landed step's exports (borrowed from the publishing
-        driver); those `pub` names and this tier lacks are fetched and filed. Returns how many."""
-        filed = 0
-        for item, key in pub.blocks:
-            if not self.index.has_block(key):
-                parts = self._own([stage[item] for stage in exports])
-                filed += parts is not None
-                if parts is not None:
-                    self.index.put_block(key, sum(n for n, _ in parts), [r for _, r in parts])
-        for c in pub.checkpoints:
-            if self.index.has_checkpoint(c.chain, c.tail):
-                continue
-            ckpt = self._own([stage[c.item] for stage in exports])
-            tail = self._own([s[c.tail_item] for s in exports]) if c.tail_item is not None else []
-            if ckpt is None or tail is None:
-                continue
+        driver); those `pub` names and this tier lacks are fetched (at once) and filed. Returns
+        how many were filed."""
+        blocks = [(i, k) for i, k in pub.blocks if not self.index.has_block(k)]
+        ckpts = [c for c in pub.checkpoints if not self.index.has_checkpoint(c.chain, c.tail)]
+        tails = {c.tail_item for c in ckpts if c.tail_item is not None}
+        owned = self._own(exports, sorted({i for i, _ in blocks} | {c.item for c in ckpts} | tails))
+        if owned is None:
+            return 0
+        for item, key in blocks:
+            parts = owned[item]
+            self.index.put_block(key, sum(n for n, _ in parts), [r for _, r in parts])
+        for c in ckpts:
+            ckpt, tail = owned[c.item], owned[c.tail_item] if c.tail_item is not None else []
             value = {"ckpt": [r for _, r in ckpt], "tail": [r for _, r in tail] or None}
-            nbytes = sum(n for n, _ in ckpt + tail)
-            self.index.put_checkpoint(c.chain, c.tail, c.length, nbytes, value)
-            filed += 1
-        return filed
+            self.index.put_checkpoint(
+                c.chain, c.tail, c.length, sum(n for n, _ in ckpt + tail), value
+            )
+        return len(blocks) + len(ckpts)
 
-    def _own(self, refs: list) -> list[tuple[int, object]] | None:
-        """(bytes, a ref this actor owns) per stage; None if one was lost."""
+    def _own(self, exports: list[list], items: list[int]) -> dict[int, list] | None:
+        """item -> (bytes, a ref this actor owns) per stage; None if one was lost."""
         try:
-            values = ray.get(refs)
+            values = ray.get([stage[i] for i in items for stage in exports])
         except ray.exceptions.RayError as e:
             log.warning("a published export was lost: %s", e)
             return None
-        return [(_nbytes(v), ray.put(v)) for v in values]
+        n = len(exports)
+        return {
+            item: [(_nbytes(v), ray.put(v)) for v in values[k * n : (k + 1) * n]]
+            for k, item in enumerate(items)
+        }
 
     def lookup(self, root, keys, tokens, longer_than: int) -> TierHit | None:
         found = self.index.lookup(root, keys, tokens, longer_than)
