@@ -47,6 +47,8 @@ class TierLink:
             return
         root = root_key(getattr(seq.params, "cache_salt", None))
         tokens = seq.prompt_ids + seq.output_ids
+        if len(tokens) - 1 < self.min_tokens:  # (too short to hash)
+            return
         local = _local_length(kv, tokens, root)
         if len(tokens) - 1 - local < self.min_tokens:
             return
