@@ -64,11 +64,18 @@ class StateConfig:
     # GPU stages: this fraction of the device, less weights and a measured activation peak, is the
     # budget instead of state_memory_gib (vLLM's name; None: the stated budget)
     gpu_memory_utilization: float | None = None
+    # The cluster prefix tier (Ray backend): checkpoints and their KV blocks published to a
+    # detached actor that outlives replicas, imported on a local miss. Off by default: it keeps
+    # up to prefix_tier_bytes of host memory in the cluster after this engine is gone.
+    prefix_tier: bool = False
+    prefix_tier_bytes: int = 2 * 2**30
+    prefix_tier_min_tokens: int = 64  # least tokens an import must save (docs: cost model)
 
     def __post_init__(self) -> None:
         if self.state_memory_gib <= 0:
             raise ConfigError(f"state_memory_gib must be positive, got {self.state_memory_gib}")
         _positive(self, "block_size", "checkpoint_every")
+        _positive(self, "prefix_tier_bytes", "prefix_tier_min_tokens")
         if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"

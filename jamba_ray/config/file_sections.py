@@ -79,6 +79,9 @@ class StateSection(Section):
     num_checkpoints: int | None = _d(StateConfig, "num_checkpoints", ge=0)
     num_kv_blocks: int | None = _d(StateConfig, "num_kv_blocks", ge=1)
     gpu_memory_utilization: float | None = _d(StateConfig, "gpu_memory_utilization", gt=0, le=1)
+    prefix_tier: bool = _d(StateConfig, "prefix_tier", description="cluster prefix tier")
+    prefix_tier_bytes: int = _d(StateConfig, "prefix_tier_bytes", ge=1)
+    prefix_tier_min_tokens: int = _d(StateConfig, "prefix_tier_min_tokens", ge=1)
 
 
 class SchedulerSection(Section):

@@ -122,6 +122,9 @@ class BlockAllocator:
     def committed(self, block: int) -> bool:
         return self._key_of[block] is not None
 
+    def key_of(self, block: int) -> Key | None:
+        return self._key_of[block]
+
     def committed_blocks(self) -> set[int]:
         return set(self._by_key.values())
 

@@ -109,9 +109,9 @@ class Checkpointing:
             self.blocks.share(tail)
         if (old := self.snapshots_of.pop(seq.seq_id, None)) is not None:
             self.ops.superseded.append(old)
-        if self.snapshots and tail is not None:  # its positions < length are final now
+        if self.ops.exports_ckpts and tail is not None:  # its positions < length are final now
             self.ops.export_blocks.append(tail)
-        if self.snapshots and reserved is not None:
+        if self.ops.exports_ckpts and reserved is not None:
             self.ops.export_ckpts.append(cp.ckpt)
         return cp
 

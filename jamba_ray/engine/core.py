@@ -31,15 +31,14 @@ from .recovery import trusted as recovery_trusted
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence
+from .tier_link import attach_tier
 from .tokenizer import encode_prompt, load_tokenizer
 
 log = logging.getLogger(__name__)
 
-PipelineFactory = Callable[..., Pipeline]
-
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, make_pipeline: PipelineFactory | None = None):
+    def __init__(self, config: EngineConfig, make_pipeline: Callable[..., Pipeline] | None = None):
         self.config = config
         ckpt = resolve(config.model.path)
         self.spec = ModelSpec.from_path(ckpt.root)
@@ -76,9 +75,9 @@ class EngineCore:
         )
         self.outputs = OutputProcessor(self.tokenizer, self.spec.eos_token_id, cap.max_model_len)
         self.recovery = Recovery(config.recovery.max_stage_restarts)
-        self.in_flight: deque[MicroBatch] = deque()
-        self._next_seq = 0
+        self.in_flight, self._next_seq = deque[MicroBatch](), 0
         self.counters = {"forks": 0, "stage_restarts": 0, "isolated_failures": 0}
+        attach_tier(self)  # `kv.tier` with state.prefix_tier
 
     # ---- requests ----------------------------------------------------------------------------
     def add_request(

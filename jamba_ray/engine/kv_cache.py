@@ -30,13 +30,14 @@ class KVCache(Checkpointing):
         self.blocks = BlockAllocator(num_blocks, block_size)
         self.prefix = PrefixCache(self.blocks, num_checkpoints) if num_checkpoints else None
         self.block_size, self.checkpoint_every = block_size, checkpoint_every
-        # Recovery snapshots: every checkpoint and full block is exported as it is made, and
-        # decoding sequences are checkpointed every `checkpoint_every` tokens too.
+        # Exports (recovery snapshots; a prefix tier, `tier_link.py`): every checkpoint and full
+        # block as made; snapshots also checkpoint decoding sequences every `checkpoint_every`.
         self.snapshots = snapshots and self.prefix is not None
         self.ops = StepOpsBuilder(exports_ckpts=self.snapshots)
         self.records: dict[int, SeqState] = {}
         # seq id -> its latest decode snapshot (kept across preemptions, until it ends)
         self.snapshots_of: dict[int, Checkpoint] = {}
+        self.tier = None  # a prefix tier's link (`tier_link.TierLink`): imports at admission
         # restores in the message being built: pinned until it is sealed (no emit of the same
         # message may take their index)
         self._sent_restores: list[int] = []
@@ -60,6 +61,7 @@ class KVCache(Checkpointing):
             "kv_blocks_held_by_checkpoints": len(tails),
             "prefix_cache_queries": prefix.queries if prefix else 0,
             "prefix_cache_hits": prefix.hits if prefix else 0,
+            **(self.tier.stats() if self.tier is not None else {}),
         }
 
     def seal(self) -> StateOps:
@@ -99,7 +101,10 @@ class KVCache(Checkpointing):
         """Records for `seq` and its forks (each holds one block for its copied last block), and
         `seq` resumed from its longest cached prefix, if any: shared full blocks, a copy of the
         checkpoint's tail block, and the checkpoint restored into its slot by the stages. Where
-        the cached full blocks reach further, its prefill emits a checkpoint there."""
+        the cached full blocks reach further, its prefill emits a checkpoint there. A prefix
+        tier first imports what it holds beyond the local cache."""
+        if self.tier is not None:
+            self.tier.import_prefix(seq)
         root = root_key(getattr(seq.params, "cache_salt", None))
         rec = self.records[seq.seq_id] = SeqState(root)
         for f in forks:
@@ -185,7 +190,7 @@ class KVCache(Checkpointing):
         while (len(rec.keys) + 1) * bs <= end:
             i = len(rec.keys)
             key = chain_key(rec.keys[-1] if rec.keys else rec.root, tokens_of(seq, i * bs, bs))
-            if self.blocks.commit(rec.blocks[i], key) and self.snapshots:
+            if self.blocks.commit(rec.blocks[i], key) and self.ops.exports_ckpts:
                 self.ops.export_blocks.append(rec.blocks[i])
             rec.keys.append(key)
         landed = self.land_emits(seq, emits)

@@ -117,6 +117,31 @@ ENGINE = [
         "Prompt tokens resumed from the prefix cache.",
         "prefix_cache_hits",
     ),
+    # the cluster prefix tier (state.prefix_tier): this engine's imports, then the tier's own
+    # numbers (shared by every engine using it; as of the engine's last background refresh)
+    ("jamba_ray_prefix_tier_imports_total", "counter", "Prefixes imported.", "tier_imports"),
+    (
+        "jamba_ray_prefix_tier_imported_tokens_total",
+        "counter",
+        "Prompt tokens resumed from prefixes imported from the cluster tier.",
+        "tier_imported_tokens",
+    ),
+    (
+        "jamba_ray_prefix_tier_import_failures_total",
+        "counter",
+        "Imports that failed (the prompt was computed instead).",
+        "tier_import_failures",
+    ),
+    ("jamba_ray_prefix_tier_entries", "gauge", "Checkpoints in the tier.", "prefix_tier_entries"),
+    ("jamba_ray_prefix_tier_bytes", "gauge", "Bytes the tier holds.", "prefix_tier_bytes"),
+    ("jamba_ray_prefix_tier_hits_total", "counter", "Tier lookups hit.", "prefix_tier_hits"),
+    ("jamba_ray_prefix_tier_misses_total", "counter", "Tier lookups missed.", "prefix_tier_misses"),
+    (
+        "jamba_ray_prefix_tier_evictions_total",
+        "counter",
+        "Blocks and checkpoints the tier evicted for its byte budget.",
+        "prefix_tier_evictions",
+    ),
     ("jamba_ray_preemptions_total", "counter", "Sequences preempted for KV blocks.", "preemptions"),
     ("jamba_ray_generated_tokens_total", "counter", "Tokens generated.", "generated_tokens"),
     ("jamba_ray_requests_finished_total", "counter", "Requests finished.", "finished_requests"),

@@ -7,6 +7,7 @@ both names are there before any engine starts. Ray and torch load only when a pi
 from __future__ import annotations
 
 from ..engine.pipeline_api import Pipeline, register_backend
+from ..engine.tier_api import PrefixTier, register_tier
 
 
 def ray_pipeline(*args) -> Pipeline:
@@ -25,3 +26,13 @@ def local_pipeline(*args) -> Pipeline:
 
 register_backend("ray", ray_pipeline)
 register_backend("local", local_pipeline)
+
+
+def ray_tier(config, pipeline) -> PrefixTier:
+    """The cluster prefix tier: a detached actor (`runtime/prefix_tier.py`)."""
+    from .prefix_tier import RayTierClient
+
+    return RayTierClient(config, pipeline)
+
+
+register_tier("ray", ray_tier)

@@ -158,11 +158,15 @@ class RayPipeline:
 
     def _landed(self, exported, result: StepResult) -> StepResult:
         """Every stage ran the step: what it exported is now its successor's to import."""
-        if exported is not None:
+        if exported is not None and self.snapshots:  # (a prefix tier exports without them)
             msg, refs = exported
             for snapshot, stage_refs in zip(self.snapshot, refs):
                 snapshot.keep(msg, stage_refs)
         return result
+
+    def exports_of(self, handle) -> tuple[StepMessage, list[list]] | None:
+        """A submitted step's exports: refs per stage, per item (the prefix tier's too)."""
+        return self._exports.get(handle)
 
     def probe(self, token_id: int):
         return self.submit(probe_message(self.specs[0]), [token_id])
