@@ -16,7 +16,8 @@ from typing import Any
 from ..errors import ConfigError
 from .spec import canonical_dtype
 
-TRANSPORTS = ("auto", "object_store", "p2p")  # how hidden states cross stages: runtime/transport.py
+# how hidden states cross stages: runtime/transport.py
+TRANSPORTS = ("auto", "object_store", "p2p", "compiled")
 BALANCES = ("params", "flops")
 BACKENDS = ("ray", "local")
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -115,7 +116,7 @@ class PlacementConfig:
 @dataclass(frozen=True, slots=True)
 class ComputeConfig:
     threads_per_stage: int = 1
-    transport: str = "auto"  # hidden states between stages: auto | object_store | p2p
+    transport: str = "auto"  # hidden states between stages: auto | object_store | p2p | compiled
     decode_graphs: bool = False  # decode at fixed shapes, CUDA graphs on GPUs
 
     def __post_init__(self) -> None:
