@@ -57,7 +57,11 @@ class CompiledChain:
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="jamba-cgraph")
         self.graph = None
         self.broken = False  # an execution failed in Ray (a stage died): the graph is gone
-        self._on(self._compile, stages, max_inflight, on_device).result()
+        try:
+            self._on(self._compile, stages, max_inflight, on_device).result()
+        except BaseException:  # (a stage died before or while it compiled)
+            self.close()
+            raise
 
     def _on(self, fn, *args) -> Future:
         return self.pool.submit(contextvars.Context().run, fn, *args)

@@ -130,8 +130,11 @@ class RayPipeline:
             if self.chain is None or self.chain.broken:
                 self._close_graph()
                 own_gpu = self.specs[0].device == "cuda" and self.placement.num_gpus_per_stage >= 1
-                # one micro-batch per stage in flight, and a health probe on top
-                self.chain = CompiledChain(self.stages, self.num_stages + 2, on_device=own_gpu)
+                try:  # one micro-batch per stage in flight, and a health probe on top
+                    self.chain = CompiledChain(self.stages, self.num_stages + 2, own_gpu)
+                except Exception as e:  # (a stage died: recovery looks for dead stages again)
+                    error = f"compiling the stages' graph failed: {_summary(e)}"
+                    raise StageFailedError(error) from None
             return
         if self.transport != "p2p":
             return
