@@ -49,8 +49,9 @@ def greedy(pipe: RayPipeline, prompts, steps):
 
 
 CASES = [  # (checkpoint layout, how to split it, transport, decode_graphs) on Ray actors
-    ("a", dict(slices=[(0, 1), (1, 5), (5, 6)]), "object_store", False),  # uneven explicit split
-    ("b", dict(slices=[(0, 4), (4, 5)]), "object_store", False),
+    # uneven explicit split; the stages bound once into a Ray Compiled Graph (auto's choice)
+    ("a", dict(slices=[(0, 1), (1, 5), (5, 6)]), "compiled", False),
+    ("b", dict(slices=[(0, 4), (4, 5)]), "object_store", False),  # per-task: a task per stage
     (
         "a",
         dict(stages=3),
@@ -60,8 +61,6 @@ CASES = [  # (checkpoint layout, how to split it, transport, decode_graphs) on R
     # fixed-shape decode steps (CUDA graphs on GPUs): padded batch, bucketed KV, grouped_mm experts
     ("a", dict(stages=2), "object_store", True),
     ("b", dict(stages=2), "p2p", True),
-    # the stages bound once into a Ray Compiled Graph: hidden states through its shared memory
-    ("a", dict(stages=3), "compiled", False),
 ]
 # The same greedy parity for more splits, with the stages in this process (no actors: fast).
 LOCAL_CASES = [
