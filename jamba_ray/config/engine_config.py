@@ -25,7 +25,8 @@ from .serve_config import (  # noqa: F401  (the Serve part of the tree, re-expor
 )
 from .spec import canonical_dtype
 
-TRANSPORTS = ("auto", "object_store", "p2p")  # how hidden states cross stages: runtime/transport.py
+# how hidden states cross stages: runtime/transport.py
+TRANSPORTS = ("auto", "object_store", "p2p", "compiled")
 BALANCES = ("params", "flops")
 BACKENDS = ("ray", "local")
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -148,7 +149,7 @@ class ComputeConfig:
     # torch threads of a stage that runs alone; k micro-batches in flight share them. None: the
     # CPUs the pipeline holds on one node (`runtime/stage_spec.default_threads`)
     threads_per_stage: int | None = None
-    transport: str = "auto"  # hidden states between stages: auto | object_store | p2p
+    transport: str = "auto"  # hidden states between stages: auto | object_store | p2p | compiled
     decode_graphs: bool = False  # decode at fixed shapes, CUDA graphs on GPUs
 
     def __post_init__(self) -> None:

@@ -130,7 +130,9 @@ class ComputeSection(Section):
         ComputeConfig, "threads_per_stage", ge=1, description="null: the pipeline's CPUs on a node"
     )
     transport: Literal[TRANSPORTS] = _d(
-        ComputeConfig, "transport", description="auto: p2p between GPU stages, else object store"
+        ComputeConfig,
+        "transport",
+        description="auto: compiled (a Ray Compiled Graph) for 2+ stages",
     )
     decode_graphs: bool = _d(ComputeConfig, "decode_graphs", description="not with int8")
 

@@ -76,8 +76,8 @@ class PrefixTier(Protocol):
         blocks (block index, position among the hit's blocks) and its tail block into `tail`.
         True when every stage did."""
 
-    def exports_of(self, handle: object) -> object:
-        """The pipeline's references to what a just submitted step exports (None: nothing)."""
+    def landed_exports(self) -> object:
+        """The pipeline's references to what the step that just landed exported (or None)."""
 
     def publish(self, exports: object, publication: Publication) -> None:
         """Hand the tier a landed step's `exports` (asynchronous: never blocks, never raises)."""

@@ -76,7 +76,7 @@ class TieredPipeline:
 
     def __init__(self, inner: Pipeline, link: TierLink):
         self.inner, self.link = inner, link
-        self._pending: dict[object, tuple[Publication, object]] = {}  # by result handle
+        self._pending: dict[object, Publication] = {}  # by result handle
 
     def __getattr__(self, name: str):
         return getattr(self.inner, name)
@@ -85,7 +85,7 @@ class TieredPipeline:
         pub = describe(self.link.kv, msg) if msg.num_exports else Publication()
         handle = self.inner.submit(msg, token_ids)
         if pub:
-            self._pending[handle] = (pub, self.link.client.exports_of(handle))
+            self._pending[handle] = pub
         return handle
 
     def wait(self, handle: object) -> StepResult | StepFailure:
@@ -95,9 +95,9 @@ class TieredPipeline:
         return self._landed(handle, await self.inner.wait_async(handle))
 
     def _landed(self, handle, result):
-        pending = self._pending.pop(handle, None)
-        if pending is not None and isinstance(result, StepResult):
-            self.link.client.publish(pending[1], pending[0])
+        pub = self._pending.pop(handle, None)
+        if pub is not None and isinstance(result, StepResult):  # (its exports landed with it)
+            self.link.client.publish(self.link.client.landed_exports(), pub)
         return result
 
     def replace(self, indices, trusted=None) -> bool:

@@ -23,10 +23,12 @@ from ..config.engine_config import EngineConfig
 from ..config.planner import StagePlan
 from ..engine.messages import StepFailure, StepMessage, StepResult
 from ..errors import StageFailedError
+from .compiled import CompiledChain, GraphStep
 from .placement import require_feasible, stage_bundle
+from .snapshot import Snapshot
 from .stage import Stage
 from .stage_spec import StageSpec, default_threads, probe_message, sized, stage_specs
-from .transport import choose
+from .transport import StageError, choose
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +91,7 @@ class RayPipeline:
         self.snapshots = config.recovery.recovery_snapshots
         self.snapshot = [Snapshot() for _ in plans]  # per stage: what it exported, for a successor
         self._exports: dict[object, tuple[StepMessage, list[list]]] = {}  # by result handle
+        self._last_exports: tuple[StepMessage, list[list]] | None = None
         self.stages = [self._start(spec) for spec in self.specs]
         self.info = self._wait([s.ready.remote() for s in self.stages], "stage start-up")
         self.transport = choose(
@@ -97,6 +100,7 @@ class RayPipeline:
             self.specs[0].device,
             self.placement.num_gpus_per_stage,
         )
+        self.chain: CompiledChain | None = None  # transport compiled: the stages' graph
         self.reconnect()
 
     def _start(self, spec: StageSpec, replacement: bool = False):
@@ -122,7 +126,18 @@ class RayPipeline:
             raise StageFailedError(f"{what} failed: {e}") from None
 
     def reconnect(self) -> None:
-        """p2p: every stage joins one fresh group (after a replacement, or a link out of step)."""
+        """p2p: every stage joins one fresh group (after a replacement, or a link out of step).
+        compiled: the stages are bound into a graph again if it is gone (a stage died in it)."""
+        if self.transport == "compiled":
+            if self.chain is None or self.chain.broken:
+                self._close_graph()
+                own_gpu = self.specs[0].device == "cuda" and self.placement.num_gpus_per_stage >= 1
+                try:  # one micro-batch per stage in flight, and a health probe on top
+                    self.chain = CompiledChain(self.stages, self.num_stages + 2, own_gpu)
+                except Exception as e:  # (a stage died: recovery looks for dead stages again)
+                    error = f"compiling the stages' graph failed: {_summary(e)}"
+                    raise StageFailedError(error) from None
+            return
         if self.transport != "p2p":
             return
         address = self._wait(call(self.stages[0].rendezvous), "the stages' rendezvous address")
@@ -134,6 +149,8 @@ class RayPipeline:
     # ---- the pipeline protocol -----------------------------------------------------------------
     def submit(self, msg: StepMessage, token_ids: list[int]):
         x = np.asarray(token_ids, dtype=np.int64)
+        if self.chain is not None:
+            return self.chain.submit(msg, x)
         for stage in self.stages:
             x = call(stage.forward, msg, x)
         if msg.num_exports:  # this process calls for them, so it owns them: they outlive a stage
@@ -143,6 +160,11 @@ class RayPipeline:
         return x
 
     def wait(self, handle) -> StepResult | StepFailure:
+        if isinstance(handle, GraphStep):
+            try:
+                return self._graph_landed(handle.msg, handle.chain.wait(handle))
+            except Exception as e:  # (the graph failed or is gone: the step did not land)
+                return StepFailure(_summary(e))
         exported = self._exports.pop(handle, None)
         try:
             return self._landed(exported, ray.get(handle))
@@ -150,6 +172,11 @@ class RayPipeline:
             return StepFailure(_summary(e))
 
     async def wait_async(self, handle) -> StepResult | StepFailure:
+        if isinstance(handle, GraphStep):
+            try:
+                return self._graph_landed(handle.msg, await handle.chain.wait_async(handle))
+            except Exception as e:
+                return StepFailure(_summary(e))
         exported = self._exports.pop(handle, None)
         try:
             return self._landed(exported, await handle)
@@ -158,15 +185,26 @@ class RayPipeline:
 
     def _landed(self, exported, result: StepResult) -> StepResult:
         """Every stage ran the step: what it exported is now its successor's to import."""
+        self._last_exports = exported
         if exported is not None and self.snapshots:  # (a prefix tier exports without them)
             msg, refs = exported
             for snapshot, stage_refs in zip(self.snapshot, refs):
                 snapshot.keep(msg, stage_refs)
         return result
 
-    def exports_of(self, handle) -> tuple[StepMessage, list[list]] | None:
-        """A submitted step's exports: refs per stage, per item (the prefix tier's too)."""
-        return self._exports.get(handle)
+    def _graph_landed(self, msg: StepMessage, outputs: list) -> StepResult | StepFailure:
+        """A graph execution's outputs: the result, then each stage's exports (host copies, put
+        in the object store so that this process owns them, as `take_export` returns do)."""
+        result, *exports = outputs
+        if isinstance(result, StageError):
+            return StepFailure(result.error)
+        refs = [[ray.put(item) for item in items] for items in exports] if msg.num_exports else []
+        return self._landed((msg, refs) if refs else None, result)
+
+    def landed_exports(self) -> tuple[StepMessage, list[list]] | None:
+        """The exports of the step that landed last (read right after its wait): refs per
+        stage, per item (the prefix tier publishes them)."""
+        return self._last_exports
 
     def probe(self, token_id: int):
         return self.submit(probe_message(self.specs[0]), [token_id])
@@ -192,6 +230,7 @@ class RayPipeline:
 
     def replace(self, indices: list[int], trusted: tuple[set[int], set[int]] | None = None) -> bool:
         self._exports.clear()  # (all of a failed step's: nothing is in flight now)
+        self._close_graph()  # (before the stages change: it holds the survivors too)
         for i in indices:
             try:
                 ray.kill(self.stages[i])
@@ -228,41 +267,17 @@ class RayPipeline:
     def stats(self) -> list[dict]:
         return self._wait([call(s.stats) for s in self.stages], "stage stats")
 
+    def _close_graph(self) -> None:
+        if self.chain is not None:
+            self.chain.close()
+            self.chain = None
+
     def shutdown(self) -> None:
+        self._close_graph()  # the execution loops end before their actors do
         for stage in self.stages:
             ray.kill(stage)
         if not self.placement.in_current_group:
             remove_placement_group(self.pg)
-
-
-class Snapshot:
-    """One stage's exported checkpoints and KV blocks: the latest landed export of each id, held
-    as object refs this process owns (in the object store, spilled to disk under pressure)."""
-
-    def __init__(self):
-        self.ckpts: dict[int, object] = {}
-        self.blocks: dict[int, object] = {}
-
-    def keep(self, msg: StepMessage, refs: list) -> None:
-        n = len(msg.export_ckpts)
-        self.ckpts.update(zip(msg.export_ckpts, refs[:n]))
-        self.blocks.update(zip(msg.export_blocks, refs[n:]))
-
-    def keep_only(self, ckpts: set[int], blocks: set[int]) -> bool:
-        """Drop every entry but these; False if one of these is missing."""
-        self.ckpts = {c: r for c, r in self.ckpts.items() if c in ckpts}
-        self.blocks = {b: r for b, r in self.blocks.items() if b in blocks}
-        return len(self.ckpts) == len(ckpts) and len(self.blocks) == len(blocks)
-
-    def size(self) -> tuple[int, int]:
-        return len(self.ckpts), len(self.blocks)
-
-    def batches(self, per_call: int = 512):
-        """(checkpoint ids, block ids, their refs) in bounded calls."""
-        ckpts, blocks = list(self.ckpts.items()), list(self.blocks.items())
-        for i in range(0, max(len(ckpts), len(blocks)), per_call):
-            c, b = ckpts[i : i + per_call], blocks[i : i + per_call]
-            yield [k for k, _ in c], [k for k, _ in b], [r for _, r in c] + [r for _, r in b]
 
 
 def _summary(e: Exception) -> str:

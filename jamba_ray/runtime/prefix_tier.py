@@ -157,9 +157,9 @@ class RayTierClient:
             log.warning("prefix tier import failed, recomputing: %s", e)
             return False
 
-    def exports_of(self, handle) -> list[list] | None:
-        """Refs to what a submitted step will export, per stage, per item (this driver's)."""
-        exported = self.pipeline.exports_of(handle)
+    def landed_exports(self) -> list[list] | None:
+        """Refs to what the step that just landed exported, per stage, per item (this driver's)."""
+        exported = self.pipeline.landed_exports()
         return exported[1] if exported is not None else None
 
     def publish(self, exports, publication: Publication) -> None:

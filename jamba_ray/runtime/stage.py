@@ -18,7 +18,7 @@ from ..model.loader import load_slice_model
 from .last_stage import SamplingTable
 from .stage_spec import StageSpec
 from .stage_state import build_state, state_budget
-from .transport import Handoff, PeerLink, free_address
+from .transport import Handoff, PeerLink, StageError, free_address
 from .wire import pack, unpack
 
 
@@ -37,6 +37,7 @@ class Stage:
             self.allocate(spec)
         self.sampling = SamplingTable(spec.eos_id, spec.model) if spec.last else None
         self.link: PeerLink | None = None  # set by connect() when hidden states go point-to-point
+        self.graph: str | None = None  # "compiled/shm" or "compiled/nccl" once step() has run
         self.exported: tuple[int, list[tuple]] | None = None  # (step, items) for take_export()
         self.trace: deque[tuple[int, float, float]] = deque(maxlen=4096)  # (step, start, end) wall
         self.counters = {
@@ -73,12 +74,13 @@ class Stage:
             old.close()
         self.link = PeerLink(self.spec.index, self.spec.num_stages, address, self.spec.device)
 
-    def forward(self, msg: StepMessage, x):
+    def forward(self, msg: StepMessage, x, on_device: bool = False):
         """Run this stage's layers on one micro-batch; state is read and written by slot.
 
         `x` is token ids (first stage), or hidden states, or a `Handoff` when they come
         point-to-point; the receive comes first and the send last, so a step that fails leaves the
-        link in step. The last stage returns a `StepResult`, the others their hidden states."""
+        link in step. The last stage returns a `StepResult`, the others their hidden states (as
+        a device tensor with `on_device`: a compiled graph's NCCL channel takes it from there)."""
         t0, wall0 = time.perf_counter(), time.time()
         x = self.link.recv(x) if isinstance(x, Handoff) else unpack(x).to(self.spec.device)
         # Alone in the pipeline a stage may use all its threads; with k micro-batches in flight
@@ -102,14 +104,29 @@ class Stage:
             return out
         if self.link is not None:
             return self.link.send(out)
-        return pack(out.cpu())
+        return out if on_device else pack(out.cpu())
 
-    def take_export(self, step_id: int):
+    def step(self, msg: StepMessage, x, on_device: bool = False):
+        """A compiled graph's call (`runtime/compiled.py`): forward(), and this stage's exports
+        as a second output that goes straight to the driver. It never raises: a failure, here or
+        upstream, travels on as a `StageError` (the later stages skip the step)."""
+        self.graph = "compiled/nccl" if on_device else "compiled/shm"
+        if isinstance(x, StageError):
+            return x, []
+        try:
+            out = self.forward(msg, x, on_device)
+            return out, self.take_export(msg.step_id, True) if msg.num_exports else []
+        except Exception as e:
+            return StageError(self.spec.index, f"{type(e).__name__}: {e}"), []
+
+    def take_export(self, step_id: int, as_list: bool = False):
         """The copies step `step_id` exported (the driver calls this right after the step, so
-        it owns them and they outlive this stage): one return value each."""
+        it owns them and they outlive this stage): one return value each, or one list."""
         if self.exported is None or self.exported[0] != step_id:
             raise StageFailedError(f"step {step_id} exported nothing here")
         items, self.exported = self.exported[1], None
+        if as_list:
+            return items
         return items[0] if len(items) == 1 else tuple(items)
 
     def import_state(self, ckpts: list[int], blocks: list[int], *items) -> None:
@@ -140,7 +157,8 @@ class Stage:
             "layers": [self.spec.start, self.spec.end],
             "param_bytes": sum(t.numel() * t.element_size() for t in tensors),
             "pool_bytes": self.pool.nbytes(),
-            "transport": f"p2p/{self.link.backend}" if self.link else "object_store",
+            "transport": self.graph
+            or (f"p2p/{self.link.backend}" if self.link else "object_store"),
             "p2p_sent": self.link.sent if self.link else 0,
             "p2p_received": self.link.received if self.link else 0,
             "p2p_bytes_sent": self.link.bytes_sent if self.link else 0,

@@ -302,19 +302,30 @@ def test_a_p2p_link_that_lost_a_message_fails_its_requests_then_is_re_formed(
     ]
 
 
-@pytest.mark.parametrize("snapshots", [True, False])
+@pytest.mark.parametrize(
+    "snapshots, transport",
+    [(True, "compiled"), (False, "object_store")],  # (per-task snapshots: the middle-stage test)
+    ids=["snapshots-compiled-graph", "full-replay-per-task"],
+)
 def test_a_stage_killed_with_a_warm_prefix_cache_resumes_from_snapshots_or_replays_in_full(
-    snapshots, tiny_ckpt, ray_session
+    snapshots, transport, tiny_ckpt, ray_session
 ):
     """The last stage (it holds attention layer 4: KV blocks) is killed. With snapshots, the
     replacement imports every checkpoint and KV block its predecessor exported: the cache
     survives and the sequence resumes from its latest snapshot (at most `checkpoint_every` back).
     Without, the engine forgets every cached prefix (a hit would read garbage) and the sequence
-    re-runs all its tokens. Either way the stream is unchanged."""
+    re-runs all its tokens. Either way the stream is unchanged. On a compiled graph the exports
+    come back as the graph's outputs, and the graph is compiled again around the replacement."""
     shared = PROMPTS[2] + PROMPTS[0]  # 26 tokens, checkpoints every 8
 
     async def go():
-        eng = engine(tiny_ckpt, checkpoint_every=8, block_size=4, recovery_snapshots=snapshots)
+        eng = engine(
+            tiny_ckpt,
+            checkpoint_every=8,
+            block_size=4,
+            recovery_snapshots=snapshots,
+            transport=transport,
+        )
         try:
             await stream_tokens(eng, shared + [5], GREEDY64)  # warms the cache
             clean = await stream_traced(eng, shared + [6], TRACED64)
@@ -329,6 +340,9 @@ def test_a_stage_killed_with_a_warm_prefix_cache_resumes_from_snapshots_or_repla
     clean, disturbed, warm, stats = run(go())
     # the first request emitted a checkpoint after all but its last token: all of `shared`
     assert warm["prefix_cache_hits"] == 26 and stats["stage_restarts"] == 1
+    assert {s["transport"] for s in stats["stages"]} == {
+        "compiled/shm" if transport == "compiled" else "object_store"
+    }
     assert_replay_like_clean(clean, disturbed)
     assert len(clean[0]) == 64 and stats["slots_in_use"] == 0
     assert stats["kv_blocks_in_use"] == stats["kv_blocks_held_by_checkpoints"]

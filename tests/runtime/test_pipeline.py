@@ -1,12 +1,14 @@
 """Stage actors on Ray, token-exact with transformers for any number of stages (Petals-style)."""
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 
 from jamba_ray.config import EngineConfig, ModelSpec
 from jamba_ray.config.capacity import Capacity
 from jamba_ray.config.planner import plan
-from jamba_ray.engine.messages import StepMessage
+from jamba_ray.engine.messages import StepFailure, StepMessage, StepResult
 from jamba_ray.runtime.pipeline import RayPipeline
 from tests.conftest import BLOCK, PROMPTS, STAGE_CPUS, hf_greedy, seg, steps_before_tie
 
@@ -47,8 +49,9 @@ def greedy(pipe: RayPipeline, prompts, steps):
 
 
 CASES = [  # (checkpoint layout, how to split it, transport, decode_graphs) on Ray actors
-    ("a", dict(slices=[(0, 1), (1, 5), (5, 6)]), "object_store", False),  # uneven explicit split
-    ("b", dict(slices=[(0, 4), (4, 5)]), "object_store", False),
+    # uneven explicit split; the stages bound once into a Ray Compiled Graph (auto's choice)
+    ("a", dict(slices=[(0, 1), (1, 5), (5, 6)]), "compiled", False),
+    ("b", dict(slices=[(0, 4), (4, 5)]), "object_store", False),  # per-task: a task per stage
     (
         "a",
         dict(stages=3),
@@ -100,6 +103,8 @@ def test_greedy_tokens_and_logits_match_transformers(
             torch.testing.assert_close(logits[i][:n], ref_logits[:n], atol=1e-5, rtol=0)
         stats = pipe.stats()
         assert [s["layers"] for s in stats] == [[p.start, p.end] for p in plans]
+        if transport == "compiled":
+            assert {s["transport"] for s in stats} == {"compiled/shm"}
         if transport == "p2p":  # every hop went point-to-point, none through the object store
             assert {s["transport"] for s in stats} == {"p2p/gloo"}
             assert [s["p2p_sent"] for s in stats[:-1]] == [STEPS] * (len(plans) - 1)
@@ -151,3 +156,30 @@ def test_in_process_stages_match_transformers_for_any_split(
         steps = steps_before_tie(ref_logits.topk(2, dim=-1).values)  # past a near-tie: either
         assert tokens[i][:steps] == ref_tokens[:steps], f"prompt {i}"
         torch.testing.assert_close(logits[i][:steps], ref_logits[:steps], atol=1e-5, rtol=0)
+
+
+def test_a_compiled_graph_hands_back_stage_errors_and_keeps_running(tiny_ckpt, ray_session):
+    """A stage that raises fails its step (the error named), and the graph goes on: more failing
+    steps than it has buffers, then a probe and a real step still land (an exception raised into
+    a Ray 2.60 graph stalls it a few steps later; stages hand errors on as values instead)."""
+    plans = plan(ModelSpec.from_path(tiny_ckpt), 2)
+    pipe = pipeline(tiny_ckpt, plans, 2, 32, transport="compiled")
+    bad = StepMessage(1, (seg(0, 99, 0, 3, max_len=32),))  # stage 0 has 3 slots: it raises
+
+    def run() -> list:
+        failures = [pipe.wait(pipe.submit(bad, [1, 5, 9])) for _ in range(2 * pipe.num_stages + 4)]
+        probe = pipe.wait(pipe.probe(1))
+        ok = StepMessage(2, (seg(0, 0, 0, 3, max_len=32),), return_logits=True)
+        good = pipe.wait(pipe.submit(ok, [1, 5, 9]))
+        return [*failures, probe, good]
+
+    pool = ThreadPoolExecutor(1)  # (a stalled graph fails this test instead of hanging it)
+    try:
+        *failures, probe, good = pool.submit(run).result(timeout=120)
+        assert all(isinstance(f, StepFailure) for f in failures)
+        assert failures[0].error == "ValueError: slot 99 outside the pool (0..2)"
+        assert isinstance(probe, StepResult) and isinstance(good, StepResult)
+        assert good.logits.shape[0] == 1  # the prompt's last row
+    finally:
+        pipe.shutdown()  # (tears the graph down first: a blocked call in `run` ends)
+        pool.shutdown()

@@ -9,10 +9,12 @@ from jamba_ray.runtime.transport import PeerLink, choose, free_address
 from tests.conftest import STAGE_CPUS
 
 
-def test_auto_is_p2p_between_gpu_stages_and_the_object_store_on_cpus():
-    assert choose("auto", 4, "cuda", gpus_per_stage=1) == "p2p"
-    assert choose("auto", 4, "cpu") == "object_store"
-    assert choose("auto", 4, "cuda", gpus_per_stage=0.5) == "object_store"  # stages share a GPU
+def test_auto_is_the_compiled_graph_between_stages_and_per_task_for_one_stage():
+    assert choose("auto", 4, "cuda", gpus_per_stage=1) == "compiled"  # NCCL inside the graph
+    assert choose("auto", 4, "cpu") == "compiled"
+    assert choose("auto", 4, "cuda", gpus_per_stage=0.5) == "compiled"  # shared memory then
+    assert choose("auto", 1, "cpu") == "object_store"
+    assert choose("compiled", 1, "cpu") == "compiled"  # named: a graph of one stage
     assert choose("p2p", 2, "cpu") == "p2p"  # gloo: how CI checks the p2p path
     assert choose("object_store", 4, "cuda", gpus_per_stage=1) == "object_store"
     assert choose("p2p", 1, "cuda", gpus_per_stage=1) == "object_store"  # one stage sends nothing
