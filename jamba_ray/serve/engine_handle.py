@@ -103,7 +103,9 @@ class EngineHandle:
     async def connect(cls, handle, model_path: str) -> EngineHandle:
         """Waits for an engine replica to answer (the app's deployments start together)."""
         card = await cls._call(handle.model_card)
-        tok = await asyncio.to_thread(lambda: load_tokenizer(resolve(model_path).root))
+        # On the loop, not in a thread: nothing is served yet, and two threads importing
+        # transformers' lazy modules at once (two models) fail in the import
+        tok = load_tokenizer(resolve(model_path).root)
         return cls(handle, tok, card)
 
     @staticmethod

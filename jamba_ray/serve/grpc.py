@@ -13,6 +13,7 @@ from ..engine.sampling_params import SamplingParams, StructuredOutputs
 from ..errors import (
     AuthenticationError,
     InvalidRequestError,
+    ModelNotFoundError,
     RequestTimeoutError,
     StageFailedError,
 )
@@ -202,7 +203,12 @@ class GrpcMethods:
         """As /health: UNAVAILABLE while stages are being replaced (status "recovering": new work
         goes elsewhere, streams in flight go on) or when a stage cannot compute."""
         try:
-            report = await self._grpc_engine(grpc_context).health()
+            engine = self._grpc_engine(grpc_context)
+        except ModelNotFoundError as e:  # NOT_FOUND, not a failing stage
+            self._grpc_fail(grpc_context, e)
+            return pb.HealthResponse(status="unavailable")
+        try:
+            report = await engine.health()
         except Exception as e:
             self._grpc_fail(
                 grpc_context, StageFailedError(f"health probe failed: {type(e).__name__}")

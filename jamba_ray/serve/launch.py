@@ -12,7 +12,7 @@ from ..config.engine_config import PipelineConfig
 from ..config.pipeline_file import PipelineFile
 from ..errors import StartupError
 from ..logs import ANSI
-from .app import deployment
+from .app import INGRESS, deployment
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,11 @@ def deployment_messages() -> str:
         app = serve.status().applications.get(APP_NAME)
     except Exception:  # the status is a courtesy here: the failure itself is already known
         return ""
-    return "\n".join(d.message for d in app.deployments.values() if d.message) if app else ""
+    if app is None:
+        return ""
+    # the ingress first: an engine's own failure (the cause) is then the last one said
+    ordered = sorted(app.deployments.items(), key=lambda item: item[0] != INGRESS)
+    return "\n".join(d.message for _, d in ordered if d.message)
 
 
 def failure_cause(message: str) -> str:

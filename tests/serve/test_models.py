@@ -1,7 +1,7 @@
 """The app's split: an ingress deployment in front of one engine deployment per model, reached
 through a DeploymentHandle. The session's app shows the split; one more app serves two models
-(two tiny checkpoints of different layouts, one stage each), routed by the request's `model` over
-HTTP and gRPC, listed, health-checked and measured together."""
+(two tiny checkpoints of different layouts, one in-process stage each), routed by the request's
+`model` over HTTP and gRPC, listed, health-checked and measured together."""
 
 from __future__ import annotations
 
@@ -28,7 +28,9 @@ def test_the_session_app_is_an_ingress_in_front_of_an_engine_deployment(served):
 
 @pytest.fixture(scope="module")
 def two(served, tiny_ckpt, tiny_ckpt_b):
-    small = {"num_stages": 1, "max_num_seqs": 4, "max_model_len": 256}
+    # One stage each, run in the engine replica itself (`backend: local`): the split and the
+    # routing are under test here, stage actors are everywhere else; this keeps the app cheap.
+    small = {"num_stages": 1, "backend": "local", "max_num_seqs": 4, "max_model_len": 256}
     configs = [
         pipeline_for_tests(**small, **{"serve.served_model_name": name}).to_config(path)
         for name, path in ((A, tiny_ckpt), (B, tiny_ckpt_b))
@@ -90,5 +92,9 @@ def test_two_models_in_one_app_are_routed_by_model(two, served):
         with pytest.raises(grpc.RpcError) as e:
             stub.Generate(request, metadata=(("application", APP), ("model", "c")), timeout=60)
         assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Health(pb.HealthRequest(), metadata=(("application", APP), ("model", "c")))
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        assert stub.Health(pb.HealthRequest(), metadata=meta, timeout=60).status == "ok"
     done = generated(two)
     assert {n: done[n] - after[n] for n in done} == {A: 4, B: 4}
