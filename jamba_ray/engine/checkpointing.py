@@ -130,9 +130,9 @@ class Checkpointing:
         if cp is not None and cp.tail_block is not None:
             self.blocks.free([cp.tail_block])
 
-    def keep_logprobs(self, saved: SavedCheckpoint, k: int, entries: list) -> None:
+    def keep_logprobs(self, saved: SavedCheckpoint, k: int, entries: list, nxt: int) -> None:
         if self.prefix is not None:
-            self.prefix.keep_logprobs(saved.ckpt, saved.length, k, entries)
+            self.prefix.keep_logprobs(saved.ckpt, saved.length, k, entries, nxt)
 
 
 def _saved(seq: Sequence, cp: Checkpoint) -> SavedCheckpoint:

@@ -218,7 +218,8 @@ class EngineCore:
             state = self.outputs.requests.get(saved.request_id)
             entries = state.prompt_logprobs if state is not None and saved.index == 0 else None
             if entries is not None and len(entries) > saved.length:
-                self.kv.keep_logprobs(saved, state.params.prompt_logprobs, entries)
+                k, nxt = state.params.prompt_logprobs, state.prompt_ids[saved.length]
+                self.kv.keep_logprobs(saved, k, entries, nxt)
 
     def _land(self, seg: Segment, seq: Sequence, result: StepResult, landed: list) -> None:
         landed += self.scheduler.landed(seq, seg)

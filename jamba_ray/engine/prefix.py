@@ -90,13 +90,16 @@ class PrefixCache:
         limit = len(tokens) - 1
         for n in range(min(limit - start, self.blocks.block_size - 1), -1, -1):
             cp = self._lru.get((chain, tuple(tokens[start : start + n])))
-            if cp is None or (
-                logprobs_k is not None and self.logprobs.get(cp.ckpt, (None,))[0] != logprobs_k
-            ):
+            if cp is None or (logprobs_k is not None and not self._kept(cp, logprobs_k, tokens)):
                 continue
             if best is None or cp.length > best.checkpoint.length:
                 return Match(cp, list(cached), keys)
         return best
+
+    def _kept(self, cp: Checkpoint, k: int, tokens: list[int]) -> bool:
+        """`cp` kept the top-`k` prompt logprobs of its tokens and of the one after, `tokens`'."""
+        kept = self.logprobs.get(cp.ckpt)
+        return kept is not None and kept[0] == k and kept[2] == tokens[cp.length]
 
     def add(
         self,
@@ -219,10 +222,12 @@ class PrefixCache:
             return cp
         return None
 
-    def keep_logprobs(self, ckpt: int, length: int, k: int, entries: list) -> None:
-        """Prompt-logprob entries of positions 0..length, beside the checkpoint at `length`."""
+    def keep_logprobs(self, ckpt: int, length: int, k: int, entries: list, nxt: int) -> None:
+        """Prompt-logprob entries of positions 0..length, beside the checkpoint at `length`.
+        The entry at `length` (from the checkpoint's last logits) names the token `nxt` that
+        followed: it serves only a prompt with that same token there."""
         if any(cp.ckpt == ckpt and cp.length == length for cp in self._lru.values()):
-            self.logprobs[ckpt] = (k, entries[: length + 1])
+            self.logprobs[ckpt] = (k, entries[: length + 1], nxt)
 
     def clear(self) -> list[Checkpoint]:
         """Drop every checkpoint (a stage that held them was replaced); returns them."""

@@ -212,3 +212,19 @@ def test_a_long_prompt_runs_in_as_many_micro_batches_as_the_token_budget_needs(t
     run(eng, [prompt])
     assert eng.stats_local()["prefix_cache_hits"] - before == 99
     assert_nothing_leaked(eng)
+
+
+def test_scoring_a_prompt_that_differs_only_in_its_last_token_gets_its_own_logprob(tiny_ckpt):
+    """The checkpoint one token before a prompt's end keeps the logprob entry of the token that
+    followed there; a prompt with another last token must not take it (planted: matching on the
+    logprobs' k alone, the second prompt's last entry names the first prompt's token)."""
+    from jamba_ray import LLM
+
+    score = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0)
+    first, second = SYSTEM[:20] + [11], SYSTEM[:20] + [12]
+    warm = LLM(config=EngineConfig.build(tiny_ckpt, backend="local"))
+    warm.generate([first], score)
+    (out,) = warm.generate([second], score)
+    (cold,) = LLM(config=EngineConfig.build(tiny_ckpt, backend="local")).generate([second], score)
+    assert list(out.prompt_logprobs[-1]) == [12]
+    assert out.prompt_logprobs[-1][12] == pytest.approx(cold.prompt_logprobs[-1][12], abs=1e-5)
