@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         choices=TRANSPORTS,
         help="hidden states between stages "
-        "(default: the pipeline's, auto = compiled for 2+ stages)",
+        "(default: the pipeline's, auto = compiled for 2+ GPU stages)",
     )
     s.add_argument(
         "--decode-graphs",

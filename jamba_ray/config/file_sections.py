@@ -132,7 +132,7 @@ class ComputeSection(Section):
     transport: Literal[TRANSPORTS] = _d(
         ComputeConfig,
         "transport",
-        description="auto: compiled (a Ray Compiled Graph) for 2+ stages",
+        description="auto: compiled (a Ray Compiled Graph) for 2+ GPU stages, else object_store",
     )
     decode_graphs: bool = _d(ComputeConfig, "decode_graphs", description="not with int8")
 

@@ -41,18 +41,19 @@ class StageError:
 
 
 def choose(transport: str, num_stages: int, device: str, gpus_per_stage: float = 0.0) -> str:
-    """The transport a pipeline uses: `auto` is the compiled graph between two or more stages
-    (measured through `LLM` on 2 CPU stages: 26% less per decode token, 18% less per 500-token
-    prefill than per-task; README); its hidden states go over NCCL between stages with a GPU
-    each, else through shared memory (CPUs; or stages sharing a GPU, which NCCL cannot connect).
-    One stage sends nothing: per-task, unless `compiled` is named."""
+    """The transport a pipeline uses: `auto` is the compiled graph between two or more GPU stages
+    (hidden states over NCCL between stages with a GPU each, else shared memory) and per-task
+    (`object_store`) between CPU stages: a compiled graph's idle stages poll their channels, each
+    busy on a core (measured: ~0.9 core per idle stage), which on CPUs the stages share would
+    take the cores from the stage that works; on GPU hosts each stage's CPU is its own. One stage
+    sends nothing: per-task, unless `compiled` is named."""
     if transport not in TRANSPORTS:
         raise ConfigError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
     if num_stages == 1 and transport != "compiled":
         return "object_store"  # nothing to send
     own_gpu = device == "cuda" and gpus_per_stage >= 1
     if transport == "auto":
-        return "compiled"
+        return "compiled" if device == "cuda" else "object_store"
     if transport == "p2p" and device == "cuda" and not own_gpu:
         raise ConfigError(
             "transport p2p on GPUs needs a whole GPU per stage (NCCL cannot connect two "

@@ -9,9 +9,9 @@ from jamba_ray.runtime.transport import PeerLink, choose, free_address
 from tests.conftest import STAGE_CPUS
 
 
-def test_auto_is_the_compiled_graph_between_stages_and_per_task_for_one_stage():
+def test_auto_is_the_compiled_graph_between_gpu_stages_and_per_task_on_cpus_or_one_stage():
     assert choose("auto", 4, "cuda", gpus_per_stage=1) == "compiled"  # NCCL inside the graph
-    assert choose("auto", 4, "cpu") == "compiled"
+    assert choose("auto", 4, "cpu") == "object_store"  # idle graph stages spin on shared cores
     assert choose("auto", 4, "cuda", gpus_per_stage=0.5) == "compiled"  # shared memory then
     assert choose("auto", 1, "cpu") == "object_store"
     assert choose("compiled", 1, "cpu") == "compiled"  # named: a graph of one stage
