@@ -22,6 +22,7 @@ APP = "routed"
 SHARED = list(range(5, 53))  # 48 tokens: checkpoints every 16 (checkpoint_every below)
 SETTINGS = {
     "num_stages": 1,
+    "serve.router.policy": "prefix",
     "checkpoint_every": 16,
     "serve.router.imbalance_threshold": 1,
     "serve.router.stats_period_s": 0.5,

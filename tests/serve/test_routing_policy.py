@@ -30,7 +30,13 @@ def test_the_router_reads_token_ids_and_salt_from_the_engine_call_by_position_or
 
 
 def test_a_pipeline_file_chooses_the_router_and_its_threshold():
-    cfg = pipeline_for_tests(**{"serve.router.imbalance_threshold": 3}).to_config("M").serve
+    cfg = (
+        pipeline_for_tests(
+            **{"serve.router.policy": "prefix", "serve.router.imbalance_threshold": 3}
+        )
+        .to_config("M")
+        .serve
+    )
     rc = request_router_config(cfg.router, block_size=16, checkpoint_every=64)
     assert rc.request_router_class.endswith("serve.router.PrefixRouter")
     assert rc.request_router_kwargs["imbalance_threshold"] == 3
