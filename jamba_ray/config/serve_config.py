@@ -61,10 +61,8 @@ class EngineAutoscalingConfig(AutoscalingConfig):
 
 @dataclass(frozen=True, slots=True)
 class RouterConfig:
-    # one of ROUTERS. "default" (Serve's power of two choices) until an open bug is fixed: the
-    # prefix router never routed the second of two concurrent engine calls made by one ingress
-    # request (a gRPC Score of two texts hung); layouts opt into "prefix"
-    policy: str = "default"
+    # one of ROUTERS: "prefix" (serve/router.py) or "default" (Serve's power of two choices)
+    policy: str = "prefix"
     # a prefix holder is passed over when it has more than this many ongoing requests beyond the
     # least loaded replica (Ray's PrefixCacheAffinityRouter's imbalanced_threshold)
     imbalance_threshold: float = 8.0

@@ -59,7 +59,7 @@ class PrefixRouter(RequestRouter):
         self.checkpoint_every = checkpoint_every
         self.recent = Recent(recent_ttl_s)
         self._reports: dict[ReplicaID, tuple[Any, PrefixReport | None]] = {}
-        self._keys: dict[str, RequestKeys] = {}  # internal request id -> its keys, until routed
+        self._keys: dict[int, RequestKeys] = {}  # id(pending request) -> its keys, until routed
         # replica -> when each request this router just ranked first there stops counting: it
         # is in no queue length until sent, and concurrent decisions must see it
         self._chosen: dict[ReplicaID, list[float]] = {}
@@ -98,7 +98,7 @@ class PrefixRouter(RequestRouter):
         if found is None:
             return None
         keys = RequestKeys(found[0], self.block_size, found[1])
-        self._keys[pending.metadata.internal_request_id] = keys
+        self._keys[id(pending)] = keys
         if len(self._keys) > 4096:  # cancelled before being routed: never popped
             self._keys.pop(next(iter(self._keys)))
         return keys
@@ -140,10 +140,27 @@ class PrefixRouter(RequestRouter):
             self._chosen[replica_id].pop(0)
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result):
-        keys = self._keys.pop(pending_request.metadata.internal_request_id, None)
+        keys = self._keys.pop(id(pending_request), None)
         if keys is not None:
             every = self.checkpoint_every
             self.recent.note(replica_id.unique_id, keys, every, time.time())
+
+    def _fulfill_next_pending_request(self, replica: RunningReplica, request_metadata=None):
+        """Give the replica to the request it was chosen for. Serve's base router finds that
+        request by `internal_request_id`, but a deployment's calls made inside one request share
+        its id (Serve cancels them with it): of an ingress request's two engine calls (a Score of
+        two texts, `n` > 1) only the first was ever routed. The call's own metadata object is
+        unique, so match on it."""
+        for pending in self._pending_requests_to_fulfill:
+            if pending.metadata is request_metadata and not pending.future.done():
+                self._cancel_routing_task_for_pending_request(pending)
+                self._record_queue_wait_time(pending)
+                pending.future.set_result(replica)
+                if self._pending_requests_by_id.get(request_metadata.internal_request_id) is (
+                    pending
+                ):
+                    self._remove_pending_request_from_indices(pending)
+                return
 
     def on_replica_actor_died(self, replica_id: ReplicaID):
         super().on_replica_actor_died(replica_id)

@@ -76,7 +76,7 @@ SAMPLE = {
     "serve.autoscaling.look_back_period_s": 3.0,
     "serve.autoscaling.target": "slots",
     "serve.autoscaling.target_value": 12.0,
-    "serve.router.policy": "prefix",
+    "serve.router.policy": "default",
     "serve.router.imbalance_threshold": 2.0,
     "serve.router.stats_period_s": 0.5,
     "serve.router.recent_ttl_s": 1.0,
