@@ -168,11 +168,11 @@ def undeploy() -> None:
     serve.delete(APP)
 
 
-def new_replica(base: str, path: Path, a, prefixes) -> dict:
+def new_replica(base: str, path: Path, a, prefixes, vocab: int) -> dict:
     """Fresh replicas (tier on) after a first app computed `prefixes[0]`: the first request on it
     vs one on a prefix no replica has seen."""
     rng = random.Random(2)
-    unseen = [1] + [rng.randrange(3, 4096) for _ in range(a.prefix_len - 1)]
+    unseen = [1] + [rng.randrange(3, vocab) for _ in range(a.prefix_len - 1)]
     undeploy()
     deploy(path, a, 2, "prefix", True)
     wait_ready(base)
@@ -243,7 +243,7 @@ def main() -> None:
             print(f"{name}: {runs[name]}", file=sys.stderr)
             if not tier:
                 undeploy()
-        fresh = new_replica(base, path, a, prefixes)
+        fresh = new_replica(base, path, a, prefixes, vocab)
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -92,6 +92,22 @@ class PrefixTierStore:
 TierActor = ray.remote(PrefixTierStore)
 
 
+def tier_actor(name: str, budget_bytes: int, block_size: int):
+    """The named tier, started if it is not running. Outside any placement group: a Serve replica
+    places what it starts in its own group, and removing that group (the replica stopping) would
+    take the tier with it."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return TierActor.options(
+        name=name,
+        namespace=NAMESPACE,
+        lifetime="detached",
+        get_if_exists=True,
+        num_cpus=0,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),
+    ).remote(budget_bytes, block_size)
+
+
 def tier_name(specs) -> str:
     """One tier per model and stage layout (its layers per stage, block size, dtype, weights)."""
     layout = [(s.model, s.start, s.end, s.block_size, s.dtype, s.quantization) for s in specs]
@@ -119,13 +135,7 @@ class RayTierClient:
     def _get(self):
         if self.actor is None and time.monotonic() >= self.retry_at:
             try:
-                self.actor = TierActor.options(
-                    name=self.name,
-                    namespace=NAMESPACE,
-                    lifetime="detached",
-                    get_if_exists=True,
-                    num_cpus=0,
-                ).remote(self.budget, self.block_size)
+                self.actor = tier_actor(self.name, self.budget, self.block_size)
             except Exception as e:
                 self._failed(e)
         return self.actor

@@ -97,7 +97,38 @@ def test_an_empty_cache_imports_a_prefix_exactly_and_survives_the_tier(
 
 def _dead(ray, actor) -> bool:
     try:
-        ray.get(actor.stats.remote(), timeout=5)
+        ray.get(actor.__ray_ready__.remote(), timeout=5)
         return False
     except ray.exceptions.RayActorError:
         return True
+
+
+def test_the_tier_outlives_the_placement_group_of_the_replica_that_started_it(ray_session):
+    """A Serve replica runs in a placement group that captures what it starts; the tier must not
+    be captured, or it dies when that replica stops (its group is removed)."""
+    ray = ray_session
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from jamba_ray.runtime.prefix_tier import tier_actor
+
+    name = "jamba-ray-prefix-tier-test-outlives"
+
+    @ray.remote(num_cpus=0)
+    class Replica:
+        def start(self):
+            tier = tier_actor(name, 2**20, 16)
+            return ray.get(tier.stats.remote())["budget_bytes"]
+
+    pg = placement_group([{"CPU": 0.01}])
+    ray.get(pg.ready(), timeout=60)
+    strategy = PlacementGroupSchedulingStrategy(pg, placement_group_capture_child_tasks=True)
+    replica = Replica.options(scheduling_strategy=strategy).remote()
+    assert ray.get(replica.start.remote(), timeout=60) == 2**20
+    remove_placement_group(pg)
+    wait_for(lambda: _dead(ray, replica), "the replica to stop with its group")
+    tier = ray.get_actor(name, namespace=NAMESPACE)
+    try:
+        assert ray.get(tier.stats.remote(), timeout=30)["budget_bytes"] == 2**20
+    finally:
+        ray.kill(tier)
