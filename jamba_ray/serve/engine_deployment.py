@@ -26,7 +26,6 @@ class JambaEngine(EngineReports):
 
         self.model_name = model_name
         self.engine = AsyncEngine(config.with_options(in_current_group=True))
-        self.max_batched_tokens = config.scheduler.max_batched_tokens
 
     async def generate(
         self,

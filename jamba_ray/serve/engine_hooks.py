@@ -8,11 +8,12 @@ from .autoscale import fill_metrics
 
 
 class EngineReports:
-    """Needs `self.engine` (an `AsyncEngine`) and `self.max_batched_tokens`."""
+    """Needs `self.engine` (an `AsyncEngine`)."""
 
     async def record_routing_stats(self) -> dict:
         return self.engine.routing_report().to_dict()
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         load = self.engine.routing_report(limit=0).load
-        return fill_metrics(load, self.max_batched_tokens)
+        # (the step size the engine runs: max_batched_tokens, or its device default)
+        return fill_metrics(load, self.engine.core.config.batched_tokens)

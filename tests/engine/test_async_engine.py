@@ -295,3 +295,21 @@ def test_streams_get_each_token_as_it_is_made_on_the_in_process_backend(tiny_ckp
             eng.shutdown()
 
     assert asyncio.run(first_delta_while_running()) == (1, True)
+
+
+def test_the_serve_reports_work_with_every_option_at_its_default(tiny_ckpt):
+    """Autoscaling on slots, blocks or waiting prefill reads these; with `max_batched_tokens` left
+    to its device default (None in the config) they raised, and every replica reported nothing."""
+    from jamba_ray.serve.engine_hooks import EngineReports
+
+    async def reports():
+        reports = EngineReports()
+        reports.engine = AsyncEngine(EngineConfig.build(str(tiny_ckpt), backend="local"))
+        try:
+            return await reports.record_autoscaling_stats(), await reports.record_routing_stats()
+        finally:
+            reports.engine.shutdown()
+
+    fill, routing = asyncio.run(reports())
+    assert fill["prefill_tokens_capacity"] == 2048  # the CPU default
+    assert fill["slots"] == 0 and fill["slots_capacity"] > 0 and "load" in routing
