@@ -19,6 +19,7 @@ from .spec import ModelSpec
 log = logging.getLogger(__name__)
 
 GiB = 2**30
+SPARE_PER_SEQ = 4  # checkpoints per slot that spare budget may add (`spare_checkpoints`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +81,8 @@ def derive_capacity(
         )
         seqs = fit
     ckpts = (st.num_checkpoints or seqs * per_ckpt) if st.enable_prefix_caching else 0
+    if st.enable_prefix_caching and st.num_checkpoints is None:
+        ckpts += spare_checkpoints(budget, seqs, ckpts, slot_bytes, block_bytes, min_blocks)
     left = budget - (seqs + 1 + ckpts) * slot_bytes
     # No more blocks than every slot and checkpoint could fill: a bigger budget is not taken.
     useful = (seqs + ckpts) * (min_blocks - 1)
@@ -95,6 +98,22 @@ def derive_capacity(
     if note:
         log.warning(note)
     return Capacity(seqs, max_len, max(blocks, min_blocks - 1), st.block_size, ckpts, note)
+
+
+def spare_checkpoints(
+    budget: int, seqs: int, ckpts: int, slot_bytes: int, block_bytes: int, min_blocks: int
+) -> int:
+    """More checkpoints, up to `SPARE_PER_SEQ` per slot, from budget no block could use (each
+    with a whole sequence's blocks beside it). Prompts that share a prefix need one checkpoint
+    there, and every prompt and finished sequence leaves two or three of its own: with only one
+    per slot, a server with a few dozen system prompts evicts the checkpoints they share."""
+    per_extra = slot_bytes + (min_blocks - 1) * block_bytes
+    spare = (
+        budget
+        - (seqs + 1 + ckpts) * slot_bytes
+        - ((seqs + ckpts) * (min_blocks - 1) + 1) * block_bytes
+    )
+    return max(0, min(SPARE_PER_SEQ * seqs, spare // max(per_extra, 1)))
 
 
 def pool_bytes(cap: Capacity, plan: StagePlan) -> int:

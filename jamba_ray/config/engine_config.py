@@ -60,7 +60,9 @@ class StateConfig:
     block_size: int = 16  # tokens per KV block
     enable_prefix_caching: bool = True  # vLLM's name: reuse KV blocks and Mamba checkpoints
     checkpoint_every: int = 256  # tokens between Mamba checkpoints inside a long prompt
-    num_checkpoints: int | None = None  # None: one per state slot
+    # None: one per state slot (two with recovery snapshots), and up to 4 more per slot from
+    # budget no KV block could use (config/capacity.py)
+    num_checkpoints: int | None = None
     num_kv_blocks: int | None = None  # None: what the budget holds (vLLM's num_gpu_blocks_override)
     # GPU stages: this fraction of the device, less weights and a measured activation peak, is the
     # budget instead of state_memory_gib (vLLM's name; None: the stated budget)

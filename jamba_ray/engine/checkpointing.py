@@ -59,7 +59,8 @@ class Checkpointing:
         if seq.seq_id not in self.records:
             self.release_emits(emits)
             return []
-        made = [self._register(seq, p, reserved=c) for p, c in emits]
+        # (one there already holds the same state: the prompt logprobs may stay beside it)
+        made = [self._register(seq, p, reserved=c) or self._existing(seq, p) for p, c in emits]
         return [_saved(seq, cp) for cp in made if cp is not None]
 
     def release_emits(self, emits) -> None:
@@ -91,15 +92,8 @@ class Checkpointing:
         if self.prefix is None:
             return None
         rec, bs = self.records[seq.seq_id], self.block_size
-        full = length // bs
-        tail = rec.blocks[full] if length % bs else None
-        if 0 < full <= len(rec.keys):
-            chain = rec.keys[full - 1]  # committed already
-        else:
-            chain = rec.root
-            for i in range(full):
-                chain = chain_key(chain, tokens_of(seq, i * bs, bs))
-        tail_tokens = tuple(tokens_of(seq, full * bs, length % bs))
+        tail = rec.blocks[length // bs] if length % bs else None
+        chain, tail_tokens = self._key(seq, length)
         cp, evicted = self.prefix.add(chain, tail_tokens, length, tail, reserved)
         self._forget_snapshot(evicted)
         self._release_checkpoint(evicted)
@@ -114,6 +108,22 @@ class Checkpointing:
         if self.ops.exports_ckpts and reserved is not None:
             self.ops.export_ckpts.append(cp.ckpt)
         return cp
+
+    def _key(self, seq: Sequence, length: int) -> tuple:
+        """The catalog key of `seq`'s state after `length` tokens: (chain key of its full
+        blocks, the tokens past them)."""
+        rec, bs = self.records[seq.seq_id], self.block_size
+        full = length // bs
+        if 0 < full <= len(rec.keys):
+            chain = rec.keys[full - 1]  # committed already
+        else:
+            chain = rec.root
+            for i in range(full):
+                chain = chain_key(chain, tokens_of(seq, i * bs, bs))
+        return chain, tuple(tokens_of(seq, full * bs, length % bs))
+
+    def _existing(self, seq: Sequence, length: int):
+        return self.prefix.get(self._key(seq, length)) if self.prefix is not None else None
 
     # ---- going -----------------------------------------------------------------------------
     def drop_superseded(self, superseded: tuple[Checkpoint, ...]) -> None:

@@ -15,6 +15,10 @@ from dataclasses import dataclass
 
 from .blocks import UNSALTED, BlockAllocator, Key, block_keys
 
+PROTECTED = (
+    0.75  # the most of the catalog that checkpoints which served a resume keep from eviction
+)
+
 
 @dataclass(frozen=True, slots=True)
 class Checkpoint:
@@ -53,10 +57,14 @@ class PrefixCache:
         self._pins: dict[int, int] = {}  # checkpoint -> restores not sent yet
         # indices a message in flight emits into: neither matchable nor evictable until it lands
         self._reserved: set[int] = set()
+        self._used: set[int] = set()  # checkpoints that served a resume (evicted last)
 
     @property
     def num_checkpoints(self) -> int:
         return len(self._lru)
+
+    def get(self, key: tuple[Key, tuple[int, ...]]) -> Checkpoint | None:
+        return self._lru.get(key)
 
     def checkpoints(self) -> list[Checkpoint]:
         return list(self._lru.values())
@@ -84,6 +92,7 @@ class PrefixCache:
         if best is not None:
             self.hits += best.checkpoint.length
             self._lru.move_to_end(best.checkpoint.key)
+            self._used.add(best.checkpoint.ckpt)
         return Lookup(best, len(cached) * bs)
 
     def _best_tail(self, tokens, start, chain, cached, keys, best, logprobs_k) -> Match | None:
@@ -114,6 +123,8 @@ class PrefixCache:
         index is then free again) or every index is pinned. The caller holds `tail_block` for
         the new one and releases the evicted one's."""
         if reserved is not None:
+            if reserved not in self._reserved:  # dropped by `clear`: the index is not ours now
+                return None, None
             self._reserved.remove(reserved)
         if (chain, tail) in self._lru:
             if reserved is not None:
@@ -147,8 +158,9 @@ class PrefixCache:
 
     def unreserve(self, ckpt: int) -> None:
         """Its message failed: whatever a stage wrote there is not a checkpoint."""
-        self._reserved.remove(ckpt)
-        self._free.append(ckpt)
+        if ckpt in self._reserved:  # (not if `clear` freed it already)
+            self._reserved.remove(ckpt)
+            self._free.append(ckpt)
 
     @property
     def num_reserved(self) -> int:
@@ -192,19 +204,25 @@ class PrefixCache:
 
     def _evict(self, holding_a_block: bool = False) -> Checkpoint | None:
         """The least recently used unpinned checkpoint (one with a tail block, if asked),
-        dropped; its index is the caller's."""
-        key = next(
-            (
-                k
-                for k, cp in self._lru.items()
-                if cp.ckpt not in self._pins and (cp.tail_block is not None or not holding_a_block)
-            ),
-            None,
-        )
-        return None if key is None else self._drop(key)
+        dropped; its index is the caller's. Segmented: one that never served a resume goes
+        before one that did while those are at most `PROTECTED` of the catalog, so the
+        checkpoint prompts share outlives the one-off ends of those prompts."""
+        ok = [
+            k
+            for k, cp in self._lru.items()
+            if cp.ckpt not in self._pins and (cp.tail_block is not None or not holding_a_block)
+        ]
+        if not ok:
+            return None
+        if len(self._used) <= PROTECTED * len(self._lru):
+            key = next((k for k in ok if self._lru[k].ckpt not in self._used), ok[0])
+        else:
+            key = ok[0]
+        return self._drop(key)
 
     def _drop(self, key) -> Checkpoint:
         cp = self._lru.pop(key)
+        self._used.discard(cp.ckpt)
         self.logprobs.pop(cp.ckpt, None)
         return cp
 
@@ -230,6 +248,9 @@ class PrefixCache:
             self.logprobs[ckpt] = (k, entries[: length + 1], nxt)
 
     def clear(self) -> list[Checkpoint]:
-        """Drop every checkpoint (a stage that held them was replaced); returns them."""
+        """Drop every checkpoint (a stage that held them was replaced, or the engine dropped
+        what was in flight: reserved indices are free again); returns them."""
         self._pins.clear()
+        self._free += sorted(self._reserved)
+        self._reserved.clear()
         return self.discard({cp.ckpt for cp in self._lru.values()})

@@ -4,7 +4,7 @@ blocks shared by all sequences, so short sequences are not charged for max_model
 import pytest
 
 from jamba_ray.config import EngineConfig, ModelSpec
-from jamba_ray.config.capacity import derive_capacity, pool_bytes
+from jamba_ray.config.capacity import derive_capacity, per_stage, pool_bytes
 from jamba_ray.config.planner import plan
 from jamba_ray.errors import ConfigError
 from tests.config.test_layouts import JAMBA
@@ -57,3 +57,22 @@ def test_a_measured_budget_replaces_the_stated_one(tiny_ckpt):
     assert derive_capacity(spec, cfg, plans).max_num_seqs == 64
     with pytest.raises(ConfigError, match="gpu_memory_utilization"):
         EngineConfig.build(tiny_ckpt, gpu_memory_utilization=1.5)
+
+
+def test_budget_no_block_could_use_holds_more_prefix_checkpoints_within_the_budget(tiny_ckpt):
+    """One checkpoint per slot runs out where prompts share prefixes (each prompt and each
+    finished sequence leaves checkpoints of its own); a budget with room to spare holds up to 4
+    more per slot, a tight one none, and an explicit `num_checkpoints` is kept."""
+    spec = ModelSpec.from_path(tiny_ckpt)
+    plans = plan(spec, 2)
+    # (recovery snapshots are for Ray stages: local, one checkpoint per slot)
+    roomy = EngineConfig.build(tiny_ckpt, max_model_len=128, max_num_seqs=8, backend="local")
+    cap = derive_capacity(spec, roomy, plans)
+    assert cap.num_checkpoints == 8 + 4 * 8
+    assert all(pool_bytes(cap, p) <= 4 * 2**30 for p in plans)
+    slot, block = per_stage(plans, 16)
+    minimal = slot * (8 + 1 + 8) + 20 * block  # the slots, one checkpoint each, a few blocks
+    tight = derive_capacity(spec, roomy, plans, budget_bytes=minimal)
+    assert tight.num_checkpoints == 8 and all(pool_bytes(tight, p) <= minimal for p in plans)
+    fixed = EngineConfig.build(tiny_ckpt, max_model_len=128, max_num_seqs=8, num_checkpoints=3)
+    assert derive_capacity(spec, fixed, plans).num_checkpoints == 3

@@ -107,6 +107,46 @@ def test_checkpoints_are_evicted_least_recently_used_and_release_their_tail():
     assert cache.match(a + [0]) is None and alloc.refs(tail_a) == 1
 
 
+def test_a_checkpoint_that_served_a_resume_outlives_ones_that_never_did():
+    """Segmented LRU: the checkpoint prompts share (hit) stays while one-off prompt ends (never
+    hit) come and go, even when the shared one is the least recently used."""
+    alloc, cache = prefix_cache(blocks=32, checkpoints=4)
+    shared = [1, 2, 3, 4]
+    commit_all(alloc, shared)
+    save(cache, shared, 4, None)
+    assert cache.match(shared + [9]).checkpoint.length == 4  # it served a resume
+    for i in range(6):  # six one-off ends, each pushing out the oldest of the others
+        own = shared + [20 + i, 21 + i, 22 + i, 23 + i]
+        commit_all(alloc, own)
+        save(cache, own, 8, None)
+    assert cache.match(shared + [9]).checkpoint.length == 4
+    assert cache.num_checkpoints == 4
+
+
+def test_checkpoints_that_served_a_resume_are_evicted_once_they_fill_the_protected_share():
+    alloc, cache = prefix_cache(blocks=64, checkpoints=4)
+    prompts = [[10 * p + t for t in range(1, 5)] for p in range(1, 5)]
+    for tokens in prompts:  # four checkpoints, every one of them used
+        commit_all(alloc, tokens)
+        save(cache, tokens, 4, None)
+        assert cache.match(tokens + [0]) is not None
+    new = [90, 91, 92, 93]
+    commit_all(alloc, new)
+    save(cache, new, 4, None)  # all used (> 3/4): plain LRU, the oldest goes
+    assert cache.match(prompts[0] + [0]) is None and cache.match(prompts[1] + [0]) is not None
+
+
+def test_clearing_the_cache_frees_the_indices_reserved_for_emits_in_flight():
+    """The engine drops what was in flight after an unexpected error (`kv.clear()`): those
+    messages never land, so their reserved indices must be free again, not lost."""
+    alloc, cache = prefix_cache(checkpoints=2)
+    assert cache.reserve() is not None and cache.reserve() is not None
+    assert cache.reserve() is None and cache.num_reserved == 2
+    cache.clear()
+    assert cache.num_reserved == 0
+    assert cache.reserve() is not None and cache.reserve() is not None
+
+
 def seq(i, prompt, n=1) -> Sequence:
     s = Sequence(i, f"r{i}", 0, list(prompt), params=None, seed=0)
     s.forks = [
