@@ -13,6 +13,7 @@ decoding sequence's snapshots are saved by the next message instead (`StepMessag
 from __future__ import annotations
 
 from .blocks import chain_key
+from .micro_batch import wants_prompt_logprobs
 from .prefix import Checkpoint
 from .seq_state import tokens_of
 from .sequence import Sequence
@@ -41,8 +42,10 @@ class Checkpointing:
         at = emit_positions(
             seq.num_computed, end, len(seq.prompt_ids), self.checkpoint_every, rec.junction
         )
-        emits = []
+        emits, logprobs = [], wants_prompt_logprobs(seq)
         for p in at:
+            if not logprobs and self._existing(seq, p) is not None:
+                continue  # (the same state is there: an index evicted for it would be wasted)
             got = self.prefix.reserve()
             if got is None:
                 break

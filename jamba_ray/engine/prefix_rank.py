@@ -7,8 +7,9 @@ blocks are all cached; the Mamba state exists only at a checkpoint, so cached bl
 last usable checkpoint count for nothing. The router sees this through reports (`prefix_report`)
 and through what it routed itself since (`Recent`). Approximations: a report is a snapshot up to
 one stats period old and names only the most recently used blocks and checkpoints; a routed
-request is assumed to leave its full blocks and the checkpoints the engine saves (every
-`checkpoint_every` tokens of its prompt and at its end) until its entry expires.
+request is assumed to leave its full blocks and the checkpoints its prefill emits (every
+`checkpoint_every` tokens of its prompt, after all but its last token and at its end) until its
+entry expires.
 
 Ranking: among the replicas whose load (ongoing requests) is within `threshold` of the least
 loaded one, the longest reusable prefix wins (ties: the lower load); when none of them can reuse
@@ -21,6 +22,7 @@ from collections import deque
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
+from .checkpointing import emit_positions
 from .prefix_report import PrefixReport, RequestKeys
 
 # What one source says a replica holds: block digests and (checkpoint digest, length) pairs.
@@ -82,7 +84,7 @@ class Recent:
         if self.ttl_s <= 0 or req.resumable < req.block_size:
             return
         n = len(req.tokens)
-        lengths = [*range(checkpoint_every, n, checkpoint_every), n]
+        lengths = emit_positions(0, n, n, checkpoint_every, 0)  # as its prefill will emit
         cps = tuple((req.checkpoint_digest(m), m) for m in lengths)
         entries = self._by.setdefault(replica, deque(maxlen=self.MAX_PER_REPLICA))
         entries.append((now + self.ttl_s, frozenset(req.digests), cps))

@@ -182,6 +182,19 @@ def test_an_exact_repeat_resumes_one_token_short_of_its_end(tiny_ckpt):
         assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], abs=1e-5) for k in a)
 
 
+def test_an_exact_repeat_evicts_no_checkpoint_for_the_state_it_already_has(tiny_ckpt):
+    """A repeat resumes one token short and runs the last one, whose state the catalog holds
+    already: reserving an index for it would evict another prompt's checkpoint for nothing."""
+    warm, _ = llms(tiny_ckpt, block_size=4, checkpoint_every=64, num_checkpoints=4)
+    a, b = SYSTEM + [301, 302], SYSTEM[:30] + [305, 306, 307]
+    warm.generate([a], GREEDY)
+    warm.generate([b], GREEDY)  # the catalog is full (4) after these two
+    held = {(cp.length, cp.tail) for cp in warm.engine.kv.prefix.checkpoints()}
+    for _ in range(3):
+        assert warm.generate([b], GREEDY)[0].num_cached_tokens == len(b) - 1
+    assert {(cp.length, cp.tail) for cp in warm.engine.kv.prefix.checkpoints()} == held
+
+
 def test_requests_sharing_a_prefix_resume_at_its_last_shared_block_from_the_third_on(tiny_ckpt):
     """A 300-token prefix, 16-token blocks, the default checkpoint every 256: the second request
     resumes at 256 and, its cached full blocks reaching 288 (18 blocks), emits a checkpoint

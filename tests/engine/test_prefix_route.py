@@ -134,14 +134,17 @@ def test_requests_routed_since_the_last_report_count_until_they_expire():
     recent = Recent(ttl_s=5.0)
     recent.note("a", RequestKeys(SYSTEM + [1], BS), EVERY, now=100.0)
     req = RequestKeys(SYSTEM + [2], BS)
-    # as the engine will: checkpoints every EVERY tokens of the prompt and at its end
-    assert reusable(req, recent.sources("a", now=101.0)) == 16
+    # as the engine will: checkpoints every EVERY tokens of the prompt, after all but its last
+    # token (23: the whole shared SYSTEM) and at its end
+    assert reusable(req, recent.sources("a", now=101.0)) == 23
     assert (
         rank(req, [Candidate("b", 0), Candidate("a", 1, recent.sources("a", 101.0))], 1)[0] == "a"
     )
     assert recent.sources("a", now=105.0) == []
     recent.note("a", RequestKeys(SYSTEM + [1], BS), EVERY, now=200.0)
     assert reusable(RequestKeys(SYSTEM + [1, 5], BS), recent.sources("a", 201.0)) == 24  # its end
+    # an exact repeat resumes one token short of the end (the engine emits a checkpoint there)
+    assert reusable(RequestKeys(SYSTEM + [1], BS), recent.sources("a", 201.0)) == 23
 
 
 def test_a_checkpoint_whose_full_blocks_were_evicted_counts_for_nothing():
