@@ -188,6 +188,12 @@ class EngineConfig:
             )
         if self.placement.num_gpus_per_stage == 0 and self.model.dtype == "float16":
             raise ConfigError("float16 needs a GPU stage; use float32 or bfloat16 on CPU")
+        if self.state.prefix_tier and self.compute.transport == "compiled":
+            # a tier import is its own call to each stage, ordered after the steps in flight
+            # only on per-task transports (a compiled graph runs beside other calls)
+            raise ConfigError(
+                "prefix_tier needs a per-task transport (auto, object_store or p2p), not compiled"
+            )
 
     @property
     def device(self) -> str:

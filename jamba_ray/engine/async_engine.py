@@ -68,6 +68,7 @@ class AsyncEngine:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._ids = itertools.count()
+        self._probe: asyncio.Future | None = None  # the probe in flight: concurrent checks share it
 
     @property
     def tokenizer(self):
@@ -130,9 +131,13 @@ class AsyncEngine:
         """A one-token forward through every stage on the probe slot; raises if any fails."""
         if self.recovering:  # stages are being replaced or reconnected: a probe now would race that
             raise StageFailedError("the pipeline is recovering from a stage failure")
-        core = self.core
-        handle = core.pipeline.probe(core.spec.bos_token_id or 0)
-        result = await asyncio.wait_for(core.pipeline.wait_async(handle), timeout_s)
+        if self._probe is None or self._probe.done():
+            # one at a time: a compiled graph takes at most a few executions beyond the steps in
+            # flight, and Serve's check, every ingress's /health and gRPC Health probe at once
+            core = self.core
+            handle = core.pipeline.probe(core.spec.bos_token_id or 0)
+            self._probe = asyncio.ensure_future(core.pipeline.wait_async(handle))
+        result = await asyncio.wait_for(asyncio.shield(self._probe), timeout_s)
         if isinstance(result, StepFailure):
             raise StageFailedError(f"health probe failed: {result.error}")
 

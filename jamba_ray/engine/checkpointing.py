@@ -62,8 +62,13 @@ class Checkpointing:
         if seq.seq_id not in self.records:
             self.release_emits(emits)
             return []
-        # (one there already holds the same state: the prompt logprobs may stay beside it)
-        made = [self._register(seq, p, reserved=c) or self._existing(seq, p) for p, c in emits]
+        made = []
+        for i, (p, c) in enumerate(emits):
+            try:  # (one there already holds the same state: prompt logprobs may stay beside it)
+                made.append(self._register(seq, p, reserved=c) or self._existing(seq, p))
+            except BaseException:  # (the request fails; the rest of its indices are free again)
+                self.release_emits(emits[i:])
+                raise
         return [_saved(seq, cp) for cp in made if cp is not None]
 
     def release_emits(self, emits) -> None:

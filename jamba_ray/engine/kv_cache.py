@@ -187,12 +187,16 @@ class KVCache(Checkpointing):
         if rec is None:
             self.release_emits(emits)
             return []
-        while (len(rec.keys) + 1) * bs <= end:
-            i = len(rec.keys)
-            key = chain_key(rec.keys[-1] if rec.keys else rec.root, tokens_of(seq, i * bs, bs))
-            if self.blocks.commit(rec.blocks[i], key) and self.ops.exports_ckpts:
-                self.ops.export_blocks.append(rec.blocks[i])
-            rec.keys.append(key)
+        try:
+            while (len(rec.keys) + 1) * bs <= end:
+                i = len(rec.keys)
+                key = chain_key(rec.keys[-1] if rec.keys else rec.root, tokens_of(seq, i * bs, bs))
+                if self.blocks.commit(rec.blocks[i], key) and self.ops.exports_ckpts:
+                    self.ops.export_blocks.append(rec.blocks[i])
+                rec.keys.append(key)
+        except BaseException:  # (the request fails; its reserved indices must not be lost)
+            self.release_emits(emits)
+            raise
         landed = self.land_emits(seq, emits)
         if self.snapshots and end > len(seq.prompt_ids) and end % self.checkpoint_every == 0:
             self.save(seq, end, snapshot=True)

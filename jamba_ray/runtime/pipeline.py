@@ -99,6 +99,7 @@ class RayPipeline:
             self.num_stages,
             self.specs[0].device,
             self.placement.num_gpus_per_stage,
+            per_task=config.state.prefix_tier,
         )
         self.chain: CompiledChain | None = None  # transport compiled: the stages' graph
         self.reconnect()

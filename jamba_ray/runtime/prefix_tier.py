@@ -165,6 +165,7 @@ class RayTierClient:
             return True
         except Exception as e:  # (an object lost with the tier, a stage gone, a timeout)
             log.warning("prefix tier import failed, recomputing: %s", e)
+            self._failed(e)  # (leave the tier alone a while: each admission would wait again)
             return False
 
     def landed_exports(self) -> list[list] | None:

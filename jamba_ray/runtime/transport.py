@@ -40,20 +40,23 @@ class StageError:
     error: str  # "ExceptionType: message", as a per-task failure reads
 
 
-def choose(transport: str, num_stages: int, device: str, gpus_per_stage: float = 0.0) -> str:
+def choose(
+    transport: str, num_stages: int, device: str, gpus_per_stage: float = 0.0, per_task=False
+) -> str:
     """The transport a pipeline uses: `auto` is the compiled graph between two or more GPU stages
     (hidden states over NCCL between stages with a GPU each, else shared memory) and per-task
     (`object_store`) between CPU stages: a compiled graph's idle stages poll their channels, each
     busy on a core (measured: ~0.9 core per idle stage), which on CPUs the stages share would
     take the cores from the stage that works; on GPU hosts each stage's CPU is its own. One stage
-    sends nothing: per-task, unless `compiled` is named."""
+    sends nothing: per-task, unless `compiled` is named. `per_task` (the prefix tier on: its
+    imports must queue behind the steps in flight on each stage) keeps `auto` per-task."""
     if transport not in TRANSPORTS:
         raise ConfigError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
     if num_stages == 1 and transport != "compiled":
         return "object_store"  # nothing to send
     own_gpu = device == "cuda" and gpus_per_stage >= 1
     if transport == "auto":
-        return "compiled" if device == "cuda" else "object_store"
+        return "compiled" if device == "cuda" and not per_task else "object_store"
     if transport == "p2p" and device == "cuda" and not own_gpu:
         raise ConfigError(
             "transport p2p on GPUs needs a whole GPU per stage (NCCL cannot connect two "

@@ -313,3 +313,22 @@ def test_the_serve_reports_work_with_every_option_at_its_default(tiny_ckpt):
     fill, routing = asyncio.run(reports())
     assert fill["prefill_tokens_capacity"] == 2048  # the CPU default
     assert fill["slots"] == 0 and fill["slots_capacity"] > 0 and "load" in routing
+
+
+def test_concurrent_health_probes_share_one_probe_step(tiny_ckpt):
+    """Serve's check, each ingress's /health and gRPC Health can probe at once; a compiled graph
+    takes only a few executions beyond the steps in flight, so they share the one in flight."""
+
+    async def probes():
+        eng = AsyncEngine(config(tiny_ckpt, backend="local"))
+        sent, probe = [], eng.core.pipeline.probe
+        eng.core.pipeline.probe = lambda tok: sent.append(tok) or probe(tok)
+        try:
+            got = await asyncio.gather(*(eng.health() for _ in range(5)))
+            again = await eng.health()  # the shared one is done: a new probe
+            return [g["status"] for g in got] + [again["status"]], len(sent)
+        finally:
+            eng.shutdown()
+
+    statuses, sent = asyncio.run(probes())
+    assert statuses == ["ok"] * 6 and sent == 2

@@ -179,6 +179,26 @@ def test_segments_carry_only_the_table_entries_the_stages_lack():
     assert (nxt.start, nxt.table_start, nxt.blocks) == (6, 2, ())
 
 
+@pytest.mark.parametrize("where", ["commit", "catalog"])
+def test_a_landing_that_raises_leaves_no_index_reserved(where, monkeypatch):
+    """The engine fails that one request (its postprocessing raised); the checkpoint indices its
+    segment reserved must be free again, not lost to every later request."""
+    s = sched(blocks=32, every=4)
+    a = seq(0, list(range(1, 11)))
+    s.add(a)
+    mb = s.schedule()
+    assert s.kv.prefix.num_reserved == 4
+
+    def boom(*args, **kw):
+        raise RuntimeError("planted")
+
+    target = (s.kv.blocks, "commit") if where == "commit" else (s.kv.prefix, "add")
+    monkeypatch.setattr(*target, boom)
+    with pytest.raises(RuntimeError, match="planted"):
+        land(s, mb)
+    assert s.kv.prefix.num_reserved == 0
+
+
 def test_a_second_request_with_the_same_prefix_resumes_from_its_checkpoint():
     s = sched(blocks=32, every=4)
     prompt = list(range(1, 11))

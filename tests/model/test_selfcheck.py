@@ -52,6 +52,14 @@ def test_our_kernels_pass_their_checks_and_are_chosen():
     assert all(v.startswith("ok") for v in st["kernel_checks"].values()), st
 
 
+def test_a_non_finite_reference_value_hides_no_mismatch_elsewhere():
+    from jamba_ray.model.kernels.selfcheck import compare
+
+    want = torch.tensor([float("inf"), 1.0, 2.0])
+    assert compare(torch.tensor([float("inf"), 1.0, 2.0]), want, 1e-3) is None
+    assert "max err" in compare(torch.tensor([float("inf"), 1.0, 9.0]), want, 1e-3)
+
+
 def test_a_wrong_kernel_is_disabled_once_and_the_reference_answers(monkeypatch):
     real = decode.conv_update
     calls = []

@@ -18,6 +18,16 @@ def test_auto_is_the_compiled_graph_between_gpu_stages_and_per_task_on_cpus_or_o
     assert choose("p2p", 2, "cpu") == "p2p"  # gloo: how CI checks the p2p path
     assert choose("object_store", 4, "cuda", gpus_per_stage=1) == "object_store"
     assert choose("p2p", 1, "cuda", gpus_per_stage=1) == "object_store"  # one stage sends nothing
+    # the prefix tier's imports queue behind the steps in flight only per task
+    assert choose("auto", 4, "cuda", gpus_per_stage=1, per_task=True) == "object_store"
+
+
+def test_the_prefix_tier_with_a_compiled_graph_is_refused_by_name():
+    from jamba_ray.config import EngineConfig
+
+    with pytest.raises(ConfigError, match="prefix_tier needs a per-task transport"):
+        EngineConfig.build("m", prefix_tier=True, transport="compiled")
+    assert EngineConfig.build("m", prefix_tier=True).compute.transport == "auto"
 
 
 def test_unknown_transport_and_nccl_on_a_shared_gpu_are_config_errors():

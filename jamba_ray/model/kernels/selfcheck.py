@@ -73,7 +73,8 @@ def compare(got, want, tol: float) -> str | None:
         g, w = g.detach().float().cpu(), w.detach().float().cpu()
         if not bool(torch.isfinite(g[torch.isfinite(w)]).all()):
             return f"output {i}: non-finite values where the reference is finite"
-        err = (g - w).abs() - tol * w.abs()
+        finite = torch.isfinite(w)  # (NaN in err would hide every other difference from max)
+        err = ((g - w).abs() - tol * w.abs())[finite]
         worst = max(worst, float(err.max()) if err.numel() else 0.0)
     return None if worst <= tol else f"max err {worst:.3g} beyond tol {tol:.1g}"
 
@@ -122,8 +123,9 @@ def disable(name: str, key: tuple[str, str, str], why: str) -> None:
 
 def guarded(name: str, kernel: Callable, reference: Callable, device, dtype) -> Callable:
     """`kernel` that, when a real call raises (outside a CUDA graph capture), disables itself and
-    answers with `reference` (same signature). A launch fails before writing, so the states the
-    reference then updates are unchanged."""
+    answers with `reference` (same signature). That is exact when the launch failed before
+    writing (compile and launch errors); an in-place kernel that failed part-way, or an
+    asynchronous device error, may leave states the reference then updates again."""
 
     def call(*args, **kw):
         try:
