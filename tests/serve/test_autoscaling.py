@@ -30,8 +30,8 @@ def test_load_adds_a_pipeline_and_idle_removes_it_without_failures(served, tiny_
             "serve.autoscaling.max_replicas": 2,
             "serve.autoscaling.target_ongoing_requests": 1,
             "serve.autoscaling.upscale_delay_s": 0.5,
-            "serve.autoscaling.downscale_delay_s": 4,
-            "serve.autoscaling.look_back_period_s": 11,
+            "serve.autoscaling.downscale_delay_s": 2,
+            "serve.autoscaling.look_back_period_s": 3,  # (> the suite's 1 s metrics push)
         }
     )
     serve.run(

@@ -31,7 +31,7 @@ SETTINGS = {
     "serve.autoscaling.initial_replicas": 2,
     "serve.autoscaling.target": "slots",
     "serve.autoscaling.target_value": 1,
-    "serve.autoscaling.look_back_period_s": 11,  # (> Serve's metrics interval, 10 s)
+    "serve.autoscaling.look_back_period_s": 3,  # (> the suite's 1 s metrics push: conftest)
     "serve.autoscaling.upscale_delay_s": 0,
     "serve.autoscaling.downscale_delay_s": 600,  # (shortened for the last check)
 }
