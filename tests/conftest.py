@@ -11,8 +11,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # Serve's replicas and handles push autoscaling metrics every 10 s by default; the autoscaling
 # tests would wait that long per decision. Ray's workers inherit this (set before ray.init).
-for _name in ("REPLICA", "HANDLE"):
-    os.environ.setdefault(f"RAY_SERVE_{_name}_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
+os.environ.setdefault("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
+os.environ.setdefault("RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
 # Triton kernels run on CPU tensors under its interpreter where CUDA cannot run them (no GPU, or a
 # CPU build of torch on a GPU machine); triton reads this once, when it is first imported
 # (transformers may import it; `import torch` does not), so it is set first.
