@@ -81,11 +81,17 @@ def derive_capacity(
         )
         seqs = fit
     ckpts = (st.num_checkpoints or seqs * per_ckpt) if st.enable_prefix_caching else 0
+
+    def after_slots(ckpts: int) -> tuple[int, int]:
+        """(bytes left for blocks, blocks every slot and checkpoint could fill)."""
+        return budget - (seqs + 1 + ckpts) * slot_bytes, (seqs + ckpts) * (min_blocks - 1)
+
+    left, useful = after_slots(ckpts)
     if st.enable_prefix_caching and st.num_checkpoints is None:
-        ckpts += spare_checkpoints(budget, seqs, ckpts, slot_bytes, block_bytes, min_blocks)
-    left = budget - (seqs + 1 + ckpts) * slot_bytes
+        spare = left - (useful + 1) * block_bytes  # (what no block could use)
+        ckpts += spare_checkpoints(spare, seqs, slot_bytes + (min_blocks - 1) * block_bytes)
+        left, useful = after_slots(ckpts)
     # No more blocks than every slot and checkpoint could fill: a bigger budget is not taken.
-    useful = (seqs + ckpts) * (min_blocks - 1)
     blocks = min(left // block_bytes - 1, useful) if block_bytes else useful
     if st.num_kv_blocks is not None:
         if st.num_kv_blocks < min_blocks - 1:
@@ -100,20 +106,13 @@ def derive_capacity(
     return Capacity(seqs, max_len, max(blocks, min_blocks - 1), st.block_size, ckpts, note)
 
 
-def spare_checkpoints(
-    budget: int, seqs: int, ckpts: int, slot_bytes: int, block_bytes: int, min_blocks: int
-) -> int:
-    """More checkpoints, up to `SPARE_PER_SEQ` per slot, from budget no block could use (each
-    with a whole sequence's blocks beside it). Prompts that share a prefix need one checkpoint
-    there, and every prompt and finished sequence leaves two or three of its own: with only one
-    per slot, a server with a few dozen system prompts evicts the checkpoints they share."""
-    per_extra = slot_bytes + (min_blocks - 1) * block_bytes
-    spare = (
-        budget
-        - (seqs + 1 + ckpts) * slot_bytes
-        - ((seqs + ckpts) * (min_blocks - 1) + 1) * block_bytes
-    )
-    return max(0, min(SPARE_PER_SEQ * seqs, spare // max(per_extra, 1)))
+def spare_checkpoints(spare_bytes: int, seqs: int, per_extra: int) -> int:
+    """More checkpoints, up to `SPARE_PER_SEQ` per slot, from `spare_bytes` no block could use
+    (each costing `per_extra`: its slot and a whole sequence's blocks beside it). Prompts that
+    share a prefix need one checkpoint there, and every prompt and finished sequence leaves two or
+    three of its own: with only one per slot, a server with a few dozen system prompts evicts the
+    checkpoints they share."""
+    return max(0, min(SPARE_PER_SEQ * seqs, spare_bytes // max(per_extra, 1)))
 
 
 def pool_bytes(cap: Capacity, plan: StagePlan) -> int:

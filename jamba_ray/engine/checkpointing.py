@@ -122,12 +122,10 @@ class Checkpointing:
         blocks, the tokens past them)."""
         rec, bs = self.records[seq.seq_id], self.block_size
         full = length // bs
-        if 0 < full <= len(rec.keys):
-            chain = rec.keys[full - 1]  # committed already
-        else:
-            chain = rec.root
-            for i in range(full):
-                chain = chain_key(chain, tokens_of(seq, i * bs, bs))
+        done = min(full, len(rec.keys))  # blocks committed already: their keys are known
+        chain = rec.keys[done - 1] if done else rec.root
+        for i in range(done, full):
+            chain = chain_key(chain, tokens_of(seq, i * bs, bs))
         return chain, tuple(tokens_of(seq, full * bs, length % bs))
 
     def _existing(self, seq: Sequence, length: int):

@@ -15,9 +15,8 @@ from dataclasses import dataclass
 
 from .blocks import UNSALTED, BlockAllocator, Key, block_keys
 
-PROTECTED = (
-    0.75  # the most of the catalog that checkpoints which served a resume keep from eviction
-)
+# the most of the catalog that checkpoints which served a resume keep from eviction
+PROTECTED = 0.75
 
 
 @dataclass(frozen=True, slots=True)
