@@ -58,7 +58,7 @@ def test_load_adds_a_pipeline_and_idle_removes_it_without_failures(served, tiny_
 
     try:
         with cf.ThreadPoolExecutor(6) as pool:
-            heavy = [pool.submit(load, 200) for _ in range(6)]
+            heavy = [pool.submit(load, 80) for _ in range(6)]
             wait_for(lambda: replicas() >= 2, 240, what="scale up under load")
             stop.set()
             for f in heavy:

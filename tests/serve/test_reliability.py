@@ -119,7 +119,7 @@ def test_server_is_healthy_after_the_fuzzing(served):
 
 
 def test_short_soak_has_no_unexpected_errors_and_no_leaked_slots(served):
-    report = run_soak(served.base, MODEL, clients=8, seconds=30)
+    report = run_soak(served.base, MODEL, clients=8, seconds=10)
     assert not report.unexpected, report.unexpected[:5]
     assert sum(report.outcomes.values()) > 20
     assert report.slots_in_use_end == 0
