@@ -59,7 +59,10 @@ class JambaEngine(EngineReports):
         return {**await self.engine.stats(), "engine": where}
 
     async def metrics(self, labels: str = "") -> str:
-        return await self.engine.metrics(labels)
+        """This pipeline's Prometheus text, each sample labelled with this replica (the ingress
+        merges every replica's: `EngineHandle.metrics`)."""
+        replica = f'replica="{serve.get_replica_context().replica_id.unique_id}"'
+        return await self.engine.metrics(",".join(x for x in (labels, replica) if x))
 
     def model_card(self) -> dict:
         return self.engine.model_card()

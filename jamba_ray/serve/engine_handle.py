@@ -14,6 +14,7 @@ from ..engine.sampling_params import SamplingParams
 from ..engine.tokenizer import encode_prompt, load_tokenizer
 from ..errors import CapacityError, StageFailedError
 from .engine_deployment import QUEUED
+from .metrics_text import merge_families
 
 
 def unwrap(e: BaseException) -> BaseException:
@@ -156,7 +157,18 @@ class EngineHandle:
         return await self._call(self.handle.stats)
 
     async def metrics(self, labels: str = "") -> str:
-        return await self._call(self.handle.metrics, labels)
+        """Every running replica's text, merged: each sample carries its `replica` label, so a
+        scrape sees every pipeline of an autoscaled deployment, not whichever one it reached.
+        A replica that fails to answer (dying, replaced) is left out of this scrape."""
+        try:
+            call = self.handle.broadcast("metrics", labels)
+            texts = await call.results_async(timeout_s=30, return_exceptions=True)
+        except Exception as e:
+            raise unwrap(e) from None
+        answered = [t for t in texts if isinstance(t, str)]
+        if not answered:
+            raise unwrap(texts[0]) if texts else StageFailedError("no engine replica is running")
+        return merge_families(answered)
 
     def model_card(self) -> dict:
         return self.card

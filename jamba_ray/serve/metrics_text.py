@@ -1,5 +1,6 @@
-"""/metrics of an app: one engine's Prometheus text, or several models' merged under a `model`
-label (the text format wants each family's samples together, under one HELP and TYPE)."""
+"""/metrics of an app: one model's text (every engine replica's, merged by
+`EngineHandle.metrics` under a `replica` label), or several models' merged under a `model` label
+(the text format wants each family's samples together, under one HELP and TYPE)."""
 
 from __future__ import annotations
 

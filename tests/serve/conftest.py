@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import time
 
@@ -14,6 +15,24 @@ from jamba_ray.proto import jamba_pb2_grpc as pb_grpc
 from tests.conftest import STAGE_CPUS
 
 MODEL = "jamba-test"
+# an engine replica's label on its samples: last (`model="a",replica="r"`) or first of several
+REPLICA_LABEL = re.compile(r',replica="[^"]*"|replica="[^"]*",?')
+
+
+def metric_totals(text: str) -> dict[str, float]:
+    """Prometheus text -> {name{labels}: value}, summed over the `replica` label (every engine
+    replica's samples carry one)."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            series, value = line.rsplit(" ", 1)
+            series = REPLICA_LABEL.sub("", series).replace("{}", "")
+            out[series] = out.get(series, 0.0) + float(value)
+    return out
+
+
+def replica_labels(text: str) -> set[str]:
+    return set(re.findall(r'replica="([^"]*)"', text))
 
 
 def free_port() -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import threading
 import time
 
@@ -10,7 +11,13 @@ import requests
 from ray import serve
 
 from jamba_ray.serve.app import deployment, engine_name
-from tests.serve.conftest import MODEL, pipeline_for_tests, wait_for
+from tests.serve.conftest import (
+    MODEL,
+    metric_totals,
+    pipeline_for_tests,
+    replica_labels,
+    wait_for,
+)
 
 APP = "scale"
 
@@ -38,6 +45,13 @@ def test_load_adds_a_pipeline_and_idle_removes_it_without_failures(served, tiny_
         deployment(pipeline.to_config(tiny_ckpt)), name=APP, route_prefix=f"/{APP}", blocking=False
     )
     url = f"{served.base}/{APP}/v1/completions"
+
+    def metrics() -> str:
+        return requests.get(f"{served.base}/{APP}/metrics", timeout=30).text
+
+    def two_in(text: str) -> str | None:
+        return text if len(replica_labels(text)) == 2 else None
+
     wait_for(lambda: replicas() == 1, 180, what="first replica")
     stop = threading.Event()
     statuses: list[int] = []
@@ -57,20 +71,33 @@ def test_load_adds_a_pipeline_and_idle_removes_it_without_failures(served, tiny_
             statuses.append(r.status_code)
 
     try:
-        with cf.ThreadPoolExecutor(6) as pool:
-            heavy = [pool.submit(load, 80) for _ in range(6)]
+        with running(stop, [(load, 80)] * 6) as heavy:
             wait_for(lambda: replicas() >= 2, 240, what="scale up under load")
+            # /metrics merges every pipeline's samples, each under its own replica label
+            text = wait_for(lambda: two_in(metrics()), 120, what="both pipelines in /metrics")
+            assert metric_totals(text)["jamba_ray_slots_total"] == 2 * 8  # 8 slots each
             stop.set()
             for f in heavy:
                 f.result()
         stop.clear()
-        with cf.ThreadPoolExecutor(1) as pool:  # a trickle of requests while it scales down
-            trickle = pool.submit(load, 2)
+        with running(stop, [(load, 2)]) as trickle:  # a trickle of requests while it scales down
             wait_for(lambda: replicas() == 1, 240, what="scale down when idle")
             time.sleep(2)
             stop.set()
-            trickle.result()
+            trickle[0].result()
         assert statuses and all(s == 200 for s in statuses), sorted(set(statuses))
     finally:
         stop.set()
         serve.delete(APP)
+
+
+@contextlib.contextmanager
+def running(stop: threading.Event, calls: list):
+    """Threads running `calls` until `stop`; a check that fails inside stops them too (leaving
+    the block waits for them: an unset `stop` would hang the test instead of failing it)."""
+    pool = cf.ThreadPoolExecutor(len(calls))
+    try:
+        yield [pool.submit(fn, *args) for fn, *args in calls]
+    finally:
+        stop.set()
+        pool.shutdown(wait=True)

@@ -10,7 +10,7 @@ import pytest
 import requests
 
 from tests.conftest import hf_clear_greedy
-from tests.serve.conftest import MODEL
+from tests.serve.conftest import MODEL, metric_totals, replica_labels
 
 PROMPTS = ["hello world", "The quick brown fox", "Ray starts the stage actors", "café 東京"]
 
@@ -272,21 +272,17 @@ def test_overload_gets_429_with_retry_after_and_the_server_keeps_serving(served,
     assert client.completions.create(model=MODEL, prompt="ok", max_tokens=2).choices
 
 
-def metric_values(text: str) -> dict[str, float]:
-    """Prometheus text -> {name{labels}: value}."""
-    lines = (ln.rsplit(" ", 1) for ln in text.splitlines() if ln and not ln.startswith("#"))
-    return {name: float(value) for name, value in lines}
-
-
 def test_health_probes_every_stage_and_metrics_are_prometheus(served, client):
     h = requests.get(f"{served.base}/health", timeout=60).json()
     assert h["status"] == "ok" and h["stages"] == 2
-    before = metric_values(requests.get(f"{served.base}/metrics", timeout=30).text)
+    before = metric_totals(requests.get(f"{served.base}/metrics", timeout=30).text)
     client.completions.create(
         model=MODEL, prompt="metrics", max_tokens=3, extra_body={"ignore_eos": True}
     )
     text = requests.get(f"{served.base}/metrics", timeout=30).text
-    after = metric_values(text)
+    after = metric_totals(text)
+    samples = [ln for ln in text.splitlines() if ln and not ln.startswith("#")]
+    assert len(replica_labels(text)) == 1 and all('replica="' in ln for ln in samples)
 
     def grew(name: str) -> float:
         return after[name] - before[name]

@@ -12,7 +12,7 @@ from ray import serve
 
 from jamba_ray.proto import jamba_pb2 as pb
 from jamba_ray.serve.app import INGRESS, deployment, engine_name
-from tests.serve.conftest import MODEL, grpc_stub, pipeline_for_tests, wait_for
+from tests.serve.conftest import MODEL, grpc_stub, metric_totals, pipeline_for_tests, wait_for
 
 APP = "two"
 A, B = "model-a", "model-b"
@@ -74,10 +74,11 @@ def test_two_models_in_one_app_are_routed_by_model(two, served):
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
     assert "'model-a', 'model-b'" in r.json()["error"]["message"]
 
-    metrics = requests.get(f"{two}/metrics", timeout=30).text.splitlines()
-    assert metrics.count("# TYPE jamba_ray_generated_tokens_total counter") == 1
+    text = requests.get(f"{two}/metrics", timeout=30).text
+    assert text.splitlines().count("# TYPE jamba_ray_generated_tokens_total counter") == 1
+    totals = metric_totals(text)
     for name in (A, B):
-        assert f'jamba_ray_generated_tokens_total{{model="{name}"}} {after[name]}' in metrics
+        assert totals[f'jamba_ray_generated_tokens_total{{model="{name}"}}'] == after[name]
 
     # gRPC: the `model` metadata entry picks the engine (none: the first model)
     channel, stub = grpc_stub(served)

@@ -15,7 +15,7 @@ import openai
 import requests
 
 from jamba_ray.proto import jamba_pb2 as pb
-from tests.serve.conftest import MODEL, grpc_stub
+from tests.serve.conftest import MODEL, grpc_stub, metric_totals
 
 META = (("application", "jamba"),)
 LONG = 400  # the session server's max_tokens limit
@@ -32,7 +32,7 @@ def ends_and_gives_back_its_blocks(served, end) -> int:
     assert after["finished_requests"] - before["finished_requests"] == 1
     assert after["kv_blocks_in_use"] == after["kv_blocks_held_by_checkpoints"], after
     metrics = requests.get(f"{served.base}/metrics", timeout=30).text
-    assert f"jamba_ray_kv_blocks_in_use {after['kv_blocks_in_use']}" in metrics.splitlines()
+    assert metric_totals(metrics)["jamba_ray_kv_blocks_in_use"] == after["kv_blocks_in_use"]
     return after["generated_tokens"] - before["generated_tokens"]
 
 
