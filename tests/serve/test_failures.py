@@ -69,8 +69,8 @@ def test_when_a_stage_dies_and_cannot_be_replaced_clients_get_503_not_a_hang(ser
 
 # ---- an app in bf16 with int8 weights, and a 4 s request timeout ---------------------------------
 STRICT = (("application", "strict"),)
-TIMEOUT_S = 4
-FOREVER = dict(n=4, max_tokens=2000)  # 2000 steps of 4 rows: 20 s or more here, 5x the timeout
+TIMEOUT_S = 2
+FOREVER = dict(n=4, max_tokens=2000)  # 2000 steps of 4 rows: 20 s or more here, 10x the timeout
 TEXTS = [
     "hello world, the quick brown fox",
     "Ray starts the stage actors inside a placement group.",

@@ -16,8 +16,7 @@ from ray import serve
 
 from benchmarks.soak import run_soak
 from jamba_ray.proto import jamba_pb2 as pb
-from jamba_ray.serve.app import deployment
-from tests.serve.conftest import MODEL, deploy, grpc_stub, pipeline_for_tests, wait_for
+from tests.serve.conftest import MODEL, deploy, grpc_stub, wait_for
 
 
 def test_two_hundred_streams_cancelled_at_random_points_leak_no_slot(served):
@@ -143,6 +142,47 @@ def secured(served, tiny_ckpt):
     serve.delete("secured")
 
 
+def test_the_request_that_starts_the_engine_can_disconnect_without_stalling_it(secured):
+    """The step loop serves every request: the client whose request started it may leave at once.
+    (The soak once caught stage tasks being cancelled with such a request; this test shows the
+    behaviour, the soak is what reproduced the bug.) The first test on its app: no request has
+    started that engine's loop yet."""
+    fresh = requests.get(f"{secured}/v1/stats", timeout=30, headers=KEY).json()
+    assert fresh["finished_requests"] == 0 and fresh["generated_tokens"] == 0
+    body = {
+        "model": MODEL,
+        "prompt": "first",
+        "max_tokens": 200,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    for _ in range(3):  # the first of these starts the engine loop, then each client leaves
+        with requests.post(
+            f"{secured}/v1/completions", json=body, stream=True, timeout=60, headers=KEY
+        ) as r:
+            next(line for line in r.iter_lines() if line)
+    for _ in range(5):
+        r = requests.post(
+            f"{secured}/v1/completions",
+            timeout=60,
+            headers=KEY,
+            json={"model": MODEL, "prompt": "after", "max_tokens": 8},
+        )
+        assert r.status_code == 200, r.text
+    stats = wait_for(
+        lambda: (
+            (s := requests.get(f"{secured}/v1/stats", timeout=30, headers=KEY).json())[
+                "slots_in_use"
+            ]
+            == 0
+            and s
+        ),
+        60,
+        what="slots freed",
+    )
+    assert stats["stage_restarts"] == 0
+
+
 def test_api_key_is_enforced(secured):
     body = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
     chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
@@ -190,47 +230,3 @@ def test_api_key_is_enforced_on_grpc_too(secured, served):
                 assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
             assert call((app, ("authorization", "Bearer s3cret")))
         assert stub.Health(pb.HealthRequest(), metadata=(app,), timeout=60).status == "ok"
-
-
-def test_the_request_that_starts_the_engine_can_disconnect_without_stalling_it(served, tiny_ckpt):
-    """The step loop serves every request: the client whose request started it may leave at once.
-    (The soak once caught stage tasks being cancelled with such a request; this test shows the
-    behaviour, the soak is what reproduced the bug.)"""
-    pipeline = pipeline_for_tests(num_stages=2)
-    serve.run(
-        deployment(pipeline.to_config(tiny_ckpt)),
-        name="fresh",
-        route_prefix="/fresh",
-        blocking=False,
-    )
-    base = f"{served.base}/fresh"
-    wait_for(lambda: requests.get(f"{base}/v1/models", timeout=60).ok, 180, what="fresh app")
-    body = {
-        "model": MODEL,
-        "prompt": "first",
-        "max_tokens": 200,
-        "stream": True,
-        "ignore_eos": True,
-    }
-    try:
-        for _ in range(3):  # the first of these starts the engine loop, then each client leaves
-            with requests.post(f"{base}/v1/completions", json=body, stream=True, timeout=60) as r:
-                next(line for line in r.iter_lines() if line)
-        for _ in range(5):
-            r = requests.post(
-                f"{base}/v1/completions",
-                timeout=60,
-                json={"model": MODEL, "prompt": "after", "max_tokens": 8},
-            )
-            assert r.status_code == 200, r.text
-        stats = wait_for(
-            lambda: (
-                (s := requests.get(f"{base}/v1/stats", timeout=30).json())["slots_in_use"] == 0
-                and s
-            ),
-            60,
-            what="slots freed",
-        )
-        assert stats["stage_restarts"] == 0
-    finally:
-        serve.delete("fresh")
