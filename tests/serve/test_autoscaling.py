@@ -1,4 +1,6 @@
-"""Serve autoscaling adds and removes whole pipelines (replica + its stage actors)."""
+"""Serve autoscaling adds and removes whole pipelines (replica + its stage actors) on what fills
+them: the slots in use its replicas report (`serve/autoscale.py`'s policy). The default target,
+ongoing requests, is Serve's own policy; what we hand it is checked in test_routing_policy.py."""
 
 from __future__ import annotations
 
@@ -35,7 +37,8 @@ def test_load_adds_a_pipeline_and_idle_removes_it_without_failures(served, tiny_
             "num_stages": 1,
             "serve.autoscaling.min_replicas": 1,
             "serve.autoscaling.max_replicas": 2,
-            "serve.autoscaling.target_ongoing_requests": 1,
+            "serve.autoscaling.target": "slots",
+            "serve.autoscaling.target_value": 1,  # 6 heavy requests want 6 pipelines: 2 at most
             "serve.autoscaling.upscale_delay_s": 0.5,
             "serve.autoscaling.downscale_delay_s": 2,
             "serve.autoscaling.look_back_period_s": 3,  # (> the suite's 1 s metrics push)

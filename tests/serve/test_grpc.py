@@ -154,7 +154,7 @@ def test_cancel_mid_stream_and_deadline_free_slots(stub, served):
 def test_overload_is_resource_exhausted(stub, served):
     def one(_):
         try:
-            stub.Generate(request(max_tokens=200, ignore_eos=True), metadata=META, timeout=1200)
+            stub.Generate(request(max_tokens=120, ignore_eos=True), metadata=META, timeout=1200)
             return "OK"
         except grpc.RpcError as e:
             return e.code().name

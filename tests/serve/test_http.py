@@ -257,7 +257,7 @@ def test_malformed_json_and_oversized_bodies(served):
 
 
 def test_overload_gets_429_with_retry_after_and_the_server_keeps_serving(served, client):
-    body = {"model": MODEL, "prompt": "hello", "max_tokens": 200, "ignore_eos": True}
+    body = {"model": MODEL, "prompt": "hello", "max_tokens": 120, "ignore_eos": True}
 
     def one(_):
         r = requests.post(f"{served.base}/v1/completions", json=body, timeout=300)
