@@ -341,10 +341,11 @@ class StateModel(RuleBasedStateMachine):
 
 
 TestStateModel = StateModel.TestCase
-# Derandomized: the same 2000 runs on every machine (a red CI is a real bug, reproducible); raise
-# max_examples locally to search further.
+# Derandomized: the same 1000 runs on every machine (a red CI is a real bug, reproducible); raise
+# max_examples locally to search further (2000 found the scheduler bugs of cdda7ab; the suite's
+# 12-minute budget keeps 1000 here).
 TestStateModel.settings = settings(
-    max_examples=2000,
+    max_examples=1000,
     stateful_step_count=50,
     derandomize=True,
     deadline=None,
