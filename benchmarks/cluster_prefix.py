@@ -138,6 +138,9 @@ def deploy(path: Path, a, replicas: int, policy: str, tier: bool):
         **{
             "num_stages": 1,
             "num_cpus_per_stage": 0.5,
+            # Each replica's share of the box's cores: the default layout's 2 threads per stage
+            # would put 2 replicas' 4 threads on 2 cores (oversubscribed, every step slower).
+            "threads_per_stage": max(1, (os.cpu_count() or 1) // replicas),
             "max_model_len": a.prefix_len + 128,
             "serve.served_model_name": MODEL,
             "serve.router.policy": policy,
