@@ -154,21 +154,30 @@ class EngineHandle:
         """The engine replicas' health is Serve's to check (their own check_health)."""
 
     async def stats(self) -> dict:
-        return await self._call(self.handle.stats)
+        """The first replica's report (by replica id) at the top, as one replica's always was,
+        and every replica's in `replicas`: an autoscaled deployment shows each pipeline."""
+        reports = sorted(
+            await self._everyone("stats", type_=dict), key=lambda r: r["engine"]["replica"]
+        )
+        return {**reports[0], "replicas": reports}
 
     async def metrics(self, labels: str = "") -> str:
         """Every running replica's text, merged: each sample carries its `replica` label, so a
-        scrape sees every pipeline of an autoscaled deployment, not whichever one it reached.
-        A replica that fails to answer (dying, replaced) is left out of this scrape."""
+        scrape sees every pipeline of an autoscaled deployment, not whichever one it reached."""
+        return merge_families(await self._everyone("metrics", labels, type_=str))
+
+    async def _everyone(self, method: str, *args, type_: type) -> list:
+        """`method` on every running engine replica; one that fails to answer (dying, replaced)
+        is left out, and none answering raises the first failure."""
         try:
-            call = self.handle.broadcast("metrics", labels)
-            texts = await call.results_async(timeout_s=30, return_exceptions=True)
+            call = self.handle.broadcast(method, *args)
+            got = await call.results_async(timeout_s=30, return_exceptions=True)
         except Exception as e:
             raise unwrap(e) from None
-        answered = [t for t in texts if isinstance(t, str)]
+        answered = [x for x in got if isinstance(x, type_)]
         if not answered:
-            raise unwrap(texts[0]) if texts else StageFailedError("no engine replica is running")
-        return merge_families(answered)
+            raise unwrap(got[0]) if got else StageFailedError("no engine replica is running")
+        return answered
 
     def model_card(self) -> dict:
         return self.card

@@ -79,6 +79,12 @@ def test_load_adds_a_pipeline_and_idle_removes_it_without_failures(served, tiny_
             # /metrics merges every pipeline's samples, each under its own replica label
             text = wait_for(lambda: two_in(metrics()), 120, what="both pipelines in /metrics")
             assert metric_totals(text)["jamba_ray_slots_total"] == 2 * 8  # 8 slots each
+            # /v1/stats reports each pipeline too: the same replicas, each its own slots
+            stats = requests.get(f"{served.base}/{APP}/v1/stats", timeout=30).json()
+            ids = [r["engine"]["replica"] for r in stats["replicas"]]
+            assert set(ids) == replica_labels(text), (ids, replica_labels(text))
+            assert [r["slots_total"] for r in stats["replicas"]] == [8, 8]
+            assert stats["engine"]["replica"] == min(ids)
             stop.set()
             for f in heavy:
                 f.result()
